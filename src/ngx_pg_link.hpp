@@ -1,0 +1,81 @@
+// One non-blocking libpq connection driven by nginx's event loop (nginx adapter).
+// libpq owns the socket: we register it with ngx_get_connection() and free the nginx connection
+// without ever closing the fd. Events are level-triggered: PQconsumeInput() may leave bytes in
+// the socket, which edge-triggered epoll would never report again.
+#pragma once
+
+extern "C" {
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_event.h>
+}
+
+#include <libpq-fe.h>
+
+#include <string>
+#include <sys/types.h>
+
+namespace event_piper {
+
+class PgLink;
+
+class PgLinkOwner {
+public:
+    virtual void on_link_ready(PgLink &link) = 0;                 // connected, idle
+    virtual void on_link_result(PgLink &link, PGresult *res) = 0; // one result; caller clears it
+    virtual void on_link_idle(PgLink &link) = 0;                  // the query is complete
+    virtual void on_link_lost(PgLink &link, const char *why) = 0; // the link is Down again
+    virtual void on_link_notify(PgLink &, PGnotify *) {}
+
+protected:
+    ~PgLinkOwner() = default;
+};
+
+class PgLink {
+public:
+    enum class State { Down, Connecting, Ready, Busy };
+
+    PgLink(PgLinkOwner &owner, ngx_log_t *log, std::string conninfo, const char *application)
+        : owner_(owner), log_(log), conninfo_(std::move(conninfo)), application_(application) {}
+    ~PgLink() { close(); }
+    PgLink(const PgLink &) = delete;
+    PgLink &operator=(const PgLink &) = delete;
+
+    State state() const { return state_; }
+    PGconn *conn() const { return conn_; }
+
+    // Starts connecting; the owner hears on_link_ready or on_link_lost.
+    void connect();
+    // Sends a query (Ready only); results arrive through the owner. False if it failed at once
+    // (the link is then Down and the owner has heard on_link_lost).
+    bool send_query(const char *sql);
+    bool send_query_params(const char *sql, int n, const char *const *values);
+    // Closes without telling the owner.
+    void close();
+
+    void *user = nullptr; // owner's bookkeeping
+
+private:
+    static void read_handler(ngx_event_t *ev) noexcept;
+    static void write_handler(ngx_event_t *ev) noexcept;
+    void on_readable();
+    void on_writable();
+    void poll_connect();
+    void sync_socket();
+    void detach_socket();
+    void want_write(bool on);
+    bool flush();
+    void fail(const char *why);
+
+    PgLinkOwner &owner_;
+    ngx_log_t *log_;
+    std::string conninfo_;
+    const char *application_;
+    PGconn *conn_ = nullptr;
+    ngx_connection_t *c_ = nullptr;
+    ino_t inode_ = 0;
+    State state_ = State::Down;
+    bool writing_ = false;
+};
+
+} // namespace event_piper

@@ -1,0 +1,71 @@
+// Notification parsing: a one-line ASCII header with byte lengths, then raw bytes, so that
+// subscriber, type and payload need no escaping and no JSON parse on the hot path.
+#include "notification.hpp"
+
+#include <charconv>
+
+namespace event_piper {
+
+namespace {
+
+// Reads a decimal number followed by `sep`; advances `p`.
+template <typename T> bool read_number(const char *&p, const char *end, char sep, T &value) {
+    auto res = std::from_chars(p, end, value);
+    if (res.ec != std::errc() || res.ptr == p || res.ptr >= end || *res.ptr != sep) {
+        return false;
+    }
+    p = res.ptr + 1;
+    return true;
+}
+
+} // namespace
+
+bool parse_notification(std::string_view text, Notification &out) {
+    if (text.size() < 3 || text[1] != ' ') {
+        return false;
+    }
+    const char *p = text.data() + 2;
+    const char *end = text.data() + text.size();
+    out = Notification{};
+    switch (text[0]) {
+    case 'p': {
+        auto res = std::from_chars(p, end, out.position);
+        if (res.ec != std::errc() || res.ptr != end || out.position <= 0) {
+            return false;
+        }
+        out.kind = Notification::Kind::Position;
+        return true;
+    }
+    case 'r': {
+        size_t sublen = 0;
+        if (!read_number(p, end, ' ', out.position) || !read_number(p, end, '\n', sublen) ||
+            out.position <= 0 || static_cast<size_t>(end - p) != sublen) {
+            return false;
+        }
+        out.kind = Notification::Kind::Reference;
+        out.subscriber = std::string_view(p, sublen);
+        return true;
+    }
+    case 'e': {
+        size_t sublen = 0;
+        size_t typelen = 0;
+        if (!read_number(p, end, ' ', out.position) || !read_number(p, end, ' ', sublen) ||
+            !read_number(p, end, '\n', typelen) || out.position <= 0) {
+            return false;
+        }
+        size_t rest = static_cast<size_t>(end - p);
+        if (sublen > rest || typelen > rest - sublen || rest - sublen - typelen == 0) {
+            return false;
+        }
+        out.kind = Notification::Kind::Event;
+        out.subscriber = std::string_view(p, sublen);
+        out.type = std::string_view(p + sublen, typelen);
+        out.payload = std::string_view(p + sublen + typelen, rest - sublen - typelen);
+        return true;
+    }
+    default:
+        return false;
+    }
+}
+
+} // namespace event_piper

@@ -1,0 +1,26 @@
+// Parses the payload of a `new_events` notification, as written by the trigger in
+// postgresql/schema.sql. A notification is a hint, never the only carrier of an event.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+namespace event_piper {
+
+struct Notification {
+    enum class Kind {
+        Event,     // "e <pos> <sublen> <typelen>\n<subscriber><type><payload>": the whole event
+        Reference, // "r <pos> <sublen>\n<subscriber>": too large to notify, read it from the table
+        Position,  // "p <pos>": only the position is known; every stream must look at the table
+    };
+    Kind kind = Kind::Position;
+    int64_t position = 0;
+    std::string_view subscriber; // views into the parsed text
+    std::string_view type;
+    std::string_view payload; // jsonb text, not yet compacted
+};
+
+// Returns false for anything malformed (the caller logs it and treats it as a bare hint).
+bool parse_notification(std::string_view text, Notification &out);
+
+} // namespace event_piper

@@ -1,0 +1,110 @@
+// SSE framing and compact JSON re-serialisation.
+// We do not round-trip payloads through a JSON library: jsonb numbers are arbitrary precision
+// and a double-based parser (cJSON) would rewrite 12345678901234567890 as 1.2345678901234567e+19.
+#include "sse_frame.hpp"
+
+#include <charconv>
+
+namespace event_piper {
+
+namespace {
+
+void append_int(std::string &out, uint64_t v) {
+    char buf[24];
+    auto res = std::to_chars(buf, buf + sizeof buf, v);
+    out.append(buf, static_cast<size_t>(res.ptr - buf));
+}
+
+void append_int(std::string &out, int64_t v) {
+    char buf[24];
+    auto res = std::to_chars(buf, buf + sizeof buf, v);
+    out.append(buf, static_cast<size_t>(res.ptr - buf));
+}
+
+// Appends `data: ` lines for text that may contain CR, LF or CRLF line breaks.
+void append_data_lines(std::string &out, std::string_view text) {
+    size_t start = 0;
+    for (;;) {
+        size_t brk = text.find_first_of("\r\n", start);
+        out.append("data: ");
+        if (brk == std::string_view::npos) {
+            out.append(text.substr(start));
+            out.push_back('\n');
+            return;
+        }
+        out.append(text.substr(start, brk - start));
+        out.push_back('\n');
+        start = brk + 1;
+        if (text[brk] == '\r' && start < text.size() && text[start] == '\n') {
+            ++start;
+        }
+    }
+}
+
+} // namespace
+
+void append_compact_json(std::string &out, std::string_view json) {
+    const char *p = json.data();
+    const char *end = p + json.size();
+    out.reserve(out.size() + json.size());
+    while (p < end) {
+        // Copy a run of non-whitespace, non-quote bytes at once.
+        const char *run = p;
+        while (p < end && *p != '"' && *p != ' ' && *p != '\n' && *p != '\t' && *p != '\r') {
+            ++p;
+        }
+        out.append(run, static_cast<size_t>(p - run));
+        if (p >= end) {
+            break;
+        }
+        if (*p != '"') {
+            ++p; // insignificant whitespace
+            continue;
+        }
+        // A string: copy up to the closing quote, honouring backslash escapes.
+        run = p++;
+        while (p < end && *p != '"') {
+            p += (*p == '\\' && p + 1 < end) ? 2 : 1;
+        }
+        if (p < end) {
+            ++p;
+        }
+        out.append(run, static_cast<size_t>(p - run));
+    }
+}
+
+void append_event_frame(std::string &out, int64_t id, std::string_view type,
+                        std::string_view json_payload) {
+    out.append("id: ");
+    append_int(out, id);
+    out.append("\nevent: ");
+    for (char c : type) {
+        if (c != '\r' && c != '\n') {
+            out.push_back(c);
+        }
+    }
+    out.push_back('\n');
+    out.append("data: ");
+    size_t payload_start = out.size();
+    append_compact_json(out, json_payload);
+    if (out.find_first_of("\r\n", payload_start) == std::string::npos) {
+        out.append("\n\n"); // the common case: one data line
+        return;
+    }
+    std::string compact = out.substr(payload_start);
+    out.resize(payload_start - 6);
+    append_data_lines(out, compact);
+    out.push_back('\n');
+}
+
+std::string_view heartbeat_frame() {
+    return "event: heartbeat\ndata: \n\n";
+}
+
+void append_retry_frame(std::string &out, uint64_t milliseconds) {
+    out.append("retry: ");
+    append_int(out, milliseconds);
+    out.append("\n\n");
+}
+
+} // namespace event_piper

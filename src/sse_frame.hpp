@@ -1,0 +1,28 @@
+// Server-Sent Events framing: turns an event (position, type, JSON payload) into the exact bytes
+// of one SSE message. Pure functions, no allocation beyond the output string.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace event_piper {
+
+// Appends `id: <id>\nevent: <type>\ndata: <payload>\n\n`.
+// The payload is re-serialised compactly (JSON whitespace outside strings dropped); any CR, LF or
+// CRLF left in it starts a new `data:` line, as the SSE specification requires, so a payload can
+// never end the message early or inject fields. CR and LF are removed from the type.
+void append_event_frame(std::string &out, int64_t id, std::string_view type,
+                        std::string_view json_payload);
+
+// `event: heartbeat\ndata: \n\n`: no id, so it never moves the client's Last-Event-ID.
+std::string_view heartbeat_frame();
+
+// `retry: <ms>\n\n`.
+void append_retry_frame(std::string &out, uint64_t milliseconds);
+
+// Appends the JSON text with insignificant whitespace removed. Input is trusted to be valid JSON
+// (PostgreSQL's jsonb output); strings are copied byte for byte, numbers keep every digit.
+void append_compact_json(std::string &out, std::string_view json);
+
+} // namespace event_piper

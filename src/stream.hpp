@@ -1,0 +1,76 @@
+// The delivery state of one SSE stream, free of nginx: catching up from the table or live from
+// notifications, the last position it queued, and the bytes not yet handed to the socket.
+// These rules are what make delivery gap-free and duplicate-free; see README "How it works".
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace event_piper {
+
+class Stream {
+public:
+    enum class Mode { CatchingUp, Live };
+
+    // last_position < 0: the client gave no Last-Event-ID and the worker does not yet know the
+    // newest position; the stream takes it when the listener is ready (see on_listener_ready).
+    Stream(std::string consumer, int64_t last_position, size_t buffer_limit);
+
+    const std::string &consumer() const { return consumer_; }
+    Mode mode() const { return mode_; }
+    int64_t last_position() const { return last_; }
+    bool query_in_flight() const { return query_in_flight_; }
+
+    // Starts live: only valid when the listener is ready and last_position is the worker's head.
+    void go_live() { mode_ = Mode::Live; }
+
+    // A notified event for this stream's consumer, already framed. Returns true when bytes were
+    // queued. A live stream whose queue would exceed the buffer limit drops its queue and falls
+    // back to catching up from the last position handed to the socket: the table is the buffer.
+    bool on_event(int64_t position, std::string_view frame);
+
+    // Something for this consumer was committed at `position` but not carried by the
+    // notification (too large): a live stream that has not sent it must read the table.
+    void on_hint(int64_t position);
+
+    // Catch-up queries. `epoch` identifies the listener's LISTEN session (0: not listening).
+    void begin_query(uint64_t epoch);
+    // A row of the batch; rows at or below the last position are skipped (no duplicates).
+    void on_row(int64_t position, std::string_view type, std::string_view json_payload);
+    // The batch is complete. A short batch switches to live only when the listener has been
+    // listening since before the query was sent and nothing newer was notified meanwhile.
+    void end_query(bool full_batch, uint64_t current_epoch);
+    void query_failed() { query_in_flight_ = false; }
+
+    // True when the stream should ask for its next batch: catching up, positioned, no query out,
+    // all bytes written (backpressure), and not parked waiting for the listener.
+    bool wants_query(bool socket_drained) const;
+
+    void on_listener_lost();
+    void on_listener_ready(int64_t head);
+
+    // Output bytes. The glue takes what is pending when the socket can take more.
+    void append_raw(std::string_view bytes) { pending_.append(bytes); }
+    bool has_pending() const { return !pending_.empty(); }
+    size_t pending_size() const { return pending_.size(); }
+    // Swaps the pending bytes into `out` (whose old content is discarded, its capacity reused).
+    void take_pending(std::string &out);
+
+    uint64_t overflows() const { return overflows_; }
+
+private:
+    std::string consumer_;
+    std::string pending_;
+    int64_t last_;        // position of the last event queued (pending or handed to the socket)
+    int64_t handed_last_; // position of the last event handed to the socket
+    int64_t notified_max_ = 0; // newest position notified while a query was in flight
+    uint64_t query_epoch_ = 0;
+    size_t buffer_limit_;
+    uint64_t overflows_ = 0;
+    Mode mode_ = Mode::CatchingUp;
+    bool query_in_flight_ = false;
+    bool waiting_for_listener_ = false;
+};
+
+} // namespace event_piper
