@@ -1,0 +1,45 @@
+// Client input validation: consumer ids and Last-Event-ID.
+#include "request_check.hpp"
+
+#include <gtest/gtest.h>
+
+using namespace event_piper;
+
+TEST(Consumer, Accepts) {
+    EXPECT_EQ(check_consumer("toto"), ConsumerCheck::Ok);
+    EXPECT_EQ(check_consumer("a'b\"c\\d; drop table events;--"), ConsumerCheck::Ok);
+    EXPECT_EQ(check_consumer(std::string(256, 'x')), ConsumerCheck::Ok);
+    EXPECT_EQ(check_consumer("\xc3\xa9t\xc3\xa9"), ConsumerCheck::Ok);
+}
+
+TEST(Consumer, Refuses) {
+    EXPECT_EQ(check_consumer(""), ConsumerCheck::Missing);
+    EXPECT_EQ(check_consumer(std::string(257, 'x')), ConsumerCheck::TooLong);
+    EXPECT_EQ(check_consumer("to\rto"), ConsumerCheck::ControlCharacter);
+    EXPECT_EQ(check_consumer("to\nto"), ConsumerCheck::ControlCharacter);
+    EXPECT_EQ(check_consumer(std::string("to\0to", 5)), ConsumerCheck::ControlCharacter);
+    EXPECT_EQ(check_consumer("tab\there"), ConsumerCheck::ControlCharacter);
+    EXPECT_EQ(check_consumer("del\x7f"), ConsumerCheck::ControlCharacter);
+}
+
+TEST(Consumer, ErrorTextsAreOneLine) {
+    for (auto c :
+         {ConsumerCheck::Missing, ConsumerCheck::TooLong, ConsumerCheck::ControlCharacter}) {
+        std::string_view text = consumer_error_text(c);
+        ASSERT_FALSE(text.empty());
+        EXPECT_EQ(text.find('\n'), text.size() - 1);
+    }
+}
+
+TEST(LastEventId, Accepts) {
+    EXPECT_EQ(parse_last_event_id("0"), 0);
+    EXPECT_EQ(parse_last_event_id("5"), 5);
+    EXPECT_EQ(parse_last_event_id("9223372036854775807"), INT64_MAX);
+}
+
+TEST(LastEventId, Refuses) {
+    for (const char *bad : {"", "-1", "+1", " 5", "5 ", "5x", "abc", "1.5", "0x10",
+                            "9223372036854775808", "99999999999999999999999"}) {
+        EXPECT_FALSE(parse_last_event_id(bad).has_value()) << bad;
+    }
+}
