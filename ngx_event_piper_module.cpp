@@ -12,8 +12,11 @@ extern "C" {
 
 #include <libpq-fe.h>
 
+#include <cerrno>
+#include <csignal>
 #include <new>
 #include <string>
+#include <vector>
 
 using event_piper::LocConf;
 using event_piper::MainConf;
@@ -143,6 +146,7 @@ char *set_channel(ngx_conf_t *cf, ngx_command_t *, void *conf) noexcept {
 
 ngx_int_t stream_handler(ngx_http_request_t *r) noexcept;
 ngx_int_t health_handler(ngx_http_request_t *r) noexcept;
+ngx_int_t status_handler(ngx_http_request_t *r) noexcept;
 
 char *set_event_piper(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
     auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
@@ -161,6 +165,13 @@ char *set_health(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
     auto *mcf =
         static_cast<MainConf *>(ngx_http_conf_get_module_main_conf(cf, ngx_event_piper_module));
     mcf->used = 1;
+    return NGX_CONF_OK;
+}
+
+char *set_status(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
+    clcf->handler = status_handler;
     return NGX_CONF_OK;
 }
 
@@ -213,6 +224,8 @@ ngx_command_t commands[] = {
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_health"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_health,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    {ngx_string("event_piper_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_consumer"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
      ngx_http_set_complex_value_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, consumer),
@@ -238,6 +251,26 @@ ngx_command_t commands[] = {
     ngx_null_command,
 };
 
+// The status zone survives reloads: old and new workers publish side by side.
+ngx_int_t init_status_zone(ngx_shm_zone_t *zone, void *data) noexcept {
+    if (data != nullptr) {
+        zone->data = data;
+        return NGX_OK;
+    }
+    auto *shpool = reinterpret_cast<ngx_slab_pool_t *>(zone->shm.addr);
+    if (zone->shm.exists) {
+        zone->data = shpool->data;
+        return NGX_OK;
+    }
+    void *slots = ngx_slab_calloc(shpool, sizeof(event_piper::StatusZone));
+    if (slots == nullptr) {
+        return NGX_ERROR;
+    }
+    shpool->data = slots;
+    zone->data = slots;
+    return NGX_OK;
+}
+
 // `event_piper;` somewhere but no `event_piper_postgres`: refuse the configuration.
 ngx_int_t postconfiguration(ngx_conf_t *cf) noexcept {
     auto *mcf =
@@ -248,6 +281,13 @@ ngx_int_t postconfiguration(ngx_conf_t *cf) noexcept {
                            "\"event_piper_postgres\" in the http block");
         return NGX_ERROR;
     }
+    ngx_str_t name = ngx_string("event_piper_status");
+    mcf->status_zone = ngx_shared_memory_add(
+        cf, &name, 8 * ngx_pagesize + sizeof(event_piper::StatusZone), &ngx_event_piper_module);
+    if (mcf->status_zone == nullptr) {
+        return NGX_ERROR;
+    }
+    mcf->status_zone->init = init_status_zone;
     return NGX_OK;
 }
 
@@ -330,15 +370,16 @@ bool add_header(ngx_http_request_t *r, const char *name, const char *value) {
 }
 
 ngx_int_t open_stream(ngx_http_request_t *r) {
+    // Read and drop any body first, so that an error answer leaves the connection usable.
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
     if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
         if (!add_header(r, "Allow", "GET, HEAD")) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
         return send_text(r, NGX_HTTP_NOT_ALLOWED, "text/plain",
                          "method not allowed: open the event stream with GET\n");
-    }
-    if (ngx_http_discard_request_body(r) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
     auto *lcf = static_cast<LocConf *>(ngx_http_get_module_loc_conf(r, ngx_event_piper_module));
 
@@ -451,6 +492,53 @@ ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
         return send_text(r, NGX_HTTP_OK, "application/json", "{\"status\":\"UP\"}");
     }
     return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "application/json", "{\"status\":\"DOWN\"}");
+}
+
+// Instance-wide figures from every live worker's slot; JSON, or Prometheus text with
+// ?format=prometheus.
+ngx_int_t status_handler(ngx_http_request_t *r) noexcept {
+    if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+    if (ngx_http_discard_request_body(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    try {
+        auto *mcf =
+            static_cast<MainConf *>(ngx_http_get_module_main_conf(r, ngx_event_piper_module));
+        std::vector<event_piper::WorkerStats> workers;
+        if (mcf->status_zone != nullptr && mcf->status_zone->data != nullptr) {
+            auto *zone = static_cast<event_piper::StatusZone *>(mcf->status_zone->data);
+            for (const auto &slot : zone->slots) {
+                ngx_atomic_uint_t owner = slot.owner;
+                if (owner != 0 && !(kill(static_cast<pid_t>(owner), 0) == -1 && errno == ESRCH)) {
+                    workers.push_back(slot.stats);
+                    workers.back().pid = static_cast<int64_t>(owner);
+                }
+            }
+        }
+        const ngx_time_t *tp = ngx_timeofday();
+        uint64_t now_ms = static_cast<uint64_t>(tp->sec) * 1000 + tp->msec;
+        ngx_str_t format;
+        bool prometheus = ngx_http_arg(r, reinterpret_cast<u_char *>(const_cast<char *>("format")),
+                                       6, &format) == NGX_OK &&
+                          format.len == 10 && ngx_strncmp(format.data, "prometheus", 10) == 0;
+        std::string body = prometheus ? event_piper::render_status_prometheus(workers, now_ms)
+                                      : event_piper::render_status_json(workers, now_ms);
+        auto *copy = static_cast<u_char *>(ngx_pnalloc(r->pool, body.size()));
+        if (copy == nullptr) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        ngx_memcpy(copy, body.data(), body.size());
+        r->headers_out.last_modified_time = -1;
+        return send_text(r, NGX_HTTP_OK,
+                         prometheus ? "text/plain; version=0.0.4" : "application/json",
+                         std::string_view(reinterpret_cast<char *>(copy), body.size()));
+    } catch (const std::exception &e) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "event_piper: status failed: %s",
+                      e.what());
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
 }
 
 } // namespace

@@ -8,7 +8,9 @@
 #include "notification.hpp"
 #include "sse_frame.hpp"
 
+#include <cerrno>
 #include <charconv>
+#include <csignal>
 #include <cstdlib>
 #include <new>
 #include <sys/eventfd.h>
@@ -120,7 +122,9 @@ void Session::flush() {
         inflight_.clear();
     }
     if (core.has_pending()) {
+        worker_->stats().events_delivered += core.pending_events();
         core.take_pending(inflight_);
+        worker_->stats().bytes_sent += inflight_.size();
         ngx_chain_t *cl = ngx_chain_get_free_buf(r_->pool, &free_);
         if (cl == nullptr) {
             ngx_http_finalize_request(r_, NGX_ERROR);
@@ -586,9 +590,19 @@ Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
                 std::string(reinterpret_cast<char *>(conf.channel.data), conf.channel.len)),
       pool_(*this, cycle->log,
             std::string(reinterpret_cast<char *>(conf.conninfo.data), conf.conninfo.len),
-            conf.replay_connections) {}
+            conf.replay_connections) {
+    init_timer_event(publish_ev_, publish_handler, this, log_);
+    claim_status_slot(conf.status_zone);
+}
 
 Worker::~Worker() {
+    if (publish_ev_.timer_set) {
+        ngx_del_timer(&publish_ev_);
+    }
+    if (slot_ != nullptr) {
+        slot_->stats = WorkerStats{};
+        slot_->owner = 0; // free for the next worker
+    }
     listener_.close();
     pool_.close_all();
     if (quit_sentinel_ != nullptr) {
@@ -615,6 +629,59 @@ void Worker::start() {
         }
     }
     listener_.start();
+    publish();
+}
+
+// Another worker (or a past one) may hold a slot: a slot is free when its owner is 0 or dead.
+void Worker::claim_status_slot(ngx_shm_zone_t *zone) {
+    if (zone == nullptr || zone->data == nullptr) {
+        return;
+    }
+    auto *z = static_cast<StatusZone *>(zone->data);
+    ngx_atomic_uint_t me = static_cast<ngx_atomic_uint_t>(ngx_pid);
+    for (StatusSlot &slot : z->slots) {
+        ngx_atomic_uint_t owner = slot.owner;
+        bool free = owner == 0 || (kill(static_cast<pid_t>(owner), 0) == -1 && errno == ESRCH);
+        if (free && ngx_atomic_cmp_set(&slot.owner, owner, me)) {
+            slot_ = &slot;
+            slot.stats = WorkerStats{};
+            stats_.pid = ngx_pid;
+            return;
+        }
+    }
+    ngx_log_error(NGX_LOG_WARN, log_, 0,
+                  "event_piper: no free status slot, this worker is missing from the status");
+}
+
+// Counts that are cheaper to take once a second than to keep exact on every transition.
+void Worker::publish() {
+    uint64_t catching_up = 0;
+    registry_.for_each_all([&catching_up](Session &s) {
+        if (s.core.mode() == Stream::Mode::CatchingUp) {
+            ++catching_up;
+        }
+    });
+    stats_.streams = registry_.streams();
+    stats_.consumers = registry_.consumers();
+    stats_.streams_catching_up = catching_up;
+    stats_.listener_state = listening() ? 1 : 0;
+    stats_.listener_reconnects = listener_.reconnects();
+    stats_.replay_queries = pool_.queries();
+    stats_.replay_queued = pool_.queued_count();
+    if (slot_ != nullptr) {
+        slot_->stats = stats_;
+    }
+    if (!shutting_down_) {
+        ngx_add_timer(&publish_ev_, 1000);
+    }
+}
+
+void Worker::publish_handler(ngx_event_t *ev) noexcept {
+    try {
+        static_cast<Worker *>(ev->data)->publish();
+    } catch (...) {
+        ngx_log_error(NGX_LOG_ERR, ev->log, 0, "event_piper: status publish failed");
+    }
 }
 
 void Worker::quit_handler(ngx_event_t *ev) noexcept {
@@ -638,6 +705,10 @@ void Worker::shutdown() {
     ngx_log_error(NGX_LOG_NOTICE, log_, 0, "event_piper: shutting down, ending %uz streams",
                   registry_.streams());
     registry_.for_each_all([](Session &s) { s.finish(true); });
+    if (publish_ev_.timer_set) {
+        ngx_del_timer(&publish_ev_);
+    }
+    publish();
     listener_.close();
     pool_.close_all();
     if (quit_sentinel_ != nullptr) {
@@ -665,26 +736,38 @@ void Worker::on_notification(const char *payload) {
         return;
     }
     note_position(n.position);
+    ++stats_.notifications;
+    const ngx_time_t *tp = ngx_timeofday();
+    stats_.last_notification_ms = static_cast<uint64_t>(tp->sec) * 1000 + tp->msec;
     switch (n.kind) {
     case Notification::Kind::Event: {
         bool framed = false;
-        registry_.for_each(n.subscriber, [&](Session &s) {
+        bool found = registry_.for_each(n.subscriber, [&](Session &s) {
             if (!framed) {
                 frame_.clear();
                 append_event_frame(frame_, n.position, n.type, n.payload);
                 framed = true;
             }
+            uint64_t overflows = s.core.overflows();
             s.core.on_event(n.position, frame_);
+            stats_.stream_overflows += s.core.overflows() - overflows;
             s.wake();
         });
+        if (!found) {
+            ++stats_.notifications_dropped;
+        }
         return;
     }
-    case Notification::Kind::Reference:
-        registry_.for_each(n.subscriber, [&](Session &s) {
+    case Notification::Kind::Reference: {
+        bool found = registry_.for_each(n.subscriber, [&](Session &s) {
             s.core.on_hint(n.position);
             s.wake();
         });
+        if (!found) {
+            ++stats_.notifications_dropped;
+        }
         return;
+    }
     case Notification::Kind::Position:
         registry_.for_each_all([&](Session &s) {
             s.core.on_hint(n.position);

@@ -12,6 +12,7 @@ extern "C" {
 
 #include "ngx_pg_link.hpp"
 #include "registry.hpp"
+#include "status.hpp"
 #include "stream.hpp"
 
 #include <deque>
@@ -24,10 +25,21 @@ extern "C" ngx_module_t ngx_event_piper_module;
 namespace event_piper {
 
 struct MainConf {
+    ngx_shm_zone_t *status_zone; // one StatusSlot per worker, for event_piper_status
     ngx_str_t conninfo;
     ngx_str_t channel;
     ngx_uint_t replay_connections;
     ngx_flag_t used; // some location has `event_piper;`
+};
+
+// A worker's slot in the status zone. `owner` is the pid that holds it (0: free).
+struct StatusSlot {
+    ngx_atomic_t owner;
+    WorkerStats stats;
+};
+constexpr size_t status_slots = 128;
+struct StatusZone {
+    StatusSlot slots[status_slots];
 };
 
 struct LocConf {
@@ -104,6 +116,7 @@ public:
 
     size_t queued() const { return queue_.size(); }
     uint64_t queries() const { return queries_; }
+    size_t queued_count() const { return queue_.size(); }
 
     void on_link_ready(PgLink &link) override;
     void on_link_result(PgLink &link, PGresult *res) override;
@@ -200,9 +213,13 @@ public:
     }
 
     ngx_log_t *log() const { return log_; }
+    WorkerStats &stats() { return stats_; }
 
 private:
     static void quit_handler(ngx_event_t *ev) noexcept;
+    static void publish_handler(ngx_event_t *ev) noexcept;
+    void publish();
+    void claim_status_slot(ngx_shm_zone_t *zone);
 
     ngx_log_t *log_;
     Registry<Session> registry_;
@@ -210,6 +227,9 @@ private:
     ReplayPool pool_;
     std::string frame_; // one serialisation per event, shared by all its streams
     ngx_connection_t *quit_sentinel_ = nullptr;
+    StatusSlot *slot_ = nullptr;
+    ngx_event_t publish_ev_;
+    WorkerStats stats_;
     int64_t head_ = -1;
     bool shutting_down_ = false;
 };

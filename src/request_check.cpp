@@ -24,7 +24,8 @@ ConsumerCheck check_consumer(std::string_view consumer) {
 std::string_view consumer_error_text(ConsumerCheck check) {
     switch (check) {
     case ConsumerCheck::Missing:
-        return "missing consumer id: send an X-Consumer-Id header\n";
+        return "missing consumer id (by default the X-Consumer-Id header, see "
+               "event_piper_consumer)\n";
     case ConsumerCheck::TooLong:
         return "consumer id is longer than 256 bytes\n";
     case ConsumerCheck::ControlCharacter:

@@ -24,12 +24,14 @@ bool Stream::on_event(int64_t position, std::string_view frame) {
     if (pending_.size() + frame.size() > buffer_limit_) {
         // Slow client: forget the queue, re-read from the table once the socket drains.
         pending_.clear();
+        pending_events_ = 0;
         last_ = handed_last_;
         mode_ = Mode::CatchingUp;
         ++overflows_;
         return false;
     }
     pending_.append(frame);
+    ++pending_events_;
     last_ = position;
     return true;
 }
@@ -55,6 +57,7 @@ void Stream::on_row(int64_t position, std::string_view type, std::string_view js
         return;
     }
     append_event_frame(pending_, position, type, json_payload);
+    ++pending_events_;
     last_ = position;
 }
 
@@ -103,6 +106,7 @@ void Stream::take_pending(std::string &out) {
     out.clear();
     out.swap(pending_);
     handed_last_ = last_;
+    pending_events_ = 0;
 }
 
 } // namespace event_piper

@@ -58,6 +58,8 @@ public:
     void take_pending(std::string &out);
 
     uint64_t overflows() const { return overflows_; }
+    // Events in the pending bytes (what take_pending will hand over).
+    size_t pending_events() const { return pending_events_; }
 
 private:
     std::string consumer_;
@@ -68,6 +70,7 @@ private:
     uint64_t query_epoch_ = 0;
     size_t buffer_limit_;
     uint64_t overflows_ = 0;
+    size_t pending_events_ = 0;
     Mode mode_ = Mode::CatchingUp;
     bool query_in_flight_ = false;
     bool waiting_for_listener_ = false;

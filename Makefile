@@ -1,0 +1,111 @@
+# ngx_event_piper: build, run and test. Every target that needs Debian packages first runs
+# scripts/deps.sh, which installs only what is missing (apt-get, as root).
+
+PORT ?= 4000
+export PORT
+
+SHELL := /bin/bash
+
+.PHONY: all deps deps-bench build build-asan unit unit-build run psql stop test test-asan \
+        format clean bench bench-quick
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+deps-bench:
+	@scripts/deps.sh bench
+
+## The nginx module: build/ngx_event_piper_module.so (see scripts/build.sh).
+build: deps
+	@scripts/build.sh
+
+build-asan: deps
+	@SANITIZE=1 scripts/build.sh
+
+## Unit tests: build/unit_tests, a GoogleTest binary of src/*.cpp and tests/unit/*.cpp.
+# src/ngx_*.cpp are the nginx adapters (they include nginx headers): only the module has them.
+UNIT_CXX      ?= g++
+UNIT_CXXFLAGS := -std=gnu++17 -O1 -g -Wall -Wextra -I/usr/include/postgresql -Isrc
+UNIT_LDLIBS   := -lgtest -lgtest_main -lpq -lcjson -pthread
+UNIT_SRCS     := $(filter-out src/ngx_%,$(wildcard src/*.cpp)) $(wildcard tests/unit/*.cpp)
+UNIT_OBJS     := $(patsubst %.cpp,build/unit/%.o,$(UNIT_SRCS))
+UNIT_LIST     := build/unit/sources.list
+
+build/unit/%.o: %.cpp | deps
+	@mkdir -p $(@D)
+	$(UNIT_CXX) $(UNIT_CXXFLAGS) -MMD -MP -c $< -o $@
+
+# Rewritten only when the set of sources changes, so removing a file relinks the binary.
+$(UNIT_LIST): FORCE
+	@mkdir -p $(@D)
+	@echo '$(UNIT_SRCS)' | cmp -s - $@ || echo '$(UNIT_SRCS)' > $@
+
+build/unit_tests: $(UNIT_OBJS) $(UNIT_LIST)
+	@test -n '$(wildcard tests/unit/*.cpp)' || { echo "no unit tests in tests/unit/" >&2; exit 1; }
+	$(UNIT_CXX) $(UNIT_CXXFLAGS) $(UNIT_OBJS) -o $@ $(UNIT_LDLIBS)
+
+-include $(UNIT_OBJS:.o=.d)
+
+unit-build: build/unit_tests
+
+unit: build/unit_tests
+	build/unit_tests
+
+## Local servers: PostgreSQL + nginx in the foreground (see scripts/run.sh). Ctrl-C stops both.
+run: build
+	@scripts/run.sh start
+
+psql: deps
+	@scripts/run.sh psql
+
+stop:
+	@scripts/run.sh stop
+
+## Tests: unit + integration (tests/run_all.sh prints "N passed, N failed").
+RUN_ALL := tests/run_all.sh
+
+UNIT_BIN = $(if $(wildcard tests/unit/*.cpp),build/unit_tests)
+
+test: build $(UNIT_BIN)
+	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
+	$(RUN_ALL)
+
+# Same tests against the module built with ASan + UBSan. The Debian nginx binary is not
+# instrumented, so the sanitizer runtimes must be preloaded into nginx (EVENT_PIPER_NGINX_PRELOAD);
+# leak detection is off because nginx frees its pools by exiting.
+ASAN_PRELOAD = $(shell $(UNIT_CXX) -print-file-name=libasan.so) $(shell $(UNIT_CXX) -print-file-name=libubsan.so)
+
+test-asan: build-asan $(UNIT_BIN)
+	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
+	EVENT_PIPER_MODULE=$(CURDIR)/build/asan/ngx_event_piper_module.so \
+	EVENT_PIPER_NGINX_PRELOAD='$(ASAN_PRELOAD)' \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(RUN_ALL)
+
+## Formatting with the checked-in .clang-format.
+FORMAT_FILES = $(wildcard *.cpp src/*.cpp src/*.h src/*.hpp tests/unit/*.cpp tests/unit/*.h tests/unit/*.hpp)
+
+format: deps
+	@test -n '$(FORMAT_FILES)' || { echo "nothing to format"; exit 0; }
+	clang-format -i $(FORMAT_FILES)
+
+## Benchmarks (bench/run.sh, see design.md section 6).
+BENCH_CHECK = @test -x bench/run.sh || { echo "bench/run.sh is missing: no benchmark suite yet" >&2; exit 1; }
+
+bench: deps-bench
+	$(BENCH_CHECK)
+	@scripts/build.sh
+	bench/run.sh
+
+bench-quick: deps-bench
+	$(BENCH_CHECK)
+	@scripts/build.sh
+	bench/run.sh --quick
+
+clean:
+	rm -rf build
+
+FORCE:

@@ -1,0 +1,33 @@
+// Figures of the whole nginx instance: each worker publishes its WorkerStats into a shared memory
+// slot; the status handler renders all live slots as JSON or Prometheus text. Pure C++.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace event_piper {
+
+// Plain counters, written by one worker only (its own slot), read by any.
+struct WorkerStats {
+    int64_t pid = 0;
+    uint64_t listener_state = 0; // 0 connecting / down, 1 listening
+    uint64_t listener_reconnects = 0;
+    uint64_t streams = 0;
+    uint64_t consumers = 0; // distinct within this worker
+    uint64_t streams_catching_up = 0;
+    uint64_t events_delivered = 0; // events handed to client sockets
+    uint64_t bytes_sent = 0;
+    uint64_t replay_queries = 0;
+    uint64_t replay_queued = 0;
+    uint64_t notifications = 0;
+    uint64_t notifications_dropped = 0; // for consumers with no stream on this worker
+    uint64_t stream_overflows = 0;      // slow clients sent back to the table
+    uint64_t last_notification_ms = 0;  // wall clock, 0: never
+};
+
+// `now_ms`: wall clock in milliseconds, for the age of the last notification.
+std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t now_ms);
+std::string render_status_prometheus(const std::vector<WorkerStats> &workers, uint64_t now_ms);
+
+} // namespace event_piper
