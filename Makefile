@@ -7,7 +7,7 @@ export PORT
 SHELL := /bin/bash
 
 .PHONY: all deps deps-bench build build-asan unit unit-build run psql stop test test-asan \
-        format clean bench bench-quick
+        format clean bench bench-quick clients docker-build docker-run
 
 all: build
 
@@ -68,7 +68,15 @@ RUN_ALL := tests/run_all.sh
 
 UNIT_BIN = $(if $(wildcard tests/unit/*.cpp),build/unit_tests)
 
-test: build $(UNIT_BIN)
+# Real-client tests use the npm `eventsource` package, pinned in tests/clients/package-lock.json.
+CLIENTS_STAMP := tests/clients/node_modules/.package-lock.json
+
+$(CLIENTS_STAMP): tests/clients/package.json tests/clients/package-lock.json
+	npm ci --prefix tests/clients --no-audit --no-fund --loglevel=error
+
+clients: deps $(CLIENTS_STAMP)
+
+test: build $(UNIT_BIN) clients
 	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
 	$(RUN_ALL)
 
@@ -77,7 +85,7 @@ test: build $(UNIT_BIN)
 # leak detection is off because nginx frees its pools by exiting.
 ASAN_PRELOAD = $(shell $(UNIT_CXX) -print-file-name=libasan.so) $(shell $(UNIT_CXX) -print-file-name=libubsan.so)
 
-test-asan: build-asan $(UNIT_BIN)
+test-asan: build-asan $(UNIT_BIN) clients
 	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
 	EVENT_PIPER_MODULE=$(CURDIR)/build/asan/ngx_event_piper_module.so \
 	EVENT_PIPER_NGINX_PRELOAD='$(ASAN_PRELOAD)' \
@@ -104,6 +112,13 @@ bench-quick: deps-bench
 	$(BENCH_CHECK)
 	@scripts/build.sh
 	bench/run.sh --quick
+
+## Container deployment (docker/). No Docker engine runs on our CI machines: untested here.
+docker-build:
+	docker build -f docker/Dockerfile -t ngx_event_piper .
+
+docker-run:
+	docker compose -f docker/compose.yaml up --build
 
 clean:
 	rm -rf build

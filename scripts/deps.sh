@@ -11,7 +11,13 @@ BASE_PACKAGES=(
     libpq-dev libcjson-dev libgtest-dev
     postgresql-15 postgresql-client-15
     python3 procps iproute2 curl clang-format
+    chromium
 )
+# Node.js and npm (for the real-client tests): Debian's packages unless the machine already has
+# a Node.js with npm (for example from NodeSource, which Debian's npm would conflict with).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    BASE_PACKAGES+=(nodejs npm)
+fi
 BENCH_PACKAGES=(libnginx-mod-nchan wrk gnuplot-nox linux-perf valgrind)
 
 wanted=("${BASE_PACKAGES[@]}")
