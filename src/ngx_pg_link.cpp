@@ -17,10 +17,13 @@ ino_t inode_of(int fd) {
 
 void PgLink::connect() {
     close();
-    const char *keys[] = {"dbname", "application_name", "fallback_application_name", nullptr};
-    const char *values[] = {conninfo_.c_str(), application_, application_, nullptr};
-    // application_name after dbname: an application_name in the conninfo string is overridden,
-    // so pg_stat_activity always tells listener and replay connections apart.
+    // libpq processes these in order and the last value of a key wins. Before the user's conninfo
+    // (in "dbname"): TCP keepalive defaults that notice a dead server within about a minute,
+    // which the conninfo may override. After it: application_name, so that pg_stat_activity
+    // always tells listener and replay connections apart.
+    const char *keys[] = {"keepalives_idle", "keepalives_interval", "keepalives_count",
+                          "dbname",          "application_name",    nullptr};
+    const char *values[] = {"30", "10", "3", conninfo_.c_str(), application_, nullptr};
     conn_ = PQconnectStartParams(keys, values, 1);
     if (conn_ == nullptr) {
         fail("out of memory");
@@ -36,7 +39,16 @@ void PgLink::connect() {
         fail("no socket");
         return;
     }
+    // PQconnectPoll does not enforce connect_timeout: a silent server would hang us forever.
+    ngx_add_timer(&connect_timer_, connect_timeout_ms);
     want_write(true); // "behave as if PQconnectPoll last returned PGRES_POLLING_WRITING"
+}
+
+void PgLink::connect_timeout_handler(ngx_event_t *ev) noexcept {
+    auto *self = static_cast<PgLink *>(ev->data);
+    if (self->state_ == State::Connecting) {
+        self->fail("timeout while connecting");
+    }
 }
 
 void PgLink::poll_connect() {
@@ -58,6 +70,9 @@ void PgLink::poll_connect() {
         want_write(false);
         return;
     case PGRES_POLLING_OK:
+        if (connect_timer_.timer_set) {
+            ngx_del_timer(&connect_timer_);
+        }
         want_write(false);
         if (PQsetnonblocking(conn_, 1) != 0) {
             fail(PQerrorMessage(conn_));
@@ -145,6 +160,9 @@ void PgLink::want_write(bool on) {
 }
 
 void PgLink::close() {
+    if (connect_timer_.timer_set) {
+        ngx_del_timer(&connect_timer_);
+    }
     detach_socket();
     if (conn_ != nullptr) {
         PQfinish(conn_);
@@ -159,9 +177,15 @@ void PgLink::fail(const char *why) {
     ngx_cpystrn(reinterpret_cast<u_char *>(msg),
                 reinterpret_cast<u_char *>(const_cast<char *>(why ? why : "unknown error")),
                 sizeof msg);
+    // One log line: libpq's messages span several lines ("...\n\tThis probably means...").
     size_t len = ngx_strlen(msg);
     while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r')) {
         msg[--len] = '\0';
+    }
+    for (size_t i = 0; i < len; ++i) {
+        if (msg[i] == '\n' || msg[i] == '\r' || msg[i] == '\t') {
+            msg[i] = ' ';
+        }
     }
     close();
     owner_.on_link_lost(*this, msg);

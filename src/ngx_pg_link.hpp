@@ -36,7 +36,13 @@ public:
     enum class State { Down, Connecting, Ready, Busy };
 
     PgLink(PgLinkOwner &owner, ngx_log_t *log, std::string conninfo, const char *application)
-        : owner_(owner), log_(log), conninfo_(std::move(conninfo)), application_(application) {}
+        : owner_(owner), log_(log), conninfo_(std::move(conninfo)), application_(application) {
+        ngx_memzero(&connect_timer_, sizeof(connect_timer_));
+        connect_timer_.handler = connect_timeout_handler;
+        connect_timer_.data = this;
+        connect_timer_.log = log;
+        connect_timer_.cancelable = 1;
+    }
     ~PgLink() { close(); }
     PgLink(const PgLink &) = delete;
     PgLink &operator=(const PgLink &) = delete;
@@ -56,7 +62,9 @@ public:
     void *user = nullptr; // owner's bookkeeping
 
 private:
+    static constexpr ngx_msec_t connect_timeout_ms = 10000;
     static void read_handler(ngx_event_t *ev) noexcept;
+    static void connect_timeout_handler(ngx_event_t *ev) noexcept;
     static void write_handler(ngx_event_t *ev) noexcept;
     void on_readable();
     void on_writable();
@@ -73,6 +81,7 @@ private:
     const char *application_;
     PGconn *conn_ = nullptr;
     ngx_connection_t *c_ = nullptr;
+    ngx_event_t connect_timer_;
     ino_t inode_ = 0;
     State state_ = State::Down;
     bool writing_ = false;

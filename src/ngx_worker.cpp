@@ -30,9 +30,16 @@ ngx_msec_t next_backoff(ngx_msec_t current) {
     return current == 0 ? backoff_first : (current * 2 > backoff_max ? backoff_max : current * 2);
 }
 
-const char *const replay_sql = "SELECT position, type, payload::text FROM events"
-                               " WHERE subscriber = $1 AND position > $2"
-                               " ORDER BY position LIMIT $3";
+// One keyset batch: at most $3 rows, and no more rows than fit in about $4 bytes (at least one),
+// so that a batch of large payloads cannot balloon the worker. `fetched` tells a batch cut by the
+// byte cap (more rows follow) from a short batch (the end of the history).
+const char *const replay_sql =
+    "SELECT position, type, body, fetched FROM ("
+    " SELECT position, type, body, count(*) OVER () AS fetched,"
+    "  sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
+    " FROM (SELECT position, type, payload::text AS body FROM events"
+    "  WHERE subscriber = $1 AND position > $2 ORDER BY position LIMIT $3) AS batch"
+    ") AS sized WHERE before < $4 ORDER BY position";
 
 int64_t to_int64(const char *text, int len) {
     int64_t v = 0;
@@ -71,7 +78,7 @@ Session::Session(Worker &worker, ngx_http_request_t *r, const LocConf &conf, std
                  int64_t last_position)
     : core(std::move(consumer), last_position, conf.stream_buffer), worker_(&worker), r_(r),
       heartbeat_(conf.heartbeat), retry_(conf.retry), last_write_(ngx_current_msec),
-      batch_(conf.replay_batch) {
+      batch_(conf.replay_batch), buffer_limit_(conf.stream_buffer) {
     init_timer_event(heartbeat_ev_, heartbeat_handler, this, r->connection->log);
 }
 
@@ -377,14 +384,16 @@ void ReplayPool::dispatch() {
         size_t i = reinterpret_cast<size_t>(idle->user);
         char last[24];
         char batch[24];
+        char bytes[24];
         *std::to_chars(last, last + sizeof last - 1, s->core.last_position()).ptr = '\0';
         *std::to_chars(batch, batch + sizeof batch - 1, s->replay_batch()).ptr = '\0';
-        const char *values[3] = {s->core.consumer().c_str(), last, batch};
+        *std::to_chars(bytes, bytes + sizeof bytes - 1, s->replay_bytes()).ptr = '\0';
+        const char *values[4] = {s->core.consumer().c_str(), last, batch, bytes};
         s->core.begin_query(worker_.listener_epoch());
         s->serving = idle;
-        jobs_[i] = Job{s, 0, false};
+        jobs_[i] = Job{s, 0, 0, false};
         ++queries_;
-        idle->send_query_params(replay_sql, 3, values); // failure: on_link_lost re-queues s
+        idle->send_query_params(replay_sql, 4, values); // failure: on_link_lost re-queues s
     }
 }
 
@@ -409,6 +418,9 @@ void ReplayPool::on_link_result(PgLink &link, PGresult *res) {
         return; // the client went away meanwhile
     }
     int n = PQntuples(res);
+    if (n > 0) {
+        job.fetched = static_cast<size_t>(to_int64(PQgetvalue(res, 0, 3), PQgetlength(res, 0, 3)));
+    }
     Stream &core = job.session->core;
     for (int row = 0; row < n; ++row) {
         int64_t pos = to_int64(PQgetvalue(res, row, 0), PQgetlength(res, row, 0));
@@ -434,7 +446,8 @@ void ReplayPool::on_link_idle(PgLink &link) {
                 ngx_add_timer(&retry_ev_, backoff_);
             }
         } else {
-            s.core.end_query(job.rows >= s.replay_batch(), worker_.listener_epoch());
+            bool more = job.rows > 0 && (job.fetched >= s.replay_batch() || job.rows < job.fetched);
+            s.core.end_query(more, worker_.listener_epoch());
         }
         s.wake();
     }

@@ -76,6 +76,8 @@ public:
 
     ngx_http_request_t *request() const { return r_; }
     size_t replay_batch() const { return batch_; }
+    // Byte budget of one replay batch: the stream buffer (at least one row is always sent).
+    size_t replay_bytes() const { return buffer_limit_; }
 
     bool queued = false;       // waiting in the replay pool's queue
     PgLink *serving = nullptr; // replay link running this session's query
@@ -96,6 +98,7 @@ private:
     ngx_msec_t retry_;
     ngx_msec_t last_write_;
     size_t batch_;
+    size_t buffer_limit_;
     std::string inflight_; // bytes handed to nginx, alive until it has sent them
     ngx_chain_t *free_ = nullptr;
     ngx_chain_t *busy_ = nullptr;
@@ -127,6 +130,7 @@ private:
     struct Job {
         Session *session = nullptr;
         size_t rows = 0;
+        size_t fetched = 0; // rows the batch query found before the byte cap
         bool failed = false;
     };
     void dispatch();
