@@ -26,7 +26,7 @@ if [[ ${SANITIZE:-0} == 1 ]]; then
     )
 else
     OUT=$ROOT/build
-    EXTRA_FLAGS=()
+    EXTRA_FLAGS=("--with-cc-opt=-g -O2 -fstack-protector-strong -D_FORTIFY_SOURCE=2")
 fi
 TREE=$OUT/nginx-src
 
