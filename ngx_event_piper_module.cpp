@@ -451,6 +451,18 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
         s->core.go_live();
     }
 
+    // nginx sets TCP_NODELAY only on keep-alive connections; a stream that never ends would
+    // otherwise hold each small event until the client's delayed ACK (tens of milliseconds).
+    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+        ngx_http_get_module_loc_conf(r, ngx_http_core_module));
+    bool http2 = false;
+#if (NGX_HTTP_V2)
+    http2 = r->stream != nullptr;
+#endif
+    if (clcf->tcp_nodelay && !http2 && ngx_tcp_nodelay(r->connection) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     ngx_int_t rc = ngx_http_send_header(r);
     if (rc == NGX_ERROR || rc > NGX_OK) {
         return rc;

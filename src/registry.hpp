@@ -64,8 +64,9 @@ public:
             }
         }
         --group->iterating;
-        if (group->iterating == 0 && iterating_all_ == 0) {
-            compact(group);
+        if (group->iterating == 0 && iterating_all_ == 0 &&
+            (group->holes || group->members.empty())) {
+            compact(group); // only after a removal: the common fan-out costs one lookup
         }
         return true;
     }
