@@ -23,7 +23,7 @@ namespace {
 Worker *the_worker = nullptr;
 
 constexpr ngx_msec_t backoff_first = 100;
-constexpr ngx_msec_t backoff_max = 5000;
+constexpr ngx_msec_t backoff_max = 2000;
 constexpr ngx_msec_t shutdown_retry_default = 1000;
 
 ngx_msec_t next_backoff(ngx_msec_t current) {
@@ -32,14 +32,18 @@ ngx_msec_t next_backoff(ngx_msec_t current) {
 
 // One keyset batch: at most $3 rows, and no more rows than fit in about $4 bytes (at least one),
 // so that a batch of large payloads cannot balloon the worker. `fetched` tells a batch cut by the
-// byte cap (more rows follow) from a short batch (the end of the history).
+// byte cap (more rows follow) from a short batch (the end of the history). `newest` is the newest
+// committed position; with no row left, the query still answers one row of NULLs carrying it.
 const char *const replay_sql =
-    "SELECT position, type, body, fetched FROM ("
-    " SELECT position, type, body, count(*) OVER () AS fetched,"
-    "  sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
-    " FROM (SELECT position, type, payload::text AS body FROM events"
-    "  WHERE subscriber = $1 AND position > $2 ORDER BY position LIMIT $3) AS batch"
-    ") AS sized WHERE before < $4 ORDER BY position";
+    "SELECT b.position, b.type, b.body, b.fetched, m.newest"
+    " FROM (SELECT coalesce(max(position), 0) AS newest FROM events) AS m"
+    " LEFT JOIN LATERAL ("
+    "  SELECT position, type, body, count(*) OVER () AS fetched,"
+    "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
+    "  FROM (SELECT position, type, payload::text AS body FROM events"
+    "   WHERE subscriber = $1 AND position > $2 ORDER BY position LIMIT $3) AS batch"
+    " ) AS b ON b.before < $4"
+    " ORDER BY b.position";
 
 int64_t to_int64(const char *text, int len) {
     int64_t v = 0;
@@ -111,6 +115,10 @@ bool Session::nginx_holds_output() const {
 
 void Session::flush() {
     if (finished_) {
+        return;
+    }
+    if (end_requested) {
+        finish(true);
         return;
     }
     ngx_connection_t *c = r_->connection;
@@ -391,7 +399,7 @@ void ReplayPool::dispatch() {
         const char *values[4] = {s->core.consumer().c_str(), last, batch, bytes};
         s->core.begin_query(worker_.listener_epoch());
         s->serving = idle;
-        jobs_[i] = Job{s, 0, 0, false};
+        jobs_[i] = Job{s, 0, 0, 0, false};
         ++queries_;
         idle->send_query_params(replay_sql, 4, values); // failure: on_link_lost re-queues s
     }
@@ -419,6 +427,11 @@ void ReplayPool::on_link_result(PgLink &link, PGresult *res) {
     }
     int n = PQntuples(res);
     if (n > 0) {
+        job.newest = to_int64(PQgetvalue(res, 0, 4), PQgetlength(res, 0, 4));
+        worker_.note_position(job.newest);
+        if (PQgetisnull(res, 0, 0)) {
+            return; // nothing after the stream's position
+        }
         job.fetched = static_cast<size_t>(to_int64(PQgetvalue(res, 0, 3), PQgetlength(res, 0, 3)));
     }
     Stream &core = job.session->core;
@@ -438,15 +451,15 @@ void ReplayPool::on_link_idle(PgLink &link) {
         Session &s = *job.session;
         s.serving = nullptr;
         if (job.failed) {
+            // The server refused the query itself (not the connection): asking again would fail
+            // again. End the stream; the client reconnects and resumes from its last id.
             s.core.query_failed();
-            s.queued = true;
-            queue_.push_back(&s);
-            backoff_ = next_backoff(backoff_);
-            if (!retry_ev_.timer_set) {
-                ngx_add_timer(&retry_ev_, backoff_);
-            }
+            s.end_requested = true;
         } else {
             bool more = job.rows > 0 && (job.fetched >= s.replay_batch() || job.rows < job.fetched);
+            if (job.rows == 0) {
+                s.core.on_newest(job.newest);
+            }
             s.core.end_query(more, worker_.listener_epoch());
         }
         s.wake();

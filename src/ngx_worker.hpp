@@ -79,8 +79,9 @@ public:
     // Byte budget of one replay batch: the stream buffer (at least one row is always sent).
     size_t replay_bytes() const { return buffer_limit_; }
 
-    bool queued = false;       // waiting in the replay pool's queue
-    PgLink *serving = nullptr; // replay link running this session's query
+    bool queued = false;        // waiting in the replay pool's queue
+    bool end_requested = false; // end the stream (with a retry hint) at the next flush
+    PgLink *serving = nullptr;  // replay link running this session's query
 
     static void write_handler(ngx_http_request_t *r) noexcept;
     static void heartbeat_handler(ngx_event_t *ev) noexcept;
@@ -131,6 +132,7 @@ private:
         Session *session = nullptr;
         size_t rows = 0;
         size_t fetched = 0; // rows the batch query found before the byte cap
+        int64_t newest = 0; // newest committed position when the query ran
         bool failed = false;
     };
     void dispatch();

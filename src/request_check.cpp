@@ -6,6 +6,53 @@
 
 namespace event_piper {
 
+namespace {
+
+// Well-formed UTF-8 (no overlong forms, no surrogates, at most U+10FFFF). PostgreSQL refuses any
+// other bytes in a text parameter, so such an id could never match a subscriber.
+bool valid_utf8(std::string_view s) {
+    size_t i = 0;
+    while (i < s.size()) {
+        auto c = static_cast<unsigned char>(s[i]);
+        if (c < 0x80) {
+            ++i;
+            continue;
+        }
+        size_t n;
+        uint32_t cp;
+        if ((c & 0xe0) == 0xc0) {
+            n = 1;
+            cp = c & 0x1f;
+        } else if ((c & 0xf0) == 0xe0) {
+            n = 2;
+            cp = c & 0x0f;
+        } else if ((c & 0xf8) == 0xf0) {
+            n = 3;
+            cp = c & 0x07;
+        } else {
+            return false;
+        }
+        if (i + n >= s.size()) {
+            return false;
+        }
+        for (size_t k = 1; k <= n; ++k) {
+            auto cc = static_cast<unsigned char>(s[i + k]);
+            if ((cc & 0xc0) != 0x80) {
+                return false;
+            }
+            cp = (cp << 6) | (cc & 0x3f);
+        }
+        if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
+            cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) {
+            return false;
+        }
+        i += n + 1;
+    }
+    return true;
+}
+
+} // namespace
+
 ConsumerCheck check_consumer(std::string_view consumer) {
     if (consumer.empty()) {
         return ConsumerCheck::Missing;
@@ -17,6 +64,9 @@ ConsumerCheck check_consumer(std::string_view consumer) {
         if (c < 0x20 || c == 0x7f) {
             return ConsumerCheck::ControlCharacter;
         }
+    }
+    if (!valid_utf8(consumer)) {
+        return ConsumerCheck::NotUtf8;
     }
     return ConsumerCheck::Ok;
 }
@@ -30,6 +80,8 @@ std::string_view consumer_error_text(ConsumerCheck check) {
         return "consumer id is longer than 256 bytes\n";
     case ConsumerCheck::ControlCharacter:
         return "consumer id contains control characters\n";
+    case ConsumerCheck::NotUtf8:
+        return "consumer id is not valid UTF-8\n";
     case ConsumerCheck::Ok:
         break;
     }

@@ -9,7 +9,7 @@ namespace event_piper {
 
 constexpr size_t max_consumer_length = 256;
 
-enum class ConsumerCheck { Ok, Missing, TooLong, ControlCharacter };
+enum class ConsumerCheck { Ok, Missing, TooLong, ControlCharacter, NotUtf8 };
 
 ConsumerCheck check_consumer(std::string_view consumer);
 

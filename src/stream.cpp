@@ -80,6 +80,13 @@ void Stream::end_query(bool full_batch, uint64_t current_epoch) {
     mode_ = Mode::Live;
 }
 
+void Stream::on_newest(int64_t newest) {
+    if (last_ > newest && !has_pending()) {
+        last_ = newest;
+        handed_last_ = newest;
+    }
+}
+
 bool Stream::wants_query(bool socket_drained) const {
     return mode_ == Mode::CatchingUp && !query_in_flight_ && !waiting_for_listener_ && last_ >= 0 &&
            pending_.empty() && socket_drained;

@@ -42,6 +42,10 @@ public:
     // listening since before the query was sent and nothing newer was notified meanwhile.
     void end_query(bool full_batch, uint64_t current_epoch);
     void query_failed() { query_in_flight_ = false; }
+    // A query found nothing after the stream's position; `newest` is the newest committed
+    // position. A resume point beyond it (a client's id from a reset database) is brought back
+    // to it, so the stream goes live instead of waiting for positions to catch up with it.
+    void on_newest(int64_t newest);
 
     // True when the stream should ask for its next batch: catching up, positioned, no query out,
     // all bytes written (backpressure), and not parked waiting for the listener.

@@ -43,3 +43,13 @@ TEST(LastEventId, Refuses) {
         EXPECT_FALSE(parse_last_event_id(bad).has_value()) << bad;
     }
 }
+
+TEST(Consumer, RefusesMalformedUtf8) {
+    for (const char *bad : {"\xff", "abc\xc3", "\xc3\x28", "\xc0\xaf", "\xe0\x80\xaf",
+                            "\xed\xa0\x80", "\xf4\x90\x80\x80", "\xf8\x88\x80\x80\x80"}) {
+        EXPECT_EQ(check_consumer(bad), ConsumerCheck::NotUtf8) << bad;
+    }
+    for (const char *good : {"\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80", "\xef\xbf\xbf"}) {
+        EXPECT_EQ(check_consumer(good), ConsumerCheck::Ok) << good;
+    }
+}

@@ -168,3 +168,19 @@ TEST(Stream, FailedQueryCanBeRetried) {
     s.query_failed();
     EXPECT_TRUE(s.wants_query(true));
 }
+
+TEST(Stream, ResumePointBeyondTheNewestComesBackToIt) {
+    Stream s("toto", 1000, 1 << 20);
+    s.begin_query(1);
+    s.on_newest(8);
+    s.end_query(false, 1);
+    EXPECT_EQ(s.mode(), Stream::Mode::Live);
+    EXPECT_EQ(s.last_position(), 8);
+    EXPECT_TRUE(s.on_event(9, frame(9)));
+}
+
+TEST(Stream, ResumePointAtOrBelowTheNewestIsKept) {
+    Stream s("toto", 5, 1 << 20);
+    s.on_newest(8);
+    EXPECT_EQ(s.last_position(), 5);
+}
