@@ -449,6 +449,8 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
     ngx_http_set_ctx(r, s, ngx_event_piper_module);
     if (live_now) {
         s->core.go_live();
+    } else if (last_position < 0) {
+        worker->note_unpositioned_stream();
     }
 
     // nginx sets TCP_NODELAY only on keep-alive connections; a stream that never ends would

@@ -17,11 +17,38 @@ CREATE TABLE IF NOT EXISTS events (
     subscriber varchar   NOT NULL,
     payload    jsonb     NOT NULL,
     position   bigint    UNIQUE,
+    -- When the position was assigned (the database's clock, at commit). Lets a stream opened
+    -- while the database was unreachable start exactly after what was committed before it.
+    committed_at timestamptz,
     -- A line break in a type would end the SSE `event:` field early and let a writer inject fields.
     CONSTRAINT events_type_single_line CHECK (type !~ '[\r\n]')
 );
 
+-- Tables created by the original service or an older schema get the new columns.
+ALTER TABLE events ADD COLUMN IF NOT EXISTS position bigint UNIQUE;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS committed_at timestamptz;
+
 CREATE SEQUENCE IF NOT EXISTS events_position_seq OWNED BY events.position;
+
+-- Rows written before this schema (the original service's table) get positions in id order,
+-- under the same lock as the trigger below, and the single-line type check.
+DO $$
+DECLARE
+    r record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_single_line') THEN
+        ALTER TABLE events ADD CONSTRAINT events_type_single_line CHECK (type !~ '[\r\n]');
+    END IF;
+    IF EXISTS (SELECT 1 FROM events WHERE position IS NULL) THEN
+        PERFORM pg_advisory_xact_lock(7402652111030151173);
+        FOR r IN SELECT id FROM events WHERE position IS NULL ORDER BY id LOOP
+            UPDATE events SET position = nextval('events_position_seq'),
+                              committed_at = clock_timestamp()
+             WHERE id = r.id;
+        END LOOP;
+    END IF;
+END;
+$$;
 
 -- Replay reads "subscriber = $1 AND position > $2 ORDER BY position LIMIT n": one index range scan.
 CREATE INDEX IF NOT EXISTS events_subscriber_position_idx ON events (subscriber, position);
@@ -49,7 +76,7 @@ BEGIN
     -- Serialise committing writers until each is visible: positions become visible in order.
     PERFORM pg_advisory_xact_lock(7402652111030151173);
     pos := nextval('events_position_seq');
-    UPDATE events SET position = pos WHERE id = NEW.id;
+    UPDATE events SET position = pos, committed_at = clock_timestamp() WHERE id = NEW.id;
     IF NOT FOUND THEN
         RETURN NULL; -- deleted again by its own transaction
     END IF;

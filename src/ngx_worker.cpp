@@ -536,6 +536,8 @@ void Listener::on_link_result(PgLink &, PGresult *res) {
     }
     if (phase_ == Phase::ReadingHead && st == PGRES_TUPLES_OK && PQntuples(res) == 1) {
         head_seen_ = to_int64(PQgetvalue(res, 0, 0), PQgetlength(res, 0, 0));
+        before_seen_ = PQnfields(res) > 1 ? to_int64(PQgetvalue(res, 0, 1), PQgetlength(res, 0, 1))
+                                          : head_seen_;
         return;
     }
     // Keep the message: closing the link frees the result's connection, not the result.
@@ -552,7 +554,21 @@ void Listener::on_link_idle(PgLink &) {
         // LISTEN is active now: a snapshot taken from here on misses nothing that is notified.
         phase_ = Phase::ReadingHead;
         head_seen_ = 0;
-        link_.send_query("SELECT coalesce(max(position), 0) FROM events");
+        uint64_t since = worker_.unpositioned_since_ms();
+        if (since == 0) {
+            link_.send_query("SELECT coalesce(max(position), 0) FROM events");
+            return;
+        }
+        // Streams opened without a resume point while the database was unreachable start after
+        // what was committed before they opened, by the database's commit clock.
+        char ms[24];
+        *std::to_chars(ms, ms + sizeof ms - 1, since).ptr = '\0';
+        const char *values[1] = {ms};
+        link_.send_query_params("SELECT (SELECT coalesce(max(position), 0) FROM events),"
+                                " coalesce((SELECT position FROM events"
+                                "  WHERE committed_at <= to_timestamp($1::float8 / 1000)"
+                                "  ORDER BY position DESC LIMIT 1), 0)",
+                                1, values);
         return;
     }
     if (phase_ == Phase::ReadingHead) {
@@ -566,7 +582,7 @@ void Listener::on_link_idle(PgLink &) {
         }
         reported_down_ = false;
         ever_connected_ = true;
-        worker_.on_listener_ready(head_seen_);
+        worker_.on_listener_ready(head_seen_, before_seen_);
     }
 }
 
@@ -755,10 +771,14 @@ void Worker::remove(Session &s) {
 void Worker::on_notification(const char *payload) {
     Notification n;
     if (!parse_notification(payload, n)) {
-        ngx_log_error(NGX_LOG_WARN, log_, 0,
-                      "event_piper: ignoring a notification that was not written by "
-                      "postgresql/schema.sql's trigger: \"%.64s\"",
-                      payload);
+        if (!warned_foreign_) { // once: another trigger on the channel would flood the log
+            ngx_log_error(NGX_LOG_WARN, log_, 0,
+                          "event_piper: ignoring notifications not written by "
+                          "postgresql/schema.sql's trigger (is an old trigger still installed?): "
+                          "\"%.64s\"",
+                          payload);
+            warned_foreign_ = true;
+        }
         return;
     }
     note_position(n.position);
@@ -803,12 +823,20 @@ void Worker::on_notification(const char *payload) {
     }
 }
 
-void Worker::on_listener_ready(int64_t head) {
+void Worker::on_listener_ready(int64_t head, int64_t before_unpositioned) {
     note_position(head);
-    registry_.for_each_all([this](Session &s) {
-        s.core.on_listener_ready(head_);
+    unpositioned_since_ms_ = 0;
+    registry_.for_each_all([before_unpositioned](Session &s) {
+        s.core.on_listener_ready(before_unpositioned);
         s.wake();
     });
+}
+
+void Worker::note_unpositioned_stream() {
+    if (unpositioned_since_ms_ == 0) {
+        const ngx_time_t *tp = ngx_timeofday();
+        unpositioned_since_ms_ = static_cast<uint64_t>(tp->sec) * 1000 + tp->msec;
+    }
 }
 
 void Worker::on_listener_lost() {

@@ -183,6 +183,7 @@ private:
     uint64_t sessions_ = 0;
     uint64_t reconnects_ = 0;
     int64_t head_seen_ = 0;
+    int64_t before_seen_ = 0;
     bool ever_connected_ = false;
     bool reported_down_ = false;
     bool closing_ = false;
@@ -210,7 +211,13 @@ public:
 
     // From the listener.
     void on_notification(const char *payload);
-    void on_listener_ready(int64_t head);
+    // `before_unpositioned`: where streams opened without a resume point start (see
+    // note_unpositioned_stream).
+    void on_listener_ready(int64_t head, int64_t before_unpositioned);
+    // A stream opened with no resume point while the worker knows no position: remember when,
+    // so that the listener can find the newest position committed before (0: none waiting).
+    void note_unpositioned_stream();
+    uint64_t unpositioned_since_ms() const { return unpositioned_since_ms_; }
     void on_listener_lost();
     void note_position(int64_t pos) {
         if (pos > head_) {
@@ -237,7 +244,9 @@ private:
     ngx_event_t publish_ev_;
     WorkerStats stats_;
     int64_t head_ = -1;
+    uint64_t unpositioned_since_ms_ = 0;
     bool shutting_down_ = false;
+    bool warned_foreign_ = false;
 };
 
 // The worker of this process, or nullptr (master, helpers, or module unused).
