@@ -411,9 +411,19 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
     }
 
     event_piper::Worker *worker = event_piper::current_worker();
-    if (worker == nullptr || worker->shutting_down()) {
+    if (worker == nullptr) {
         return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "text/plain",
-                         "this nginx worker is shutting down, reconnect\n");
+                         "event_piper is not running in this process\n");
+    }
+    if (worker->shutting_down()) {
+        // A request that reached a worker in its graceful shutdown: an empty stream with a
+        // reconnect hint. A non-200 answer would make EventSource give up for good.
+        if (!add_header(r, "Cache-Control", "no-cache") ||
+            !add_header(r, "X-Accel-Buffering", "no")) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        r->keepalive = 0;
+        return send_text(r, NGX_HTTP_OK, "text/event-stream", "retry: 1000\n\n");
     }
 
     r->headers_out.status = NGX_HTTP_OK;

@@ -1,5 +1,6 @@
 -- ngx_event_piper schema: the events table (the log), its indexes and the commit-ordered
--- notification trigger. Safe to apply more than once.
+-- notification trigger. Safe to apply more than once, also while writers insert, provided it is
+-- applied in one transaction:  psql --single-transaction -f postgresql/schema.sql
 --
 -- Delivery order is commit order, not id order. A BIGSERIAL id is taken at INSERT, but
 -- transactions commit in any order: a reader that saw id 6 and resumes "after 6" would never see
@@ -46,6 +47,8 @@ BEGIN
                               committed_at = clock_timestamp()
              WHERE id = r.id;
         END LOOP;
+        -- A bare position: every open stream reads the table for what it has not sent.
+        PERFORM pg_notify('new_events', 'p ' || currval('events_position_seq'));
     END IF;
 END;
 $$;

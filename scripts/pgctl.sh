@@ -161,8 +161,10 @@ SELECT 'CREATE DATABASE event_piper OWNER event_piper'
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'event_piper') \gexec
 EOF
     [ -f "$SCHEMA" ] || die "schema not found: $SCHEMA"
-    psql -X -q -v ON_ERROR_STOP=1 -h "$datadir" -p "$port" -U event_piper -d event_piper \
-        -c 'SET client_min_messages = warning' -f "$SCHEMA" >/dev/null \
+    # One transaction: writers inserting meanwhile wait for the new trigger instead of slipping
+    # between its DROP and CREATE.
+    psql -X -q -v ON_ERROR_STOP=1 --single-transaction -h "$datadir" -p "$port" -U event_piper \
+        -d event_piper -c 'SET client_min_messages = warning' -f "$SCHEMA" >/dev/null \
         || die "applying $SCHEMA failed"
 }
 

@@ -93,6 +93,7 @@ void Session::start() {
         core.append_raw(frame);
     }
     worker_->add(*this);
+    started_ = true;
     ngx_log_error(NGX_LOG_INFO, r_->connection->log, 0,
                   "event_piper: stream opened for consumer \"%s\" after position %L",
                   core.consumer().c_str(), core.last_position());
@@ -285,6 +286,9 @@ void Session::detach() {
     }
     if (worker_ != nullptr) {
         worker_->remove(*this);
+    }
+    if (!started_) {
+        return; // the client went away before the stream opened
     }
     ngx_log_error(NGX_LOG_INFO, r_->connection->log, 0,
                   "event_piper: stream closed for consumer \"%s\" at position %L",

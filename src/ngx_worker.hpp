@@ -104,6 +104,7 @@ private:
     ngx_chain_t *free_ = nullptr;
     ngx_chain_t *busy_ = nullptr;
     bool detached_ = false;
+    bool started_ = false;
     bool finished_ = false;
 };
 
