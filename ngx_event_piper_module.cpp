@@ -197,29 +197,75 @@ char *set_heartbeat(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     return NGX_CONF_OK;
 }
 
-// Post-handlers checking ranges of numeric directives.
-ngx_conf_num_bounds_t batch_bounds = {ngx_conf_check_num_bounds, 1, 100000};
-ngx_conf_num_bounds_t connections_bounds = {ngx_conf_check_num_bounds, 1, 64};
+// Numeric directives, parsed here rather than with nginx's slots so that the message names the
+// directive, the bad value and what is expected.
+struct NumberRange {
+    ngx_int_t min;
+    ngx_int_t max;
+};
+NumberRange batch_range = {1, 100000};
+NumberRange connections_range = {1, 64};
 
-char *check_stream_buffer(ngx_conf_t *cf, void *, void *data) noexcept {
-    auto *size = static_cast<size_t *>(data);
-    if (*size < 4096) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "\"event_piper_stream_buffer\" must be at least 4k");
-        return static_cast<char *>(NGX_CONF_ERROR);
+char *invalid_value(ngx_conf_t *cf, ngx_command_t *cmd, const char *expected) {
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid value \"%V\" in \"%V\": %s", &args[1],
+                       &cmd->name, expected);
+    return static_cast<char *>(NGX_CONF_ERROR);
+}
+
+char *set_number(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *field = reinterpret_cast<ngx_uint_t *>(static_cast<char *>(conf) + cmd->offset);
+    if (*field != NGX_CONF_UNSET_UINT) {
+        return const_cast<char *>("is duplicate");
     }
+    auto *range = static_cast<NumberRange *>(cmd->post);
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_int_t n = ngx_atoi(args[1].data, args[1].len);
+    if (n == NGX_ERROR || n < range->min || n > range->max) {
+        char expected[64];
+        ngx_snprintf(reinterpret_cast<u_char *>(expected), sizeof expected,
+                     "a whole number from %i to %i%Z", range->min, range->max);
+        return invalid_value(cf, cmd, expected);
+    }
+    *field = static_cast<ngx_uint_t>(n);
     return NGX_CONF_OK;
 }
-ngx_conf_post_t stream_buffer_post = {check_stream_buffer};
+
+char *set_stream_buffer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->stream_buffer != NGX_CONF_UNSET_SIZE) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ssize_t size = ngx_parse_size(&args[1]);
+    if (size == NGX_ERROR || size < 4096) {
+        return invalid_value(cf, cmd, "a size of at least 4k (\"256k\", \"1m\")");
+    }
+    lcf->stream_buffer = static_cast<size_t>(size);
+    return NGX_CONF_OK;
+}
+
+char *set_retry(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->retry != NGX_CONF_UNSET_MSEC) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_int_t ms = ngx_parse_time(&args[1], 0);
+    if (ms == NGX_ERROR || ms <= 0) {
+        return invalid_value(cf, cmd, "a positive time (\"2s\", \"500ms\")");
+    }
+    lcf->retry = static_cast<ngx_msec_t>(ms);
+    return NGX_CONF_OK;
+}
 
 ngx_command_t commands[] = {
     {ngx_string("event_piper_postgres"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_postgres,
      NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_channel"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_channel,
      NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
-    {ngx_string("event_piper_replay_connections"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
-     ngx_conf_set_num_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, replay_connections),
-     &connections_bounds},
+    {ngx_string("event_piper_replay_connections"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_number,
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, replay_connections), &connections_range},
     {ngx_string("event_piper"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_event_piper,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_health"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_health,
@@ -238,16 +284,14 @@ ngx_command_t commands[] = {
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_heartbeat,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_retry"),
-     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
-     ngx_conf_set_msec_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, retry), nullptr},
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_retry,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_replay_batch"),
-     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
-     ngx_conf_set_num_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, replay_batch),
-     &batch_bounds},
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_number,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, replay_batch), &batch_range},
     {ngx_string("event_piper_stream_buffer"),
-     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
-     ngx_conf_set_size_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, stream_buffer),
-     &stream_buffer_post},
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_stream_buffer,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     ngx_null_command,
 };
 

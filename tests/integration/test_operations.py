@@ -1,0 +1,153 @@
+"""Issue 5: what an operator sees. `nginx -t` refuses bad configurations with a message naming the
+directive and the value; the example configuration passes; /status reports the whole instance
+(JSON and Prometheus); /manage/health follows the listener.
+"""
+
+import json
+import os
+import re
+import subprocess
+import unittest
+
+from harness import (EventPiperTestCase, MODULE, NGINX_BIN, Nginx, T, make_tmp, module_snapshot,
+                     wait_until)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ConfigurationChecks(EventPiperTestCase):
+    """`nginx -t` catches configuration mistakes before anything runs."""
+
+    def refused(self, message_re, **kw):
+        ngx = Nginx(make_tmp("conf"), pg=kw.pop("pg", self.pg), **kw)
+        rc, out = ngx.test_config()
+        self.assertNotEqual(rc, 0, "nginx -t accepted:\n%s\n%s" % (ngx.conf, out))
+        self.assertRegex(out, message_re)
+        self.assertIn("[emerg]", out)
+        return out
+
+    def test_event_piper_without_postgres_is_refused(self):
+        self.refused(r'"event_piper" and "event_piper_health" need "event_piper_postgres"', pg=None)
+
+    def test_a_non_numeric_batch_is_refused(self):
+        self.refused(r'invalid value "many" in "event_piper_replay_batch": '
+                     r'a whole number from 1 to 100000',
+                     location={"event_piper_replay_batch": "many"})
+
+    def test_a_batch_out_of_range_is_refused(self):
+        self.refused(r'invalid value "0" in "event_piper_replay_batch"',
+                     location={"event_piper_replay_batch": "0"})
+
+    def test_a_bad_channel_name_is_refused(self):
+        out = self.refused(r'invalid channel name "new-events" in "event_piper_channel"',
+                           http={"event_piper_channel": "new-events"})
+        self.assertIn("letters, digits", out)
+
+    def test_a_bad_heartbeat_is_refused(self):
+        self.refused(r'invalid value "soon" in "event_piper_heartbeat"',
+                     location={"event_piper_heartbeat": "soon"})
+
+    def test_a_bad_connection_string_is_refused(self):
+        ngx = Nginx(make_tmp("conf"), pg=None,
+                    http={"event_piper_postgres": '"host=x bogus_option=1"'})
+        rc, out = ngx.test_config()
+        self.assertNotEqual(rc, 0, out)
+        self.assertRegex(out, r'invalid connection string .* in "event_piper_postgres"')
+
+    def test_a_tiny_stream_buffer_is_refused(self):
+        self.refused(r'invalid value "1k" in "event_piper_stream_buffer": a size of at least 4k',
+                     location={"event_piper_stream_buffer": "1k"})
+
+    def test_a_bad_retry_is_refused(self):
+        self.refused(r'invalid value "later" in "event_piper_retry"',
+                     location={"event_piper_retry": "later"})
+
+    def test_a_bad_replay_connections_is_refused(self):
+        self.refused(r'invalid value "0" in "event_piper_replay_connections": '
+                     r'a whole number from 1 to 64',
+                     http={"event_piper_replay_connections": "0"})
+
+    def test_the_example_configuration_passes(self):
+        tmp = make_tmp("example")
+        with open(os.path.join(REPO, "nginx.conf.example")) as f:
+            conf = f.read()
+        conf = conf.replace("/usr/lib/nginx/modules/ngx_event_piper_module.so",
+                            module_snapshot(MODULE))
+        conf = re.sub(r"/run/nginx-event-piper\.pid", tmp + "/nginx.pid", conf)
+        conf = conf.replace("/var/log/nginx/", tmp + "/")
+        path = os.path.join(tmp, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(conf)
+        r = subprocess.run([NGINX_BIN, "-t", "-p", tmp + "/", "-c", path, "-e",
+                            tmp + "/error.log"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=Nginx.env())
+        self.assertEqual(r.returncode, 0, r.stdout)
+        self.assertIn("test is successful", r.stdout)
+
+
+class StatusAndHealth(EventPiperTestCase):
+    """`event_piper_status` shows every worker; `event_piper_health` follows the listener."""
+
+    STATUS = '        location = /status { event_piper_status; }\n' \
+             '        location = /manage/health { event_piper_health; }\n'
+
+    def get(self, ngx, path):
+        c = self.client(ngx).request("GET", path)
+        c.wait_complete()
+        return c
+
+    def test_status_counts_streams_and_deliveries_of_all_workers(self):
+        ngx = self.start_nginx(extra_locations=self.STATUS)
+        streams = [self.stream(ngx, "toto") for _ in range(4)] + [self.stream(ngx, "other")]
+        self.pg.insert("toto", '{"n": 1}')
+        for c in streams[:4]:
+            c.wait_events(1, T(10))
+
+        def figures():
+            c = self.get(ngx, "/status")
+            self.assertEqual(c.status, 200)
+            self.assertEqual(c.header("Content-Type"), "application/json")
+            return json.loads(bytes(c.body))
+
+        wait_until(lambda: figures()["events_delivered"] >= 4, T(10), what="published figures")
+        s = figures()
+        self.assertEqual(s["streams"], 5)
+        self.assertEqual(s["events_delivered"], 4)
+        self.assertEqual(len(s["workers"]), 2)
+        self.assertEqual(sorted(w["pid"] for w in s["workers"]), sorted(ngx.worker_pids()))
+        self.assertTrue(all(w["listener"] == "listening" for w in s["workers"]))
+        self.assertGreaterEqual(s["consumers"], 2)
+        self.assertEqual(s["notifications"], 2)  # one per worker
+        self.assertIsNotNone(s["last_notification_age_seconds"])
+        for key in ("bytes_sent", "replay_queries", "replay_queued", "streams_catching_up",
+                    "notifications_dropped", "listener_reconnects", "stream_overflows"):
+            self.assertIn(key, s)
+
+        c = self.get(ngx, "/status?format=prometheus")
+        self.assertEqual(c.status, 200)
+        text = bytes(c.body).decode()
+        self.assertIn("# TYPE event_piper_streams gauge", text)
+        total = sum(int(v) for v in re.findall(r"^event_piper_streams\{pid=\"\d+\"\} (\d+)$",
+                                               text, re.M))
+        self.assertEqual(total, 5)
+        self.assertRegex(text, r"(?m)^event_piper_listener_up\{pid=\"\d+\"\} 1$")
+
+    def test_health_is_up_while_listening_and_down_without_the_database(self):
+        ngx = self.start_nginx(extra_locations=self.STATUS)
+        c = self.get(ngx, "/manage/health")
+        self.assertEqual((c.status, bytes(c.body)), (200, b'{"status":"UP"}'))
+        self.assertEqual(c.header("Content-Type"), "application/json")
+        self.pg.stop()
+        try:
+            wait_until(lambda: self.get(ngx, "/manage/health").status == 503, T(15),
+                       what="health DOWN")
+            c = self.get(ngx, "/manage/health")
+            self.assertEqual(bytes(c.body), b'{"status":"DOWN"}')
+        finally:
+            self.pg.start()
+        wait_until(lambda: all(self.get(ngx, "/manage/health").status == 200 for _ in range(4)),
+                   T(20), what="health UP again")
+
+
+if __name__ == "__main__":
+    unittest.main()
