@@ -123,17 +123,9 @@ void Session::flush() {
         return;
     }
     ngx_connection_t *c = r_->connection;
-    auto tag = reinterpret_cast<ngx_buf_tag_t>(&ngx_event_piper_module);
     if (!inflight_.empty()) {
-        if (nginx_holds_output()) {
-            if (ngx_http_output_filter(r_, nullptr) == NGX_ERROR) {
-                ngx_http_finalize_request(r_, NGX_ERROR);
-                return;
-            }
-            if (nginx_holds_output()) {
-                wait_for_socket();
-                return;
-            }
+        if (nginx_holds_output() && !push(nullptr)) {
+            return;
         }
         inflight_.clear();
     }
@@ -141,6 +133,7 @@ void Session::flush() {
         worker_->stats().events_delivered += core.pending_events();
         core.take_pending(inflight_);
         worker_->stats().bytes_sent += inflight_.size();
+        auto tag = reinterpret_cast<ngx_buf_tag_t>(&ngx_event_piper_module);
         ngx_chain_t *cl = ngx_chain_get_free_buf(r_->pool, &free_);
         if (cl == nullptr) {
             ngx_http_finalize_request(r_, NGX_ERROR);
@@ -153,15 +146,8 @@ void Session::flush() {
         b->memory = 1;
         b->flush = 1;
         b->tag = tag;
-        ngx_int_t rc = ngx_http_output_filter(r_, cl);
-        ngx_chain_update_chains(r_->pool, &free_, &busy_, &cl, tag);
         last_write_ = ngx_current_msec;
-        if (rc == NGX_ERROR) {
-            ngx_http_finalize_request(r_, NGX_ERROR);
-            return;
-        }
-        if (nginx_holds_output()) {
-            wait_for_socket();
+        if (!push(cl)) {
             return;
         }
         inflight_.clear();
@@ -176,6 +162,26 @@ void Session::flush() {
     if (!queued && serving == nullptr && core.wants_query(true)) {
         worker_->request_batch(*this);
     }
+}
+
+// Sends `in` (nullptr: what nginx still holds) down the output filters. True when everything is
+// in the socket; false when the socket is full (the write event will call flush again) or the
+// request was finalised on an error.
+bool Session::push(ngx_chain_t *in) {
+    ngx_int_t rc = ngx_http_output_filter(r_, in);
+    if (in != nullptr) {
+        ngx_chain_update_chains(r_->pool, &free_, &busy_, &in,
+                                reinterpret_cast<ngx_buf_tag_t>(&ngx_event_piper_module));
+    }
+    if (rc == NGX_ERROR) {
+        ngx_http_finalize_request(r_, NGX_ERROR);
+        return false;
+    }
+    if (nginx_holds_output()) {
+        wait_for_socket();
+        return false;
+    }
+    return true;
 }
 
 void Session::wait_for_socket() {

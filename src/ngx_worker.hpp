@@ -89,6 +89,7 @@ public:
 
 private:
     bool nginx_holds_output() const;
+    bool push(ngx_chain_t *in);
     void wait_for_socket();
     void arm_heartbeat();
 
