@@ -90,7 +90,7 @@ test-asan: build-asan $(UNIT_BIN) clients
 	EVENT_PIPER_MODULE=$(CURDIR)/build/asan/ngx_event_piper_module.so \
 	EVENT_PIPER_NGINX_PRELOAD='$(ASAN_PRELOAD)' \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
 	$(RUN_ALL)
 
 ## Formatting with the checked-in .clang-format.

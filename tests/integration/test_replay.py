@@ -9,8 +9,8 @@ import threading
 import time
 import unittest
 
-from harness import (EventPiperTestCase, HEARTBEAT, LISTENER_APP, REPLAY_APP, RssSampler, T,
-                     compact_json, frame, lit, note, open_stream, pump_all, rss_kb,
+from harness import (EventPiperTestCase, HEARTBEAT, LISTENER_APP, REPLAY_APP, UNDER_ASAN,
+                     RssSampler, T, compact_json, frame, lit, note, open_stream, pump_all, rss_kb,
                      sequence_problems)
 
 MB = 1024  # VmRSS is in kB
@@ -186,7 +186,9 @@ class BigHistory(ReplayTestCase):
               "(serving worker %d)" % (insert_s, replay_s, rss.samples,
                                        {w: round(g, 1) for w, g in growth.items()}, worker))
         self.assertGreater(rss.samples, 10)
-        self.assertLess(growth[worker], 16, "serving worker RSS grew %.1f MB" % growth[worker])
+        if not UNDER_ASAN:
+            self.assertLess(growth[worker], 16,
+                            "serving worker RSS grew %.1f MB" % growth[worker])
         # The stream is live afterwards.
         self.pg.insert("bulk", '{"n": "live"}', type="bulk")
         c.wait_events(n + 1)
@@ -370,8 +372,9 @@ class SlowClient(ReplayTestCase):
              % (insert_s, {w: round(g, 1) for w, g in growth.items()},
                 {w: round((stalled[w] - baseline[w]) / MB, 1) for w in workers}))
         for w in workers:
-            self.assertLess(growth[w], 16, "worker %d RSS grew %.1f MB (40 MB of events)"
-                            % (w, growth[w]))
+            if not UNDER_ASAN:
+                self.assertLess(growth[w], 16, "worker %d RSS grew %.1f MB (40 MB of events)"
+                                % (w, growth[w]))
         # Still live afterwards.
         self.pg.insert("slow", '{"after": true}')
         c.wait_events(n + 1)
