@@ -151,3 +151,27 @@ class StatusAndHealth(EventPiperTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Http2(EventPiperTestCase):
+    """The same stream over HTTP/2 (curl with prior knowledge: no TLS needed)."""
+
+    def test_live_and_replayed_events_over_http2(self):
+        ngx = self.start_nginx(listen_params="http2")
+        self.pg.insert("toto", '{"n": 1}')
+        curl = subprocess.Popen(
+            ["curl", "-sN", "--http2-prior-knowledge", "-i", "--max-time", str(int(T(8))),
+             "-H", "X-Consumer-Id: toto", "-H", "Last-Event-ID: 0",
+             "http://127.0.0.1:%d/events" % ngx.port],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: curl.poll() is None and curl.kill())
+        wait_until(lambda: self.pg.scalar(
+            "select count(*) from pg_stat_activity where application_name = "
+            "'event_piper_replay'") not in ("0", 0), T(10), what="the replay")
+        self.pg.insert("toto", '{"n": 2}')
+        out, _ = curl.communicate(timeout=T(15))
+        self.assertTrue(out.startswith(b"HTTP/2 200"), out[:200])
+        self.assertIn(b"\r\ncontent-type: text/event-stream\r\n", out)
+        body = out.split(b"\r\n\r\n", 1)[1].replace(b"event: heartbeat\ndata: \n\n", b"")
+        self.assertEqual(body, b'id: 1\nevent: insert\ndata: {"n":1}\n\n'
+                               b'id: 2\nevent: insert\ndata: {"n":2}\n\n')
