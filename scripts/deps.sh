@@ -8,7 +8,7 @@ set -euo pipefail
 BASE_PACKAGES=(
     build-essential g++ make
     nginx nginx-dev
-    libpq-dev libcjson-dev libgtest-dev
+    libpq-dev libgtest-dev
     postgresql-15 postgresql-client-15
     python3 procps iproute2 curl clang-format
     chromium
