@@ -48,7 +48,9 @@ BEGIN
              WHERE id = r.id;
         END LOOP;
         -- A bare position: every open stream reads the table for what it has not sent.
-        PERFORM pg_notify('new_events', 'p ' || currval('events_position_seq'));
+        PERFORM pg_notify(coalesce(nullif(current_setting('event_piper.channel', true), ''),
+                                   'new_events'),
+                          'p ' || currval('events_position_seq'));
     END IF;
 END;
 $$;
@@ -75,6 +77,9 @@ DECLARE
     pos  bigint;
     body text;
     msg  text;
+    -- The channel: `new_events` unless the setting event_piper.channel names another one
+    -- (ALTER DATABASE ... SET event_piper.channel = '...'), to match event_piper_channel.
+    chan text := coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events');
 BEGIN
     -- Serialise committing writers until each is visible: positions become visible in order.
     PERFORM pg_advisory_xact_lock(7402652111030151173);
@@ -93,7 +98,7 @@ BEGIN
             msg := 'p ' || pos;
         END IF;
     END IF;
-    PERFORM pg_notify('new_events', msg);
+    PERFORM pg_notify(chan, msg);
     RETURN NULL;
 END;
 $$;

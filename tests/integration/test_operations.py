@@ -175,3 +175,19 @@ class Http2(EventPiperTestCase):
         body = out.split(b"\r\n\r\n", 1)[1].replace(b"event: heartbeat\ndata: \n\n", b"")
         self.assertEqual(body, b'id: 1\nevent: insert\ndata: {"n":1}\n\n'
                                b'id: 2\nevent: insert\ndata: {"n":2}\n\n')
+
+
+class AnotherChannel(EventPiperTestCase):
+    """event_piper_channel with the trigger's event_piper.channel setting naming the same one."""
+
+    def test_events_notified_on_the_configured_channel_arrive_live(self):
+        ngx = self.start_nginx(http={"event_piper_channel": "piper_other"})
+        c = self.stream(ngx, "toto")
+        rc, out = self.pg.psql(
+            "SET event_piper.channel = 'piper_other';\n"
+            "insert into events (type, timestamp, subscriber, payload) "
+            "values ('insert', now(), 'toto', '{\"on\": \"piper_other\"}');\n")
+        self.assertEqual(rc, 0, out)
+        c.wait_events(1, T(10))
+        self.assertEqual(bytes(c.body).replace(b"event: heartbeat\ndata: \n\n", b""),
+                         b'id: 1\nevent: insert\ndata: {"on":"piper_other"}\n\n')
