@@ -120,7 +120,6 @@ public:
     void cancel(Session &s);
     void close_all();
 
-    size_t queued() const { return queue_.size(); }
     uint64_t queries() const { return queries_; }
     size_t queued_count() const { return queue_.size(); }
 
@@ -204,7 +203,6 @@ public:
     void add(Session &s);
     void remove(Session &s);
     void request_batch(Session &s) { pool_.request(s); }
-    void cancel_batch(Session &s) { pool_.cancel(s); }
 
     // The position a stream without Last-Event-ID starts from (-1: not known yet).
     int64_t head() const { return head_; }
@@ -227,7 +225,6 @@ public:
         }
     }
 
-    ngx_log_t *log() const { return log_; }
     WorkerStats &stats() { return stats_; }
 
 private:
