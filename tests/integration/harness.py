@@ -586,6 +586,14 @@ def module_snapshot(path):
         _snapshots[path] = dst
     return _snapshots[path]
 
+def last_event_id_locations(values):
+    """Locations /events-<name> whose Last-Event-ID is a fixed `set` value: nginx strips spaces
+    around header values, so " 5" and "5 " can only reach the module through a variable."""
+    return "".join("        location = /events-%s {\n            set $lid \"%s\";\n"
+                   "            event_piper_last_event_id $lid;\n            event_piper;\n"
+                   "        }\n" % (name, value) for name, value in values)
+
+
 def render_directives(d, indent):
     """{name: value} or [(name, value)] -> nginx lines. value None -> `name;`, a list -> repeated."""
     if not d:

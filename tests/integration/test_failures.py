@@ -27,8 +27,9 @@ import unittest
 sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                              "chaos")))
 
-from harness import (HEARTBEAT, PGCTL, PgError, T, compact_json, frame, lit,  # noqa: E402
-                     open_stream, pid_alive, pump_all, sequence_problems, wait_until)
+from harness import (HEARTBEAT, PGCTL, PgError, T, compact_json, frame,  # noqa: E402
+                     last_event_id_locations, lit, open_stream, pid_alive, pump_all,
+                     sequence_problems, wait_until)
 from piper_chaos import (LISTENER_APP, PrivatePgCase, cpu_seconds, expected_events,  # noqa: E402
                          fd_inventory, hold_tcp, http_get, log_entries, module_backends, status,
                          worker_status, wait_all_listening)
@@ -856,11 +857,8 @@ class BadInput(FailureCase):
     def test_bad_last_event_ids_are_400(self):
         for _ in range(6):
             self.pg.insert("toto")
-        locs = ""
-        for name, value in (("leading-space", " 5"), ("trailing-space", "5 "), ("set-5", "5")):
-            locs += ("        location = /events-%s {\n            set $lid \"%s\";\n"
-                     "            event_piper_last_event_id $lid;\n            event_piper;\n"
-                     "        }\n" % (name, value))
+        locs = last_event_id_locations(
+            (("leading-space", " 5"), ("trailing-space", "5 "), ("set-5", "5")))
         ngx = self.start_nginx(extra_locations=locs)
         pids = ngx.worker_pids()
         for value in (b"-1", b"99999999999999999999", b"abc", b"-0", b"+5", b"5abc"):

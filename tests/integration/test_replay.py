@@ -10,8 +10,8 @@ import time
 import unittest
 
 from harness import (EventPiperTestCase, HEARTBEAT, LISTENER_APP, REPLAY_APP, UNDER_ASAN,
-                     RssSampler, T, compact_json, frame, lit, note, open_stream, pump_all, rss_kb,
-                     sequence_problems)
+                     RssSampler, T, compact_json, frame, last_event_id_locations, lit, note,
+                     open_stream, pump_all, rss_kb, sequence_problems)
 
 MB = 1024  # VmRSS is in kB
 
@@ -126,11 +126,8 @@ class ResumePointEdges(ReplayTestCase):
             self.pg.insert("toto")
         # nginx strips spaces around header values, so " 5" and "5 " reach the module through
         # a variable; /events-set-5 proves that path works with a good value.
-        locs = ""
-        for name, value in (("leading-space", " 5"), ("trailing-space", "5 "), ("set-5", "5")):
-            locs += ("        location = /events-%s {\n            set $lid \"%s\";\n"
-                     "            event_piper_last_event_id $lid;\n            event_piper;\n"
-                     "        }\n" % (name, value))
+        locs = last_event_id_locations(
+            (("leading-space", " 5"), ("trailing-space", "5 "), ("set-5", "5")))
         ngx = self.start_nginx(extra_locations=locs)
         for value in (b"-1", b"abc", b"5x", b"99999999999999999999999", b"18446744073709551616",
                       b"9223372036854775808", b"\t5", b"5 5", b"0x10", b"1.5", b"5\x01"):
