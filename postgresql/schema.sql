@@ -75,6 +75,8 @@ CREATE OR REPLACE FUNCTION events_commit_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     pos  bigint;
+    sub  text;
+    typ  text;
     body text;
     msg  text;
     -- The channel: `new_events` unless the setting event_piper.channel names another one
@@ -84,16 +86,19 @@ BEGIN
     -- Serialise committing writers until each is visible: positions become visible in order.
     PERFORM pg_advisory_xact_lock(7402652111030151173);
     pos := nextval('events_position_seq');
-    UPDATE events SET position = pos, committed_at = clock_timestamp() WHERE id = NEW.id;
+    -- The notification is built from the row as it is committed (RETURNING), never from NEW:
+    -- NEW is the INSERT's image, and the transaction may have changed the row since (another
+    -- subscriber, type or payload). Replay reads the committed row; live delivery must match it.
+    UPDATE events SET position = pos, committed_at = clock_timestamp() WHERE id = NEW.id
+        RETURNING subscriber, type, payload::text INTO sub, typ, body;
     IF NOT FOUND THEN
         RETURN NULL; -- deleted again by its own transaction
     END IF;
-    body := NEW.payload::text;
-    msg := 'e ' || pos || ' ' || octet_length(NEW.subscriber) || ' ' || octet_length(NEW.type)
-           || E'\n' || NEW.subscriber || NEW.type || body;
+    msg := 'e ' || pos || ' ' || octet_length(sub) || ' ' || octet_length(typ)
+           || E'\n' || sub || typ || body;
     IF octet_length(msg) >= 7999 THEN
-        IF octet_length(NEW.subscriber) < 7900 THEN
-            msg := 'r ' || pos || ' ' || octet_length(NEW.subscriber) || E'\n' || NEW.subscriber;
+        IF octet_length(sub) < 7900 THEN
+            msg := 'r ' || pos || ' ' || octet_length(sub) || E'\n' || sub;
         ELSE
             msg := 'p ' || pos;
         END IF;

@@ -440,6 +440,52 @@ class OutOfOrderCommits(FailureCase):
         replay.read_for(0.3)
         self.assert_stream_is(replay.body, "toto", "replay")
 
+    def test_a_row_changed_by_its_own_transaction_is_delivered_as_committed(self):
+        """Issue 9, item 1: live delivery carries the committed row, never the INSERT's image."""
+        ngx = self.start_nginx()
+        alice = self.stream(ngx, "alice", settle=0)
+        bob = self.stream(ngx, "bob", settle=0)
+        carol = self.stream(ngx, "carol", settle=0)
+        w = self.pg.connect()
+        self.addCleanup(w.close)
+        ins = ("insert into events (type, timestamp, subscriber, payload) values "
+               "('t', now(), %s, %s)")
+        # The subscriber changed before commit: only bob may see it.
+        w.query("begin")
+        w.query(ins % (lit("alice"), lit('{"secret": "for bob only"}')))
+        w.query("update events set subscriber = 'bob' where subscriber = 'alice' "
+                "and position is null")
+        w.query("commit")
+        # Type and payload changed before commit.
+        w.query("begin")
+        w.query(ins % (lit("carol"), lit('{"draft": 1}')))
+        w.query("update events set type = 'final', payload = '{\"final\": 2}' "
+                "where subscriber = 'carol' and position is null")
+        w.query("commit")
+        # Changed twice, the second time back to alice, then a plain event for each.
+        w.query("begin")
+        w.query(ins % (lit("bob"), lit('{"hop": 1}')))
+        w.query("update events set subscriber = 'carol' where position is null")
+        w.query("update events set subscriber = 'alice', payload = '{\"hop\": 3}' "
+                "where position is null")
+        w.query("commit")
+        for who in ("alice", "bob", "carol"):
+            self.pg.insert(who, '{"end": "%s"}' % who)
+        for c, who in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+            c.wait(lambda c=c, who=who: ('"end":"%s"' % who).encode() in c.body, T(15),
+                   "the last event of " + who)
+        for c in (alice, bob, carol):
+            c.read_for(0.3)
+        self.assertNotIn(b"secret", without_heartbeats(alice.body))
+        self.assertEqual(without_heartbeats(bob.body),
+                         frame(1, "t", '{"secret":"for bob only"}') + frame(5, data='{"end":"bob"}'))
+        self.assertEqual(without_heartbeats(carol.body),
+                         frame(2, "final", '{"final":2}') + frame(6, data='{"end":"carol"}'))
+        self.assertEqual(without_heartbeats(alice.body),
+                         frame(3, "t", '{"hop":3}') + frame(4, data='{"end":"alice"}'))
+        for c, who in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
+            self.assert_stream_is(c.body, who, "live stream of " + who)
+
     def test_the_originals_plain_insert_works_unchanged(self):
         ngx = self.start_nginx()
         c = self.stream(ngx, "toto", settle=0)
