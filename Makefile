@@ -28,7 +28,7 @@ build-asan: deps
 # src/ngx_*.cpp are the nginx adapters (they include nginx headers): only the module has them.
 UNIT_CXX      ?= g++
 UNIT_CXXFLAGS := -std=gnu++17 -O1 -g -Wall -Wextra -I/usr/include/postgresql -Isrc
-UNIT_LDLIBS   := -lgtest -lgtest_main -lpq -pthread
+UNIT_LDLIBS   := -lgtest -lgtest_main -lpq -lcjson -pthread
 UNIT_SRCS     := $(filter-out src/ngx_%,$(wildcard src/*.cpp)) $(wildcard tests/unit/*.cpp)
 UNIT_OBJS     := $(patsubst %.cpp,build/unit/%.o,$(UNIT_SRCS))
 UNIT_LIST     := build/unit/sources.list

@@ -557,9 +557,10 @@ ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
     }
     event_piper::Worker *worker = event_piper::current_worker();
     if (worker != nullptr && worker->listening()) {
-        return send_text(r, NGX_HTTP_OK, "application/json", "{\"status\":\"UP\"}");
+        return send_text(r, NGX_HTTP_OK, "application/json", event_piper::health_body(true));
     }
-    return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "application/json", "{\"status\":\"DOWN\"}");
+    return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "application/json",
+                     event_piper::health_body(false));
 }
 
 // Instance-wide figures from every live worker's slot; JSON, or Prometheus text with

@@ -1,8 +1,12 @@
 // Rendering of instance-wide status (see status.hpp). One table of fields drives the JSON totals,
-// the JSON per worker and the Prometheus text.
+// the JSON per worker and the Prometheus text. The JSON documents are built with cJSON.
 #include "status.hpp"
 
+#include <cjson/cJSON.h>
+
 #include <cstdio>
+#include <memory>
+#include <new>
 
 namespace event_piper {
 
@@ -63,16 +67,51 @@ void append_age(std::string &out, uint64_t last_ms, uint64_t now_ms, const char 
     out.append(buf, static_cast<size_t>(n));
 }
 
-void append_json_fields(std::string &out, const WorkerStats &w, uint64_t now_ms) {
+// Owns a cJSON tree; every cJSON call that allocates returns nullptr when out of memory.
+struct JsonDeleter {
+    void operator()(cJSON *item) const { cJSON_Delete(item); }
+};
+using Json = std::unique_ptr<cJSON, JsonDeleter>;
+
+cJSON *checked(cJSON *item) {
+    if (item == nullptr) {
+        throw std::bad_alloc();
+    }
+    return item;
+}
+
+// The counters are uint64: written as decimal digits (cJSON raw values), so no count is rounded
+// by cJSON's double, however large.
+void add_count(cJSON *object, const char *name, unsigned long long v) {
+    std::string digits;
+    append_number(digits, v);
+    checked(cJSON_AddRawToObject(object, name, digits.c_str()));
+}
+
+void add_json_fields(cJSON *object, const WorkerStats &w, uint64_t now_ms) {
     for (const Field &f : fields) {
         if (f.json != nullptr) {
-            out.append("\"").append(f.json).append("\":");
-            append_number(out, w.*f.member);
-            out.append(",");
+            add_count(object, f.json, w.*f.member);
         }
     }
-    out.append("\"last_notification_age_seconds\":");
-    append_age(out, w.last_notification_ms, now_ms, "null");
+    std::string age;
+    append_age(age, w.last_notification_ms, now_ms, "null");
+    checked(cJSON_AddRawToObject(object, "last_notification_age_seconds", age.c_str()));
+}
+
+std::string print(const cJSON *document) {
+    std::unique_ptr<char, decltype(&cJSON_free)> text(cJSON_PrintUnformatted(document),
+                                                      &cJSON_free);
+    if (text == nullptr) {
+        throw std::bad_alloc();
+    }
+    return std::string(text.get());
+}
+
+std::string render_health(const char *status) {
+    Json document(checked(cJSON_CreateObject()));
+    checked(cJSON_AddStringToObject(document.get(), "status", status));
+    return print(document.get());
 }
 
 uint64_t newest_notification(const std::vector<WorkerStats> &workers) {
@@ -93,20 +132,27 @@ std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t
         }
     }
     total.last_notification_ms = newest_notification(workers);
-    std::string out = "{";
-    append_json_fields(out, total, now_ms);
-    out.append(",\"workers\":[");
-    for (size_t i = 0; i < workers.size(); ++i) {
-        const WorkerStats &w = workers[i];
-        out.append(i == 0 ? "{\"pid\":" : ",{\"pid\":");
-        append_number(out, static_cast<unsigned long long>(w.pid));
-        out.append(w.listener_state == 1 ? ",\"listener\":\"listening\","
-                                         : ",\"listener\":\"connecting\",");
-        append_json_fields(out, w, now_ms);
-        out.append("}");
+    Json document(checked(cJSON_CreateObject()));
+    add_json_fields(document.get(), total, now_ms);
+    cJSON *list = checked(cJSON_AddArrayToObject(document.get(), "workers"));
+    for (const WorkerStats &w : workers) {
+        Json worker(checked(cJSON_CreateObject()));
+        add_count(worker.get(), "pid", static_cast<unsigned long long>(w.pid));
+        checked(cJSON_AddStringToObject(worker.get(), "listener",
+                                        w.listener_state == 1 ? "listening" : "connecting"));
+        add_json_fields(worker.get(), w, now_ms);
+        if (!cJSON_AddItemToArray(list, worker.get())) {
+            throw std::bad_alloc();
+        }
+        worker.release(); // owned by the list now
     }
-    out.append("]}\n");
-    return out;
+    return print(document.get()) + "\n";
+}
+
+const std::string &health_body(bool up) {
+    static const std::string up_body = render_health("UP");
+    static const std::string down_body = render_health("DOWN");
+    return up ? up_body : down_body;
 }
 
 std::string render_status_prometheus(const std::vector<WorkerStats> &workers, uint64_t now_ms) {

@@ -1,5 +1,6 @@
 // Figures of the whole nginx instance: each worker publishes its WorkerStats into a shared memory
-// slot; the status handler renders all live slots as JSON or Prometheus text. Pure C++.
+// slot; the status handler renders all live slots as JSON or Prometheus text. Pure C++ (JSON
+// with cJSON).
 #pragma once
 
 #include <cstdint>
@@ -29,5 +30,9 @@ struct WorkerStats {
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.
 std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t now_ms);
 std::string render_status_prometheus(const std::vector<WorkerStats> &workers, uint64_t now_ms);
+
+// The event_piper_health body: {"status":"UP"} or {"status":"DOWN"}. Built once per process and
+// kept for its lifetime, so nginx may send it without copying it into the request's pool.
+const std::string &health_body(bool up);
 
 } // namespace event_piper

@@ -1,11 +1,43 @@
 // Rendering of instance-wide status from the workers' slots.
 #include "status.hpp"
 
+#include <cjson/cJSON.h>
 #include <gtest/gtest.h>
+
+#include <memory>
 
 using namespace event_piper;
 
 namespace {
+// Parses a document back with cJSON: the test fails if it is not JSON.
+struct JsonDeleter {
+    void operator()(cJSON *item) const { cJSON_Delete(item); }
+};
+using Json = std::unique_ptr<cJSON, JsonDeleter>;
+
+Json parse(const std::string &text) {
+    Json document(cJSON_ParseWithLength(text.data(), text.size()));
+    EXPECT_NE(document, nullptr) << "not JSON: " << text;
+    return document;
+}
+
+double number(const cJSON *object, const char *name) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, name);
+    EXPECT_TRUE(cJSON_IsNumber(item)) << name;
+    return cJSON_IsNumber(item) ? item->valuedouble : -1;
+}
+
+std::string text(const cJSON *object, const char *name) {
+    const cJSON *item = cJSON_GetObjectItemCaseSensitive(object, name);
+    EXPECT_TRUE(cJSON_IsString(item)) << name;
+    return cJSON_IsString(item) ? item->valuestring : "";
+}
+
+const char *const counters[] = {"streams",          "consumers",          "streams_catching_up",
+                                "events_delivered", "bytes_sent",         "replay_queries",
+                                "replay_queued",    "notifications",      "notifications_dropped",
+                                "stream_overflows", "listener_reconnects"};
+
 std::vector<WorkerStats> two_workers() {
     WorkerStats a;
     a.pid = 10;
@@ -38,10 +70,72 @@ TEST(Status, JsonSumsWorkersAndListsEach) {
     EXPECT_EQ(json.back(), '\n');
 }
 
+TEST(Status, JsonParsesWithEveryFieldTotalAndPerWorker) {
+    std::string json = render_status_json(two_workers(), 2000);
+    Json document = parse(json);
+    ASSERT_NE(document, nullptr);
+    // Totals: the same fields as each worker, without pid and listener.
+    for (const char *name : counters) {
+        number(document.get(), name);
+    }
+    EXPECT_EQ(number(document.get(), "streams"), 4);
+    EXPECT_EQ(number(document.get(), "consumers"), 3);
+    EXPECT_EQ(number(document.get(), "events_delivered"), 7);
+    EXPECT_EQ(number(document.get(), "listener_reconnects"), 2);
+    EXPECT_EQ(number(document.get(), "notifications_dropped"), 4);
+    EXPECT_DOUBLE_EQ(number(document.get(), "last_notification_age_seconds"), 0.5);
+    EXPECT_EQ(cJSON_GetObjectItemCaseSensitive(document.get(), "pid"), nullptr);
+    EXPECT_EQ(cJSON_GetArraySize(document.get()), 13); // 11 counters, age, workers
+
+    const cJSON *workers = cJSON_GetObjectItemCaseSensitive(document.get(), "workers");
+    ASSERT_TRUE(cJSON_IsArray(workers));
+    ASSERT_EQ(cJSON_GetArraySize(workers), 2);
+    const cJSON *a = cJSON_GetArrayItem(workers, 0);
+    const cJSON *b = cJSON_GetArrayItem(workers, 1);
+    for (const cJSON *w : {a, b}) {
+        for (const char *name : counters) {
+            number(w, name);
+        }
+        EXPECT_EQ(cJSON_GetArraySize(w), 14); // pid, listener, 11 counters, age
+    }
+    EXPECT_EQ(number(a, "pid"), 10);
+    EXPECT_EQ(text(a, "listener"), "listening");
+    EXPECT_EQ(number(a, "streams"), 3);
+    EXPECT_DOUBLE_EQ(number(a, "last_notification_age_seconds"), 1.0);
+    EXPECT_EQ(number(b, "pid"), 11);
+    EXPECT_EQ(text(b, "listener"), "connecting");
+    EXPECT_EQ(number(b, "notifications_dropped"), 4);
+}
+
+TEST(Status, JsonKeepsEveryDigitOfLargeCounters) {
+    WorkerStats w;
+    w.pid = 1;
+    w.bytes_sent = 18446744073709551615ULL; // a double would print 1.8446744073709552e+19
+    std::string json = render_status_json({w}, 0);
+    ASSERT_NE(parse(json), nullptr);
+    EXPECT_NE(json.find("\"bytes_sent\":18446744073709551615,"), std::string::npos) << json;
+}
+
 TEST(Status, JsonWithoutNotificationsHasNullAge) {
     std::string json = render_status_json({}, 2000);
     EXPECT_NE(json.find("\"last_notification_age_seconds\":null"), std::string::npos) << json;
     EXPECT_NE(json.find("\"workers\":[]"), std::string::npos);
+    Json document = parse(json);
+    ASSERT_NE(document, nullptr);
+    EXPECT_TRUE(cJSON_IsNull(
+        cJSON_GetObjectItemCaseSensitive(document.get(), "last_notification_age_seconds")));
+}
+
+TEST(Status, HealthBodiesAreTheOriginalJson) {
+    EXPECT_EQ(health_body(true), "{\"status\":\"UP\"}");
+    EXPECT_EQ(health_body(false), "{\"status\":\"DOWN\"}");
+    for (bool up : {true, false}) {
+        Json document = parse(health_body(up));
+        ASSERT_NE(document, nullptr);
+        EXPECT_EQ(text(document.get(), "status"), up ? "UP" : "DOWN");
+        EXPECT_EQ(cJSON_GetArraySize(document.get()), 1);
+    }
+    EXPECT_EQ(&health_body(true), &health_body(true)); // one string for the process's lifetime
 }
 
 TEST(Status, PrometheusHasTypedMetricsPerWorker) {
