@@ -1,18 +1,25 @@
 # ngx_event_piper: build, run and test. Every target that needs Debian packages first runs
-# scripts/deps.sh, which installs only what is missing (apt-get, as root).
+# scripts/deps.sh, which installs only what is missing (apt-get, as root): building and running
+# need the smallest set; packaging and the tests add theirs.
 
 PORT ?= 4000
 export PORT
 
 SHELL := /bin/bash
 
-.PHONY: all deps deps-bench build build-asan unit unit-build run psql stop test test-asan \
-        format clean bench bench-quick clients docker-build docker-run
+.PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
+        test test-asan test-deb deb format clean bench bench-quick clients docker-build docker-run
 
 all: build
 
 deps:
 	@scripts/deps.sh
+
+deps-package:
+	@scripts/deps.sh package
+
+deps-test:
+	@scripts/deps.sh test
 
 deps-bench:
 	@scripts/deps.sh bench
@@ -33,7 +40,7 @@ UNIT_SRCS     := $(filter-out src/ngx_%,$(wildcard src/*.cpp)) $(wildcard tests/
 UNIT_OBJS     := $(patsubst %.cpp,build/unit/%.o,$(UNIT_SRCS))
 UNIT_LIST     := build/unit/sources.list
 
-build/unit/%.o: %.cpp | deps
+build/unit/%.o: %.cpp | deps-test
 	@mkdir -p $(@D)
 	$(UNIT_CXX) $(UNIT_CXXFLAGS) -MMD -MP -c $< -o $@
 
@@ -74,11 +81,12 @@ CLIENTS_STAMP := tests/clients/node_modules/.package-lock.json
 $(CLIENTS_STAMP): tests/clients/package.json tests/clients/package-lock.json
 	npm ci --prefix tests/clients --no-audit --no-fund --loglevel=error
 
-clients: deps $(CLIENTS_STAMP)
+clients: deps-test $(CLIENTS_STAMP)
 
 test: build $(UNIT_BIN) clients
 	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
 	$(RUN_ALL)
+	@$(MAKE) --no-print-directory test-deb
 
 # Same tests against the module built with ASan + UBSan. The Debian nginx binary is not
 # instrumented, so the sanitizer runtimes must be preloaded into nginx (EVENT_PIPER_NGINX_PRELOAD);
@@ -96,9 +104,29 @@ test-asan: build-asan $(UNIT_BIN) clients
 ## Formatting with the checked-in .clang-format.
 FORMAT_FILES = $(wildcard *.cpp src/*.cpp src/*.h src/*.hpp tests/unit/*.cpp tests/unit/*.h tests/unit/*.hpp)
 
-format: deps
+format: deps-test
 	@test -n '$(FORMAT_FILES)' || { echo "nothing to format"; exit 0; }
 	clang-format -i $(FORMAT_FILES)
+
+## Debian package: build/deb/libnginx-mod-http-event-piper_<version>_<arch>.deb, built by
+# dpkg-buildpackage from debian/ (debhelper's nginx sequence, as Debian builds its nginx modules)
+# in a copy of the tree, so that nothing is written outside build/. Root is not needed.
+DEB_DIR := build/deb
+
+deb: deps-package
+	@rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src/tree
+	@tar -c --exclude=./build --exclude=./.git --exclude=./.run --exclude=node_modules . \
+	    | tar -x -C $(DEB_DIR)/src/tree
+	cd $(DEB_DIR)/src/tree && dpkg-buildpackage -b -us -uc -J2 >../build.log 2>&1 \
+	    || { tail -n 40 ../build.log >&2; echo "deb: dpkg-buildpackage failed (log: $(DEB_DIR)/src/build.log)" >&2; exit 1; }
+	@mv $(DEB_DIR)/src/*.deb $(DEB_DIR)/
+	lintian --fail-on error $(DEB_DIR)/*.deb
+	@ls -1 $(DEB_DIR)/*.deb
+
+# Installs that package into this machine's nginx like a user would, streams an event through
+# the system nginx, purges it and restores /etc/nginx (tests/package/test_deb.py). Needs root.
+test-deb: deb deps-test
+	python3 tests/package/test_deb.py $(DEB_DIR)/libnginx-mod-http-event-piper_*.deb
 
 ## Benchmarks (bench/run.sh, see design.md section 6).
 BENCH_CHECK = @test -x bench/run.sh || { echo "bench/run.sh is missing: no benchmark suite yet" >&2; exit 1; }

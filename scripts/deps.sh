@@ -1,30 +1,41 @@
 #!/usr/bin/env bash
 # Installs the Debian packages this project needs, and only those that are missing.
-#   scripts/deps.sh          build, run and test
-#   scripts/deps.sh bench    the same plus the benchmark tools
+#   scripts/deps.sh            build and run (make build, make run, make psql)
+#   scripts/deps.sh package    the same plus the Debian packaging tools (make deb)
+#   scripts/deps.sh test       the same plus what the tests need (make test, make unit, ...)
+#   scripts/deps.sh bench      the test set plus the benchmark tools
 # Checks with dpkg-query first, so an up-to-date machine costs no network access and no root.
 set -euo pipefail
 
-BASE_PACKAGES=(
+# nginx-dev: Debian's nginx sources (scripts/build.sh builds against them) and dh_nginx.
+RUN_PACKAGES=(
     build-essential g++ make
     nginx nginx-dev
-    libpq-dev libgtest-dev
+    libpq-dev libcjson-dev
     postgresql-15 postgresql-client-15
-    python3 procps iproute2 curl clang-format
+    procps iproute2 curl
+)
+# `make deb` (debian/): debhelper with nginx-dev's nginx sequence; lintian checks the result.
+PACKAGE_PACKAGES=(debhelper dpkg-dev lintian)
+TEST_PACKAGES=(
+    libgtest-dev clang-format
+    python3 python3-pytest python3-psycopg2
     chromium
 )
 # Node.js and npm (for the real-client tests): Debian's packages unless the machine already has
 # a Node.js with npm (for example from NodeSource, which Debian's npm would conflict with).
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
-    BASE_PACKAGES+=(nodejs npm)
+    TEST_PACKAGES+=(nodejs npm)
 fi
 BENCH_PACKAGES=(libnginx-mod-nchan wrk gnuplot-nox linux-perf valgrind)
 
-wanted=("${BASE_PACKAGES[@]}")
+wanted=("${RUN_PACKAGES[@]}")
 case "${1:-}" in
     "") ;;
-    bench) wanted+=("${BENCH_PACKAGES[@]}") ;;
-    *) echo "usage: $0 [bench]" >&2; exit 2 ;;
+    package) wanted+=("${PACKAGE_PACKAGES[@]}") ;;
+    test) wanted+=("${PACKAGE_PACKAGES[@]}" "${TEST_PACKAGES[@]}") ;;
+    bench) wanted+=("${PACKAGE_PACKAGES[@]}" "${TEST_PACKAGES[@]}" "${BENCH_PACKAGES[@]}") ;;
+    *) echo "usage: $0 [package|test|bench]" >&2; exit 2 ;;
 esac
 
 missing=()
