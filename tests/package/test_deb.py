@@ -285,6 +285,9 @@ def main():
         print("test-deb: no such package file: %s" % deb, file=sys.stderr)
         return 1
     started = time.monotonic()
+    # make or CI stopping the test (SIGTERM, hangup) still runs the clean-up below.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
 
     # One run at a time on a machine: the test owns dpkg's view of the package and /etc/nginx.
     lock = open(LOCK, "w")
@@ -306,7 +309,6 @@ def main():
     before = snapshot(ETC)
     pg_dir, pg_port, nginx_port = os.path.join(work, "pg"), free_port(), free_port()
     nginx = None
-    pg_started = False
     failed = True
     try:
         log("apt-get install %s" % deb)
@@ -316,7 +318,6 @@ def main():
 
         # The database, set up with the schema the package ships.
         run([PGCTL, "start", pg_dir, str(pg_port)], env={"EVENT_PIPER_SCHEMA": SCHEMA})
-        pg_started = True
 
         with open(SERVER_BLOCK, "w") as f:
             f.write("""# written by tests/package/test_deb.py; removed when it ends
@@ -366,7 +367,7 @@ server {
             stop_nginx(nginx)
         except Failure as e:
             print("test-deb: %s" % e, file=sys.stderr)
-        if pg_started:
+        if os.path.exists(pg_dir):  # also when stopped half-way through starting it
             run([PGCTL, "stop", pg_dir], check=False)
         if package_state():
             run(APT + ["purge", PACKAGE], check=False)
