@@ -32,11 +32,11 @@ build-asan: deps
 	@SANITIZE=1 scripts/build.sh
 
 ## Unit tests: build/unit_tests, a GoogleTest binary of src/*.cpp and tests/unit/*.cpp.
-# src/ngx_*.cpp are the nginx adapters (they include nginx headers): only the module has them.
+# src/core/ is nginx-free; src/ngx/ holds the nginx adapters, which only the module links.
 UNIT_CXX      ?= g++
-UNIT_CXXFLAGS := -std=gnu++17 -O1 -g -Wall -Wextra -I/usr/include/postgresql -Isrc
-UNIT_LDLIBS   := -lgtest -lgtest_main -lpq -lcjson -pthread
-UNIT_SRCS     := $(filter-out src/ngx_%,$(wildcard src/*.cpp)) $(wildcard tests/unit/*.cpp)
+UNIT_CXXFLAGS := -std=gnu++17 -O1 -g -Wall -Wextra -Isrc/core
+UNIT_LDLIBS   := -lgtest -lgtest_main -lcjson -pthread
+UNIT_SRCS     := $(wildcard src/core/*.cpp) $(wildcard tests/unit/*.cpp)
 UNIT_OBJS     := $(patsubst %.cpp,build/unit/%.o,$(UNIT_SRCS))
 UNIT_LIST     := build/unit/sources.list
 
@@ -102,7 +102,7 @@ test-asan: build-asan $(UNIT_BIN) clients
 	$(RUN_ALL)
 
 ## Formatting with the checked-in .clang-format.
-FORMAT_FILES = $(wildcard *.cpp src/*.cpp src/*.h src/*.hpp tests/unit/*.cpp tests/unit/*.h tests/unit/*.hpp)
+FORMAT_FILES = $(wildcard *.cpp src/core/*.cpp src/core/*.hpp src/ngx/*.cpp src/ngx/*.hpp tests/unit/*.cpp tests/unit/*.hpp)
 
 format: deps-test
 	@test -n '$(FORMAT_FILES)' || { echo "nothing to format"; exit 0; }

@@ -7,20 +7,20 @@ extern "C" {
 #include <ngx_http.h>
 }
 
-#include "src/ngx_worker.hpp"
-#include "src/request_check.hpp"
+#include "core/request_check.hpp"
+#include "ngx/ngx_http_stream.hpp"
+#include "ngx/ngx_status_zone.hpp"
+#include "ngx/ngx_worker.hpp"
 
 #include <libpq-fe.h>
 
-#include <cerrno>
-#include <csignal>
 #include <new>
 #include <string>
 #include <vector>
 
+using event_piper::HttpStream;
 using event_piper::LocConf;
 using event_piper::MainConf;
-using event_piper::Session;
 
 namespace {
 
@@ -33,6 +33,7 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
         return nullptr;
     }
     mcf->replay_connections = NGX_CONF_UNSET_UINT;
+    mcf->listener_timeout = NGX_CONF_UNSET_MSEC;
     mcf->used = NGX_CONF_UNSET;
     return mcf;
 }
@@ -43,6 +44,7 @@ char *init_main_conf(ngx_conf_t *, void *conf) noexcept {
         ngx_str_set(&mcf->channel, "new_events");
     }
     ngx_conf_init_uint_value(mcf->replay_connections, 2);
+    ngx_conf_init_msec_value(mcf->listener_timeout, 60000);
     ngx_conf_init_value(mcf->used, 0);
     return NGX_CONF_OK;
 }
@@ -53,6 +55,7 @@ void *create_loc_conf(ngx_conf_t *cf) noexcept {
         return nullptr;
     }
     lcf->consumer = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
+    lcf->consumer_decode = NGX_CONF_UNSET;
     lcf->last_event_id = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
     lcf->heartbeat = NGX_CONF_UNSET_MSEC;
     lcf->retry = NGX_CONF_UNSET_MSEC;
@@ -81,11 +84,18 @@ ngx_http_complex_value_t *compile_default(ngx_conf_t *cf, const char *text) {
 char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
     auto *prev = static_cast<LocConf *>(parent);
     auto *conf = static_cast<LocConf *>(child);
-    ngx_conf_merge_ptr_value(conf->consumer, prev->consumer, nullptr);
-    ngx_conf_merge_ptr_value(conf->last_event_id, prev->last_event_id, nullptr);
-    if (conf->consumer == nullptr) {
-        conf->consumer = compile_default(cf, "$http_x_consumer_id");
+    if (conf->consumer == NGX_CONF_UNSET_PTR) {
+        conf->consumer = prev->consumer;
+        conf->consumer_header = prev->consumer_header;
+        conf->consumer_decode = prev->consumer_decode;
     }
+    ngx_conf_merge_ptr_value(conf->last_event_id, prev->last_event_id, nullptr);
+    if (conf->consumer == NGX_CONF_UNSET_PTR || conf->consumer == nullptr) {
+        conf->consumer = compile_default(cf, "$http_x_consumer_id");
+        ngx_str_set(&conf->consumer_header, "x_consumer_id");
+        conf->consumer_decode = 0;
+    }
+    ngx_conf_merge_value(conf->consumer_decode, prev->consumer_decode, 0);
     if (conf->last_event_id == nullptr) {
         conf->last_event_id = compile_default(cf, "$http_last_event_id");
     }
@@ -143,6 +153,49 @@ char *set_channel(ngx_conf_t *cf, ngx_command_t *, void *conf) noexcept {
     mcf->channel = name;
     return NGX_CONF_OK;
 }
+
+// `event_piper_consumer <value> [urldecode];`
+char *set_consumer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->consumer != NGX_CONF_UNSET_PTR) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    lcf->consumer_decode = 0;
+    if (cf->args->nelts == 3) {
+        if (args[2].len != 9 || ngx_strncmp(args[2].data, "urldecode", 9) != 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\" in \"%V\": the only parameter is "
+                               "\"urldecode\"",
+                               &args[2], &cmd->name);
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        lcf->consumer_decode = 1;
+    }
+    auto *cv = static_cast<ngx_http_complex_value_t *>(
+        ngx_pcalloc(cf->pool, sizeof(ngx_http_complex_value_t)));
+    if (cv == nullptr) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    ngx_http_compile_complex_value_t ccv;
+    ngx_memzero(&ccv, sizeof(ccv));
+    ccv.cf = cf;
+    ccv.value = &args[1];
+    ccv.complex_value = cv;
+    if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    lcf->consumer = cv;
+    // A value that is one request header: the request must carry that header at most once.
+    std::string_view header = event_piper::header_of_variable(
+        std::string_view(reinterpret_cast<char *>(args[1].data), args[1].len));
+    lcf->consumer_header.data = reinterpret_cast<u_char *>(const_cast<char *>(header.data()));
+    lcf->consumer_header.len = header.size();
+    return NGX_CONF_OK;
+}
+
+// `event_piper_listener_timeout <time>;`
+char *set_listener_timeout(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;
 
 ngx_int_t stream_handler(ngx_http_request_t *r) noexcept;
 ngx_int_t health_handler(ngx_http_request_t *r) noexcept;
@@ -245,6 +298,20 @@ char *set_stream_buffer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept
     return NGX_CONF_OK;
 }
 
+char *set_listener_timeout(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *mcf = static_cast<MainConf *>(conf);
+    if (mcf->listener_timeout != NGX_CONF_UNSET_MSEC) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ngx_int_t ms = ngx_parse_time(&args[1], 0);
+    if (ms == NGX_ERROR || ms < 3000) {
+        return invalid_value(cf, cmd, "a time of at least 3s (\"60s\", \"2m\")");
+    }
+    mcf->listener_timeout = static_cast<ngx_msec_t>(ms);
+    return NGX_CONF_OK;
+}
+
 char *set_retry(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     auto *lcf = static_cast<LocConf *>(conf);
     if (lcf->retry != NGX_CONF_UNSET_MSEC) {
@@ -272,10 +339,11 @@ ngx_command_t commands[] = {
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    {ngx_string("event_piper_listener_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     set_listener_timeout, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_consumer"),
-     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
-     ngx_http_set_complex_value_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, consumer),
-     nullptr},
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE12, set_consumer,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_last_event_id"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
      ngx_http_set_complex_value_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, last_event_id),
@@ -295,26 +363,6 @@ ngx_command_t commands[] = {
     ngx_null_command,
 };
 
-// The status zone survives reloads: old and new workers publish side by side.
-ngx_int_t init_status_zone(ngx_shm_zone_t *zone, void *data) noexcept {
-    if (data != nullptr) {
-        zone->data = data;
-        return NGX_OK;
-    }
-    auto *shpool = reinterpret_cast<ngx_slab_pool_t *>(zone->shm.addr);
-    if (zone->shm.exists) {
-        zone->data = shpool->data;
-        return NGX_OK;
-    }
-    void *slots = ngx_slab_calloc(shpool, sizeof(event_piper::StatusZone));
-    if (slots == nullptr) {
-        return NGX_ERROR;
-    }
-    shpool->data = slots;
-    zone->data = slots;
-    return NGX_OK;
-}
-
 // `event_piper;` somewhere but no `event_piper_postgres`: refuse the configuration.
 ngx_int_t postconfiguration(ngx_conf_t *cf) noexcept {
     auto *mcf =
@@ -325,14 +373,8 @@ ngx_int_t postconfiguration(ngx_conf_t *cf) noexcept {
                            "\"event_piper_postgres\" in the http block");
         return NGX_ERROR;
     }
-    ngx_str_t name = ngx_string("event_piper_status");
-    mcf->status_zone = ngx_shared_memory_add(
-        cf, &name, 8 * ngx_pagesize + sizeof(event_piper::StatusZone), &ngx_event_piper_module);
-    if (mcf->status_zone == nullptr) {
-        return NGX_ERROR;
-    }
-    mcf->status_zone->init = init_status_zone;
-    return NGX_OK;
+    mcf->status_zone = event_piper::add_status_zone(cf);
+    return mcf->status_zone != nullptr ? NGX_OK : NGX_ERROR;
 }
 
 ngx_http_module_t module_ctx = {
@@ -368,8 +410,12 @@ ngx_int_t init_process(ngx_cycle_t *cycle) noexcept {
     return NGX_OK;
 }
 
-void exit_process(ngx_cycle_t *) noexcept {
-    event_piper::destroy_worker();
+void exit_process(ngx_cycle_t *cycle) noexcept {
+    try {
+        event_piper::destroy_worker();
+    } catch (...) {
+        ngx_log_error(NGX_LOG_ERR, cycle->log, 0, "event_piper: worker teardown failed");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -413,26 +459,65 @@ bool add_header(ngx_http_request_t *r, const char *name, const char *value) {
     return true;
 }
 
-ngx_int_t open_stream(ngx_http_request_t *r) {
-    // Read and drop any body first, so that an error answer leaves the connection usable.
+// GET and HEAD only: anything else is 405 with Allow, like every location of the module.
+// Reads and drops any body first, so that an error answer leaves the connection usable.
+// Returns NGX_DECLINED when the request may go on, else the handler's return code.
+ngx_int_t accept_method(ngx_http_request_t *r, const char *what) {
     if (ngx_http_discard_request_body(r) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
-        if (!add_header(r, "Allow", "GET, HEAD")) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    if (r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD)) {
+        return NGX_DECLINED;
+    }
+    if (!add_header(r, "Allow", "GET, HEAD")) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    return send_text(r, NGX_HTTP_NOT_ALLOWED, "text/plain", what);
+}
+
+// How many times the request carries header `variable` (as `$http_<variable>` names it).
+ngx_uint_t count_header(ngx_http_request_t *r, const ngx_str_t &variable) {
+    std::string_view var(reinterpret_cast<char *>(variable.data), variable.len);
+    ngx_uint_t n = 0;
+    for (ngx_list_part_t *part = &r->headers_in.headers.part; part != nullptr; part = part->next) {
+        auto *h = static_cast<ngx_table_elt_t *>(part->elts);
+        for (ngx_uint_t i = 0; i < part->nelts; ++i) {
+            if (event_piper::header_matches_variable(
+                    std::string_view(reinterpret_cast<char *>(h[i].key.data), h[i].key.len), var)) {
+                ++n;
+            }
         }
-        return send_text(r, NGX_HTTP_NOT_ALLOWED, "text/plain",
-                         "method not allowed: open the event stream with GET\n");
+    }
+    return n;
+}
+
+ngx_int_t open_stream(ngx_http_request_t *r) {
+    ngx_int_t rc = accept_method(r, "method not allowed: open the event stream with GET\n");
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
     auto *lcf = static_cast<LocConf *>(ngx_http_get_module_loc_conf(r, ngx_event_piper_module));
 
+    // Two identity headers: a gateway that appends its header after the client's would be
+    // silently overridden by the client. Refuse rather than guess.
+    if (lcf->consumer_header.len > 0 && count_header(r, lcf->consumer_header) > 1) {
+        return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
+                         "more than one consumer id header in the request\n");
+    }
     ngx_str_t consumer;
     if (ngx_http_complex_value(r, lcf->consumer, &consumer) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    std::string_view consumer_view(reinterpret_cast<char *>(consumer.data), consumer.len);
-    event_piper::ConsumerCheck check = event_piper::check_consumer(consumer_view);
+    std::string consumer_id(reinterpret_cast<char *>(consumer.data), consumer.len);
+    if (lcf->consumer_decode) {
+        auto decoded = event_piper::percent_decode(consumer_id);
+        if (!decoded) {
+            return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
+                             "consumer id has a bad %-escape\n");
+        }
+        consumer_id = std::move(*decoded);
+    }
+    event_piper::ConsumerCheck check = event_piper::check_consumer(consumer_id);
     if (check != event_piper::ConsumerCheck::Ok) {
         ngx_uint_t status = check == event_piper::ConsumerCheck::Missing ? NGX_HTTP_UNAUTHORIZED
                                                                          : NGX_HTTP_BAD_REQUEST;
@@ -484,28 +569,16 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
         return ngx_http_send_header(r);
     }
 
-    // A live-only stream starts at the newest position this worker knows; if it knows none yet,
-    // the stream takes the listener's first reading (see Stream::on_listener_ready).
-    bool live_now = false;
-    if (last_position < 0 && worker->head() >= 0) {
-        last_position = worker->head();
-        live_now = worker->listening();
-    }
-
-    void *mem = ngx_palloc(r->pool, sizeof(Session));
+    // Owned by the request pool: the cleanup handler runs the destructor.
+    void *mem = ngx_palloc(r->pool, sizeof(HttpStream));
     ngx_http_cleanup_t *cln = ngx_http_cleanup_add(r, 0);
     if (mem == nullptr || cln == nullptr) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    auto *s = new (mem) Session(*worker, r, *lcf, std::string(consumer_view), last_position);
-    cln->handler = Session::cleanup_handler;
+    auto *s = new (mem) HttpStream(worker->hub(), r, *lcf, std::move(consumer_id), last_position);
+    cln->handler = HttpStream::cleanup_handler;
     cln->data = s;
     ngx_http_set_ctx(r, s, ngx_event_piper_module);
-    if (live_now) {
-        s->core.go_live();
-    } else if (last_position < 0) {
-        worker->note_unpositioned_stream();
-    }
 
     // nginx sets TCP_NODELAY only on keep-alive connections; a stream that never ends would
     // otherwise hold each small event until the client's delayed ACK (tens of milliseconds).
@@ -519,7 +592,7 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    ngx_int_t rc = ngx_http_send_header(r);
+    rc = ngx_http_send_header(r);
     if (rc == NGX_ERROR || rc > NGX_OK) {
         return rc;
     }
@@ -529,7 +602,7 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
         return rc;
     }
     r->read_event_handler = ngx_http_test_reading; // notices the client going away
-    r->write_event_handler = Session::write_handler;
+    r->write_event_handler = HttpStream::write_handler;
     r->main->count++;
     s->start();
     return NGX_DONE;
@@ -549,43 +622,35 @@ ngx_int_t stream_handler(ngx_http_request_t *r) noexcept {
 
 // The original's /manage/health: UP while this worker's listener is connected.
 ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
-    if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
-        return NGX_HTTP_NOT_ALLOWED;
-    }
-    if (ngx_http_discard_request_body(r) != NGX_OK) {
+    try {
+        ngx_int_t rc = accept_method(r, "method not allowed: use GET\n");
+        if (rc != NGX_DECLINED) {
+            return rc;
+        }
+        event_piper::Worker *worker = event_piper::current_worker();
+        if (worker != nullptr && worker->listening()) {
+            return send_text(r, NGX_HTTP_OK, "application/json", event_piper::health_body(true));
+        }
+        return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "application/json",
+                         event_piper::health_body(false));
+    } catch (...) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "event_piper: health failed");
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    event_piper::Worker *worker = event_piper::current_worker();
-    if (worker != nullptr && worker->listening()) {
-        return send_text(r, NGX_HTTP_OK, "application/json", event_piper::health_body(true));
-    }
-    return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "application/json",
-                     event_piper::health_body(false));
 }
 
 // Instance-wide figures from every live worker's slot; JSON, or Prometheus text with
 // ?format=prometheus.
 ngx_int_t status_handler(ngx_http_request_t *r) noexcept {
-    if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD))) {
-        return NGX_HTTP_NOT_ALLOWED;
-    }
-    if (ngx_http_discard_request_body(r) != NGX_OK) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
     try {
+        ngx_int_t rc = accept_method(r, "method not allowed: use GET\n");
+        if (rc != NGX_DECLINED) {
+            return rc;
+        }
         auto *mcf =
             static_cast<MainConf *>(ngx_http_get_module_main_conf(r, ngx_event_piper_module));
-        std::vector<event_piper::WorkerStats> workers;
-        if (mcf->status_zone != nullptr && mcf->status_zone->data != nullptr) {
-            auto *zone = static_cast<event_piper::StatusZone *>(mcf->status_zone->data);
-            for (const auto &slot : zone->slots) {
-                ngx_atomic_uint_t owner = slot.owner;
-                if (owner != 0 && !(kill(static_cast<pid_t>(owner), 0) == -1 && errno == ESRCH)) {
-                    workers.push_back(slot.stats);
-                    workers.back().pid = static_cast<int64_t>(owner);
-                }
-            }
-        }
+        std::vector<event_piper::WorkerStats> workers =
+            event_piper::read_status_zone(mcf->status_zone);
         const ngx_time_t *tp = ngx_timeofday();
         uint64_t now_ms = static_cast<uint64_t>(tp->sec) * 1000 + tp->msec;
         ngx_str_t format;
@@ -606,8 +671,10 @@ ngx_int_t status_handler(ngx_http_request_t *r) noexcept {
     } catch (const std::exception &e) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "event_piper: status failed: %s",
                       e.what());
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    } catch (...) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "event_piper: status failed");
     }
+    return NGX_HTTP_INTERNAL_SERVER_ERROR;
 }
 
 } // namespace

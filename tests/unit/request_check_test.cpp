@@ -53,3 +53,29 @@ TEST(Consumer, RefusesMalformedUtf8) {
         EXPECT_EQ(check_consumer(good), ConsumerCheck::Ok) << good;
     }
 }
+
+TEST(Consumer, PercentDecoding) {
+    EXPECT_EQ(percent_decode("alice%40example.com"), "alice@example.com");
+    EXPECT_EQ(percent_decode("a+b%2Bc"), "a+b+c");
+    EXPECT_EQ(percent_decode("%c3%A9t%C3%a9"), "\xc3\xa9t\xc3\xa9");
+    EXPECT_EQ(percent_decode("plain"), "plain");
+    EXPECT_EQ(percent_decode("%00"), std::string("\0", 1));
+    EXPECT_EQ(percent_decode("50%"), std::nullopt);
+    EXPECT_EQ(percent_decode("%4"), std::nullopt);
+    EXPECT_EQ(percent_decode("%zz"), std::nullopt);
+    // Decoded bytes are checked like any id.
+    EXPECT_EQ(check_consumer(*percent_decode("%0a")), ConsumerCheck::ControlCharacter);
+    EXPECT_EQ(check_consumer(*percent_decode("%ff")), ConsumerCheck::NotUtf8);
+}
+
+TEST(Consumer, HeaderOfVariable) {
+    EXPECT_EQ(header_of_variable("$http_x_consumer_id"), "x_consumer_id");
+    EXPECT_EQ(header_of_variable("$arg_consumer"), "");
+    EXPECT_EQ(header_of_variable("$http_x_consumer_id$arg_x"), "");
+    EXPECT_EQ(header_of_variable("$http_"), "");
+    EXPECT_EQ(header_of_variable("user-$http_x"), "");
+    EXPECT_TRUE(header_matches_variable("X-Consumer-Id", "x_consumer_id"));
+    EXPECT_TRUE(header_matches_variable("x-consumer-id", "x_consumer_id"));
+    EXPECT_FALSE(header_matches_variable("X-Consumer-Ids", "x_consumer_id"));
+    EXPECT_FALSE(header_matches_variable("X-Consumer", "x_consumer_id"));
+}

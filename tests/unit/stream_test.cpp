@@ -13,6 +13,11 @@ std::string frame(int64_t id) {
     append_event_frame(out, id, "t", "{}");
     return out;
 }
+Stream::Limits buffer(size_t bytes) {
+    Stream::Limits limits;
+    limits.buffer_bytes = bytes;
+    return limits;
+}
 std::string drain(Stream &s) {
     std::string out;
     s.take_pending(out);
@@ -21,7 +26,7 @@ std::string drain(Stream &s) {
 } // namespace
 
 TEST(Stream, LiveDeliversNewerEventsAndDropsOlderOnes) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.go_live();
     EXPECT_FALSE(s.on_event(5, frame(5)));
     EXPECT_TRUE(s.on_event(6, frame(6)));
@@ -32,7 +37,7 @@ TEST(Stream, LiveDeliversNewerEventsAndDropsOlderOnes) {
 }
 
 TEST(Stream, CatchUpThenLiveWhenBatchIsShort) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     EXPECT_TRUE(s.wants_query(true));
     EXPECT_FALSE(s.wants_query(false)); // backpressure: only when the socket is drained
     s.begin_query(1);
@@ -45,7 +50,7 @@ TEST(Stream, CatchUpThenLiveWhenBatchIsShort) {
 }
 
 TEST(Stream, FullBatchAsksAgainAfterDrain) {
-    Stream s("toto", 0, 1 << 20);
+    Stream s("toto", 0, buffer(1 << 20));
     s.begin_query(1);
     s.on_row(1, "t", "{}");
     s.on_row(2, "t", "{}");
@@ -57,7 +62,7 @@ TEST(Stream, FullBatchAsksAgainAfterDrain) {
 }
 
 TEST(Stream, NotificationDuringQueryForcesAnotherQuery) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
     EXPECT_FALSE(s.on_event(7, frame(7))); // committed after the snapshot, maybe
     s.on_row(6, "t", "{}");
@@ -73,7 +78,7 @@ TEST(Stream, NotificationDuringQueryForcesAnotherQuery) {
 }
 
 TEST(Stream, NotificationAlreadyInTheBatchDoesNotForceAnotherQuery) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
     s.on_event(6, frame(6));
     s.on_row(6, "t", "{}");
@@ -82,7 +87,7 @@ TEST(Stream, NotificationAlreadyInTheBatchDoesNotForceAnotherQuery) {
 }
 
 TEST(Stream, RowsAtOrBelowLastAreSkipped) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
     s.on_row(4, "t", "{}");
     s.on_row(5, "t", "{}");
@@ -92,7 +97,7 @@ TEST(Stream, RowsAtOrBelowLastAreSkipped) {
 }
 
 TEST(Stream, ListenerReconnectDuringQueryRereads) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
     s.end_query(false, 2); // a new LISTEN session since the query was sent
     EXPECT_EQ(s.mode(), Stream::Mode::CatchingUp);
@@ -100,7 +105,7 @@ TEST(Stream, ListenerReconnectDuringQueryRereads) {
 }
 
 TEST(Stream, NoListenerParksUntilItIsBack) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(0);
     s.on_row(6, "t", "{}");
     s.end_query(false, 0);
@@ -113,7 +118,7 @@ TEST(Stream, NoListenerParksUntilItIsBack) {
 }
 
 TEST(Stream, ListenerLossTurnsLiveStreamsBackToCatchingUp) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.go_live();
     s.on_listener_lost();
     EXPECT_EQ(s.mode(), Stream::Mode::CatchingUp);
@@ -122,7 +127,7 @@ TEST(Stream, ListenerLossTurnsLiveStreamsBackToCatchingUp) {
 }
 
 TEST(Stream, UnpositionedStreamTakesTheListenersHead) {
-    Stream s("toto", -1, 1 << 20);
+    Stream s("toto", -1, buffer(1 << 20));
     EXPECT_FALSE(s.wants_query(true));
     s.on_listener_ready(42);
     EXPECT_EQ(s.last_position(), 42);
@@ -131,7 +136,7 @@ TEST(Stream, UnpositionedStreamTakesTheListenersHead) {
 
 TEST(Stream, SlowClientOverflowFallsBackToTheTable) {
     std::string f = frame(1);
-    Stream s("toto", 0, f.size() * 3);
+    Stream s("toto", 0, buffer(f.size() * 3));
     s.go_live();
     EXPECT_TRUE(s.on_event(1, frame(1)));
     std::string handed = drain(s); // 1 handed to the socket
@@ -154,7 +159,7 @@ TEST(Stream, SlowClientOverflowFallsBackToTheTable) {
 }
 
 TEST(Stream, HintMakesLiveStreamReadTheTable) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.go_live();
     s.on_hint(5);
     EXPECT_EQ(s.mode(), Stream::Mode::Live);
@@ -163,14 +168,14 @@ TEST(Stream, HintMakesLiveStreamReadTheTable) {
 }
 
 TEST(Stream, FailedQueryCanBeRetried) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
-    s.query_failed();
+    s.query_lost();
     EXPECT_TRUE(s.wants_query(true));
 }
 
 TEST(Stream, ResumePointBeyondTheNewestComesBackToIt) {
-    Stream s("toto", 1000, 1 << 20);
+    Stream s("toto", 1000, buffer(1 << 20));
     s.begin_query(1);
     s.on_newest(8);
     s.end_query(false, 1);
@@ -180,7 +185,7 @@ TEST(Stream, ResumePointBeyondTheNewestComesBackToIt) {
 }
 
 TEST(Stream, ResumePointAtOrBelowTheNewestIsKept) {
-    Stream s("toto", 5, 1 << 20);
+    Stream s("toto", 5, buffer(1 << 20));
     s.on_newest(8);
     EXPECT_EQ(s.last_position(), 5);
 }

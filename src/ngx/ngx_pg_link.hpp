@@ -10,6 +10,8 @@ extern "C" {
 #include <ngx_event.h>
 }
 
+#include "core/ports.hpp"
+
 #include <libpq-fe.h>
 
 #include <string>
@@ -17,25 +19,9 @@ extern "C" {
 
 namespace event_piper {
 
-class PgLink;
-
-class PgLinkOwner {
+class PgLink final : public DbLink {
 public:
-    virtual void on_link_ready(PgLink &link) = 0;                 // connected, idle
-    virtual void on_link_result(PgLink &link, PGresult *res) = 0; // one result; caller clears it
-    virtual void on_link_idle(PgLink &link) = 0;                  // the query is complete
-    virtual void on_link_lost(PgLink &link, const char *why) = 0; // the link is Down again
-    virtual void on_link_notify(PgLink &, PGnotify *) {}
-
-protected:
-    ~PgLinkOwner() = default;
-};
-
-class PgLink {
-public:
-    enum class State { Down, Connecting, Ready, Busy };
-
-    PgLink(PgLinkOwner &owner, ngx_log_t *log, std::string conninfo, const char *application)
+    PgLink(DbLinkOwner &owner, ngx_log_t *log, std::string conninfo, const char *application)
         : owner_(owner), log_(log), conninfo_(std::move(conninfo)), application_(application) {
         ngx_memzero(&connect_timer_, sizeof(connect_timer_));
         connect_timer_.handler = connect_timeout_handler;
@@ -47,25 +33,17 @@ public:
     PgLink(const PgLink &) = delete;
     PgLink &operator=(const PgLink &) = delete;
 
-    State state() const { return state_; }
-    PGconn *conn() const { return conn_; }
-
-    // Starts connecting; the owner hears on_link_ready or on_link_lost.
-    void connect();
-    // Sends a query (Ready only); results arrive through the owner. False if it failed at once
-    // (the link is then Down and the owner has heard on_link_lost).
-    bool send_query(const char *sql);
-    bool send_query_params(const char *sql, int n, const char *const *values);
-    // Closes without telling the owner.
-    void close();
-
-    void *user = nullptr; // owner's bookkeeping
+    State state() const override { return state_; }
+    void connect() override;
+    bool send(const char *sql, int n_params, const char *const *params) override;
+    void close() override;
 
 private:
     static constexpr ngx_msec_t connect_timeout_ms = 10000;
     static void read_handler(ngx_event_t *ev) noexcept;
     static void connect_timeout_handler(ngx_event_t *ev) noexcept;
     static void write_handler(ngx_event_t *ev) noexcept;
+    static void notice_processor(void *arg, const char *message) noexcept;
     void on_readable();
     void on_writable();
     void poll_connect();
@@ -75,7 +53,7 @@ private:
     bool flush();
     void fail(const char *why);
 
-    PgLinkOwner &owner_;
+    DbLinkOwner &owner_;
     ngx_log_t *log_;
     std::string conninfo_;
     const char *application_;

@@ -7,9 +7,9 @@
 
 namespace event_piper {
 
-Stream::Stream(std::string consumer, int64_t last_position, size_t buffer_limit)
-    : consumer_(std::move(consumer)), last_(last_position), handed_last_(last_position),
-      buffer_limit_(buffer_limit), waiting_for_listener_(last_position < 0) {}
+Stream::Stream(std::string consumer, int64_t last_position, Limits limits, StreamOwner *owner)
+    : consumer_(std::move(consumer)), owner_(owner), last_(last_position),
+      handed_last_(last_position), limits_(limits), waiting_for_listener_(last_position < 0) {}
 
 bool Stream::on_event(int64_t position, std::string_view frame) {
     if (mode_ != Mode::Live) {
@@ -21,7 +21,7 @@ bool Stream::on_event(int64_t position, std::string_view frame) {
     if (position <= last_) {
         return false;
     }
-    if (pending_.size() + frame.size() > buffer_limit_) {
+    if (pending_.size() + frame.size() > limits_.buffer_bytes) {
         // Slow client: forget the queue, re-read from the table once the socket drains.
         pending_.clear();
         pending_events_ = 0;
@@ -88,8 +88,8 @@ void Stream::on_newest(int64_t newest) {
 }
 
 bool Stream::wants_query(bool socket_drained) const {
-    return mode_ == Mode::CatchingUp && !query_in_flight_ && !waiting_for_listener_ && last_ >= 0 &&
-           pending_.empty() && socket_drained;
+    return mode_ == Mode::CatchingUp && !query_in_flight_ && !waiting_for_listener_ && !failed_ &&
+           last_ >= 0 && pending_.empty() && socket_drained;
 }
 
 void Stream::on_listener_lost() {

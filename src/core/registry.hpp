@@ -56,14 +56,15 @@ public:
             return false;
         }
         Group *group = it->second.get();
-        ++group->iterating;
-        size_t n = group->members.size(); // streams added meanwhile wait for the next event
-        for (size_t i = 0; i < n; ++i) {
-            if (S *s = group->members[i]) {
-                f(*s);
+        {
+            Guard guard(group->iterating);    // also undone if f throws
+            size_t n = group->members.size(); // streams added meanwhile wait for the next event
+            for (size_t i = 0; i < n; ++i) {
+                if (S *s = group->members[i]) {
+                    f(*s);
+                }
             }
         }
-        --group->iterating;
         if (group->iterating == 0 && iterating_all_ == 0 &&
             (group->holes || group->members.empty())) {
             compact(group); // only after a removal: the common fan-out costs one lookup
@@ -73,21 +74,22 @@ public:
 
     // Calls f(S&) for every stream of every consumer.
     template <typename F> void for_each_all(F &&f) {
-        ++iterating_all_;
-        std::vector<Group *> groups;
-        groups.reserve(groups_.size());
-        for (auto &entry : groups_) {
-            groups.push_back(entry.second.get());
-        }
-        for (Group *group : groups) {
-            size_t n = group->members.size();
-            for (size_t i = 0; i < n; ++i) {
-                if (S *s = group->members[i]) {
-                    f(*s);
+        {
+            Guard guard(iterating_all_); // also undone if f (or the vector) throws
+            std::vector<Group *> groups;
+            groups.reserve(groups_.size());
+            for (auto &entry : groups_) {
+                groups.push_back(entry.second.get());
+            }
+            for (Group *group : groups) {
+                size_t n = group->members.size();
+                for (size_t i = 0; i < n; ++i) {
+                    if (S *s = group->members[i]) {
+                        f(*s);
+                    }
                 }
             }
         }
-        --iterating_all_;
         if (iterating_all_ == 0) {
             for (auto it = groups_.begin(); it != groups_.end();) {
                 Group &g = *it->second;
@@ -109,6 +111,18 @@ public:
     size_t streams() const { return streams_; }
 
 private:
+    // Marks an iteration in progress for its scope: removals leave holes meanwhile.
+    class Guard {
+    public:
+        explicit Guard(int &depth) : depth_(depth) { ++depth_; }
+        ~Guard() { --depth_; }
+        Guard(const Guard &) = delete;
+        Guard &operator=(const Guard &) = delete;
+
+    private:
+        int &depth_;
+    };
+
     struct Group {
         std::string name;
         std::vector<S *> members;

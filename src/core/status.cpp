@@ -45,6 +45,9 @@ const Field fields[] = {
      "Listener reconnections.", &WorkerStats::listener_reconnects},
     {nullptr, "event_piper_listener_up", "gauge", "1 while the worker's LISTEN connection is up.",
      &WorkerStats::listener_state},
+    {"channel_mismatch", "event_piper_channel_mismatch", "gauge",
+     "1 when the database's event_piper.channel differs from event_piper_channel.",
+     &WorkerStats::channel_mismatch},
 };
 
 void append_number(std::string &out, unsigned long long v) {

@@ -2,6 +2,7 @@
 // PQsendQuery*, read with PQconsumeInput/PQgetResult/PQnotifies, never block.
 #include "ngx_pg_link.hpp"
 
+#include <memory>
 #include <sys/stat.h>
 
 namespace event_piper {
@@ -12,6 +13,27 @@ ino_t inode_of(int fd) {
     struct stat st;
     return fstat(fd, &st) == 0 ? st.st_ino : 0;
 }
+
+// A PGresult seen through the core's QueryResult.
+class PgResult final : public QueryResult {
+public:
+    explicit PgResult(PGresult *res) : res_(res) {}
+    bool ok() const override {
+        ExecStatusType st = PQresultStatus(res_);
+        return st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK;
+    }
+    std::string error() const override { return PQresultErrorMessage(res_); }
+    int rows() const override { return PQntuples(res_); }
+    int columns() const override { return PQnfields(res_); }
+    bool is_null(int row, int column) const override { return PQgetisnull(res_, row, column) != 0; }
+    std::string_view value(int row, int column) const override {
+        return std::string_view(PQgetvalue(res_, row, column),
+                                static_cast<size_t>(PQgetlength(res_, row, column)));
+    }
+
+private:
+    PGresult *res_;
+};
 
 } // namespace
 
@@ -33,6 +55,8 @@ void PgLink::connect() {
         fail(PQerrorMessage(conn_));
         return;
     }
+    // Server notices and libpq warnings go to the error log, not to the worker's stderr.
+    PQsetNoticeProcessor(conn_, notice_processor, this);
     state_ = State::Connecting;
     sync_socket();
     if (c_ == nullptr) {
@@ -46,9 +70,25 @@ void PgLink::connect() {
 
 void PgLink::connect_timeout_handler(ngx_event_t *ev) noexcept {
     auto *self = static_cast<PgLink *>(ev->data);
-    if (self->state_ == State::Connecting) {
-        self->fail("timeout while connecting");
+    try {
+        if (self->state_ == State::Connecting) {
+            self->fail("timeout while connecting");
+        }
+    } catch (const std::exception &e) {
+        ngx_log_error(NGX_LOG_ERR, ev->log, 0, "event_piper: connect timeout: %s", e.what());
+    } catch (...) {
+        ngx_log_error(NGX_LOG_ERR, ev->log, 0, "event_piper: connect timeout failed");
     }
+}
+
+void PgLink::notice_processor(void *arg, const char *message) noexcept {
+    auto *self = static_cast<PgLink *>(arg);
+    size_t len = ngx_strlen(message);
+    while (len > 0 && (message[len - 1] == '\n' || message[len - 1] == '\r')) {
+        --len;
+    }
+    ngx_log_error(NGX_LOG_NOTICE, self->log_, 0, "event_piper: %s connection: %*s",
+                  self->application_, len, message);
 }
 
 void PgLink::poll_connect() {
@@ -188,7 +228,7 @@ void PgLink::fail(const char *why) {
         }
     }
     close();
-    owner_.on_link_lost(*this, msg);
+    owner_.on_link_lost(*this, std::string_view(msg, len));
 }
 
 bool PgLink::flush() {
@@ -201,23 +241,13 @@ bool PgLink::flush() {
     return true;
 }
 
-bool PgLink::send_query(const char *sql) {
+bool PgLink::send(const char *sql, int n, const char *const *values) {
     if (state_ != State::Ready) {
         return false;
     }
-    if (!PQsendQuery(conn_, sql)) {
-        fail(PQerrorMessage(conn_));
-        return false;
-    }
-    state_ = State::Busy;
-    return flush();
-}
-
-bool PgLink::send_query_params(const char *sql, int n, const char *const *values) {
-    if (state_ != State::Ready) {
-        return false;
-    }
-    if (!PQsendQueryParams(conn_, sql, n, nullptr, values, nullptr, nullptr, 0)) {
+    int sent = n == 0 ? PQsendQuery(conn_, sql)
+                      : PQsendQueryParams(conn_, sql, n, nullptr, values, nullptr, nullptr, 0);
+    if (!sent) {
         fail(PQerrorMessage(conn_));
         return false;
     }
@@ -257,8 +287,8 @@ void PgLink::on_readable() {
             owner_.on_link_idle(*this);
             break;
         }
-        owner_.on_link_result(*this, res);
-        PQclear(res);
+        std::unique_ptr<PGresult, void (*)(PGresult *)> owned(res, PQclear);
+        owner_.on_link_result(*this, PgResult(res));
         if (conn_ == nullptr) {
             return; // the owner closed the link
         }
@@ -268,8 +298,8 @@ void PgLink::on_readable() {
         if (n == nullptr) {
             break;
         }
-        owner_.on_link_notify(*this, n);
-        PQfreemem(n);
+        std::unique_ptr<PGnotify, void (*)(void *)> owned(n, PQfreemem);
+        owner_.on_link_notify(*this, n->extra != nullptr ? n->extra : "");
     }
     if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_BAD) {
         fail(PQerrorMessage(conn_));

@@ -9,21 +9,65 @@
 
 namespace event_piper {
 
+// Whoever carries a stream's bytes to its client (the HTTP response): told that the stream has
+// something to do (bytes to send, a batch to ask for, an end to write).
+class StreamOwner {
+public:
+    virtual void wake() = 0;
+    // End the response now, after what is queued, with a reconnect hint (graceful shutdown).
+    virtual void end() = 0;
+
+protected:
+    ~StreamOwner() = default;
+};
+
 class Stream {
 public:
     enum class Mode { CatchingUp, Live };
 
+    struct Limits {
+        size_t buffer_bytes = 256 * 1024; // live bytes queued before falling back to the table
+        size_t batch_rows = 500;          // rows per replay query
+    };
+
     // last_position < 0: the client gave no Last-Event-ID and the worker does not yet know the
     // newest position; the stream takes it when the listener is ready (see on_listener_ready).
-    Stream(std::string consumer, int64_t last_position, size_t buffer_limit);
+    Stream(std::string consumer, int64_t last_position, Limits limits,
+           StreamOwner *owner = nullptr);
 
     const std::string &consumer() const { return consumer_; }
     Mode mode() const { return mode_; }
     int64_t last_position() const { return last_; }
     bool query_in_flight() const { return query_in_flight_; }
+    size_t batch_rows() const { return limits_.batch_rows; }
+    // Byte budget of one replay batch: the stream buffer (at least one row is always sent).
+    size_t batch_bytes() const { return limits_.buffer_bytes; }
 
-    // Starts live: only valid when the listener is ready and last_position is the worker's head.
+    void wake() {
+        if (owner_ != nullptr) {
+            owner_->wake();
+        }
+    }
+    // The database refused this stream's query: asking again would fail again. The owner ends
+    // the stream with a retry hint; the client resumes from its last id.
+    void fail() {
+        query_in_flight_ = false;
+        failed_ = true;
+    }
+    bool failed() const { return failed_; }
+
+    // A stream opened without a resume point starts after `position` (the newest known).
+    void start_at(int64_t position) {
+        last_ = handed_last_ = position;
+        waiting_for_listener_ = false;
+    }
+    // Starts live: only valid when the listener is ready and last_position is the newest.
     void go_live() { mode_ = Mode::Live; }
+    void end() {
+        if (owner_ != nullptr) {
+            owner_->end();
+        }
+    }
 
     // A notified event for this stream's consumer, already framed. Returns true when bytes were
     // queued. A live stream whose queue would exceed the buffer limit drops its queue and falls
@@ -41,7 +85,8 @@ public:
     // The batch is complete. A short batch switches to live only when the listener has been
     // listening since before the query was sent and nothing newer was notified meanwhile.
     void end_query(bool full_batch, uint64_t current_epoch);
-    void query_failed() { query_in_flight_ = false; }
+    // The query was lost with its connection: it will be asked again.
+    void query_lost() { query_in_flight_ = false; }
     // A query found nothing after the stream's position; `newest` is the newest committed
     // position. A resume point beyond it (a client's id from a reset database) is brought back
     // to it, so the stream goes live instead of waiting for positions to catch up with it.
@@ -57,7 +102,6 @@ public:
     // Output bytes. The glue takes what is pending when the socket can take more.
     void append_raw(std::string_view bytes) { pending_.append(bytes); }
     bool has_pending() const { return !pending_.empty(); }
-    size_t pending_size() const { return pending_.size(); }
     // Swaps the pending bytes into `out` (whose old content is discarded, its capacity reused).
     void take_pending(std::string &out);
 
@@ -67,17 +111,19 @@ public:
 
 private:
     std::string consumer_;
+    StreamOwner *owner_;
     std::string pending_;
     int64_t last_;        // position of the last event queued (pending or handed to the socket)
     int64_t handed_last_; // position of the last event handed to the socket
     int64_t notified_max_ = 0; // newest position notified while a query was in flight
     uint64_t query_epoch_ = 0;
-    size_t buffer_limit_;
+    Limits limits_;
     uint64_t overflows_ = 0;
     size_t pending_events_ = 0;
     Mode mode_ = Mode::CatchingUp;
     bool query_in_flight_ = false;
     bool waiting_for_listener_ = false;
+    bool failed_ = false;
 };
 
 } // namespace event_piper

@@ -88,6 +88,73 @@ std::string_view consumer_error_text(ConsumerCheck check) {
     return "";
 }
 
+namespace {
+
+int hex_digit(char c) {
+    if (c >= '0' && c <= '9') {
+        return c - '0';
+    }
+    if (c >= 'a' && c <= 'f') {
+        return c - 'a' + 10;
+    }
+    if (c >= 'A' && c <= 'F') {
+        return c - 'A' + 10;
+    }
+    return -1;
+}
+
+} // namespace
+
+std::optional<std::string> percent_decode(std::string_view text) {
+    std::string out;
+    out.reserve(text.size());
+    for (size_t i = 0; i < text.size(); ++i) {
+        if (text[i] != '%') {
+            out.push_back(text[i]);
+            continue;
+        }
+        int hi = i + 2 < text.size() ? hex_digit(text[i + 1]) : -1;
+        int lo = hi >= 0 ? hex_digit(text[i + 2]) : -1;
+        if (lo < 0) {
+            return std::nullopt;
+        }
+        out.push_back(static_cast<char>(hi * 16 + lo));
+        i += 2;
+    }
+    return out;
+}
+
+std::string_view header_of_variable(std::string_view value) {
+    constexpr std::string_view prefix = "$http_";
+    if (value.substr(0, prefix.size()) != prefix || value.size() == prefix.size()) {
+        return {};
+    }
+    std::string_view name = value.substr(prefix.size());
+    for (char c : name) {
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '_')) {
+            return {};
+        }
+    }
+    return name;
+}
+
+bool header_matches_variable(std::string_view name, std::string_view variable) {
+    if (name.size() != variable.size()) {
+        return false;
+    }
+    for (size_t i = 0; i < name.size(); ++i) {
+        char c = name[i];
+        c = c == '-' ? '_' : (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+        char v = variable[i];
+        v = (v >= 'A' && v <= 'Z') ? static_cast<char>(v - 'A' + 'a') : v;
+        if (c != v) {
+            return false;
+        }
+    }
+    return true;
+}
+
 std::optional<int64_t> parse_last_event_id(std::string_view text) {
     if (text.empty() || text.size() > 19) {
         return std::nullopt;

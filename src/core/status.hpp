@@ -25,6 +25,7 @@ struct WorkerStats {
     uint64_t notifications_dropped = 0; // for consumers with no stream on this worker
     uint64_t stream_overflows = 0;      // slow clients sent back to the table
     uint64_t last_notification_ms = 0;  // wall clock, 0: never
+    uint64_t channel_mismatch = 0;      // 1: the database notifies another channel than ours
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

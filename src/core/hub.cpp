@@ -1,0 +1,118 @@
+// The worker's hub (see hub.hpp).
+#include "hub.hpp"
+
+#include "notification.hpp"
+#include "sse_frame.hpp"
+
+namespace event_piper {
+
+Hub::Hub(Timer &replay_retry, Clock &clock, Log &log)
+    : clock_(clock), log_(log), replay_(replay_retry, *this, log) {}
+
+void Hub::open(Stream &s) {
+    if (s.last_position() < 0) {
+        if (newest_ >= 0) {
+            // A live-only stream starts at the newest position this worker knows.
+            s.start_at(newest_);
+            if (listening()) {
+                s.go_live();
+            }
+        } else if (waiting_since_ms_ == 0) {
+            // No position known yet: the listener's first reading decides where it starts.
+            waiting_since_ms_ = clock_.now_ms();
+        }
+    }
+    registry_.add(s.consumer(), &s);
+}
+
+void Hub::close(Stream &s) {
+    registry_.remove(s.consumer(), &s);
+    replay_.cancel(s);
+}
+
+void Hub::end_all() {
+    // Owners end their responses inside this loop, which removes them from the registry: the
+    // registry leaves holes during iteration and compacts after, so that is safe here.
+    registry_.for_each_all([](Stream &s) { s.end(); });
+}
+
+size_t Hub::streams_catching_up() {
+    size_t n = 0;
+    registry_.for_each_all([&n](Stream &s) {
+        if (s.mode() == Stream::Mode::CatchingUp) {
+            ++n;
+        }
+    });
+    return n;
+}
+
+void Hub::deliver(Stream &s, int64_t position, std::string_view frame) {
+    uint64_t before = s.overflows();
+    s.on_event(position, frame);
+    stats_.stream_overflows += s.overflows() - before;
+    s.wake();
+}
+
+void Hub::on_notification(std::string_view payload) {
+    Notification n;
+    if (!parse_notification(payload, n)) {
+        if (!warned_foreign_) { // once: another trigger on the channel would flood the log
+            log_.write(LogLevel::Warn,
+                       "event_piper: ignoring notifications not written by postgresql/schema.sql's "
+                       "trigger (is an old trigger still installed?): \"" +
+                           std::string(payload.substr(0, 64)) + "\"");
+            warned_foreign_ = true;
+        }
+        return;
+    }
+    note_position(n.position);
+    ++stats_.notifications;
+    stats_.last_notification_ms = clock_.now_ms();
+    bool found = true;
+    switch (n.kind) {
+    case Notification::Kind::Event: {
+        bool framed = false;
+        found = registry_.for_each(n.subscriber, [&](Stream &s) {
+            if (!framed) { // framed once, only if some stream wants it
+                frame_.clear();
+                append_event_frame(frame_, n.position, n.type, n.payload);
+                framed = true;
+            }
+            deliver(s, n.position, frame_);
+        });
+        break;
+    }
+    case Notification::Kind::Reference:
+        found = registry_.for_each(n.subscriber, [&](Stream &s) {
+            s.on_hint(n.position);
+            s.wake();
+        });
+        break;
+    case Notification::Kind::Position:
+        registry_.for_each_all([&](Stream &s) {
+            s.on_hint(n.position);
+            s.wake();
+        });
+        break;
+    }
+    if (!found) {
+        ++stats_.notifications_dropped;
+    }
+}
+
+void Hub::on_listener_ready(uint64_t epoch, int64_t newest, int64_t start_for_waiting) {
+    epoch_ = epoch;
+    note_position(newest);
+    waiting_since_ms_ = 0;
+    registry_.for_each_all([start_for_waiting](Stream &s) {
+        s.on_listener_ready(start_for_waiting);
+        s.wake();
+    });
+}
+
+void Hub::on_listener_lost() {
+    epoch_ = 0;
+    registry_.for_each_all([](Stream &s) { s.on_listener_lost(); });
+}
+
+} // namespace event_piper

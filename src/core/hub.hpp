@@ -1,0 +1,70 @@
+// A worker's hub: its open streams by consumer, where a new stream starts, the fan-out of each
+// notification to the streams of its consumer, and what a listener epoch change means for every
+// stream. It owns the replay queue and the worker's counters. Pure C++; the nginx side wires it
+// to the listener, the replay links and the HTTP responses.
+#pragma once
+
+#include "listener.hpp"
+#include "registry.hpp"
+#include "replay_queue.hpp"
+#include "status.hpp"
+#include "stream.hpp"
+
+#include <string>
+
+namespace event_piper {
+
+class Hub : public ListenerEvents, public ReplayEvents {
+public:
+    // `replay_retry` fires replay().on_retry_timer(); links are added with replay().add_link().
+    Hub(Timer &replay_retry, Clock &clock, Log &log);
+
+    // A new stream: registered under its consumer. Without a resume point it starts at the
+    // newest position known (live at once if the listener is up), or waits for the listener.
+    void open(Stream &s);
+    // Gone: out of the registry and of the replay queue.
+    void close(Stream &s);
+    void request_batch(Stream &s) { replay_.request(s); }
+    // Graceful shutdown: asks every stream's owner to end (with a retry hint).
+    void end_all();
+
+    ReplayQueue &replay() { return replay_; }
+    int64_t newest() const { return newest_; } // -1: not known yet
+    bool listening() const { return epoch_ != 0; }
+    size_t streams() const { return registry_.streams(); }
+    size_t consumers() const { return registry_.consumers(); }
+    size_t streams_catching_up();
+
+    // Counters of this worker (the owner of the HTTP side adds what it sends).
+    WorkerStats &stats() { return stats_; }
+
+    // ListenerEvents
+    void on_listener_ready(uint64_t epoch, int64_t newest, int64_t start_for_waiting) override;
+    void on_listener_lost() override;
+    void on_notification(std::string_view payload) override;
+    uint64_t waiting_since_ms() const override { return waiting_since_ms_; }
+
+    // ReplayEvents
+    uint64_t listener_epoch() const override { return epoch_; }
+    void note_position(int64_t position) override {
+        if (position > newest_) {
+            newest_ = position;
+        }
+    }
+
+private:
+    void deliver(Stream &s, int64_t position, std::string_view frame);
+
+    Clock &clock_;
+    Log &log_;
+    Registry<Stream> registry_;
+    ReplayQueue replay_;
+    WorkerStats stats_;
+    std::string frame_; // one serialisation per event, shared by all its streams
+    int64_t newest_ = -1;
+    uint64_t epoch_ = 0;
+    uint64_t waiting_since_ms_ = 0;
+    bool warned_foreign_ = false;
+};
+
+} // namespace event_piper

@@ -1,0 +1,181 @@
+// The listener's state machine (see listener.hpp).
+#include "listener.hpp"
+
+#include <charconv>
+
+namespace event_piper {
+
+namespace {
+
+std::string to_text(uint64_t v) {
+    char buf[24];
+    return std::string(buf, std::to_chars(buf, buf + sizeof buf, v).ptr);
+}
+
+} // namespace
+
+Listener::Listener(DbLink &link, Timer &retry, Timer &check, ListenerEvents &events, Log &log,
+                   Settings settings)
+    : link_(link), retry_(retry), check_(check), events_(events), log_(log),
+      settings_(std::move(settings)), listen_sql_("LISTEN \"" + settings_.channel + "\"") {}
+
+void Listener::start() {
+    if (closed_) {
+        return;
+    }
+    phase_ = Phase::Connecting;
+    link_.connect(); // may report on_link_lost at once
+}
+
+void Listener::close() {
+    closed_ = true;
+    retry_.cancel();
+    check_.cancel();
+    link_.close();
+    phase_ = Phase::Down;
+    epoch_ = 0;
+}
+
+void Listener::on_link_ready(DbLink &) {
+    phase_ = Phase::Listening;
+    link_.send(listen_sql_.c_str(), 0, nullptr);
+}
+
+void Listener::read_newest() {
+    // LISTEN is active now: a snapshot taken from here on misses nothing that is notified.
+    // The same query reads the channel the trigger notifies (event_piper.channel).
+    phase_ = Phase::ReadingNewest;
+    newest_ = 0;
+    start_for_waiting_ = 0;
+    std::string since = to_text(events_.waiting_since_ms());
+    const char *params[1] = {since.c_str()};
+    // Streams opened without a resume point while the database was unreachable start after what
+    // was committed before they opened, by the database's commit clock ($1 = 0: none waiting).
+    link_.send("SELECT (SELECT coalesce(max(position), 0) FROM events),"
+               " CASE WHEN $1::bigint = 0 THEN NULL ELSE coalesce((SELECT position FROM events"
+               "  WHERE committed_at <= to_timestamp($1::float8 / 1000)"
+               "  ORDER BY position DESC LIMIT 1), 0) END,"
+               " coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events')",
+               1, params);
+}
+
+void Listener::on_link_result(DbLink &, const QueryResult &result) {
+    if (result.ok()) {
+        if (phase_ == Phase::ReadingNewest && result.rows() == 1 && result.columns() >= 3) {
+            newest_ = result.number(0, 0);
+            start_for_waiting_ = result.is_null(0, 1) ? newest_ : result.number(0, 1);
+            std::string_view channel = result.value(0, 2);
+            bool mismatch = channel != settings_.channel;
+            if (mismatch && !channel_mismatch_) {
+                log_.write(LogLevel::Warn,
+                           "event_piper: the database notifies channel \"" + std::string(channel) +
+                               "\" (setting event_piper.channel) but event_piper_channel is \"" +
+                               settings_.channel +
+                               "\": live delivery cannot work; make them the same");
+            }
+            channel_mismatch_ = mismatch;
+        }
+        return;
+    }
+    std::string why = result.error();
+    while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
+        why.pop_back();
+    }
+    link_.close();
+    lose(why.empty() ? "unexpected result" : why);
+}
+
+void Listener::on_link_idle(DbLink &) {
+    switch (phase_) {
+    case Phase::Listening:
+        read_newest();
+        return;
+    case Phase::ReadingNewest:
+        go_live();
+        return;
+    case Phase::Checking:
+        phase_ = Phase::Live; // the server answered: the link is alive
+        heard_since_check_ = false;
+        if (settings_.check_ms != 0) {
+            check_.arm(settings_.check_ms);
+        }
+        return;
+    default:
+        return;
+    }
+}
+
+void Listener::go_live() {
+    phase_ = Phase::Live;
+    epoch_ = ++listens_;
+    backoff_.reset();
+    if (!last_error_.empty() || !ever_live_) {
+        log_.write(LogLevel::Notice, "event_piper: listening for notifications (newest position " +
+                                         to_text(static_cast<uint64_t>(newest_)) + ")");
+    }
+    last_error_.clear();
+    ever_live_ = true;
+    heard_since_check_ = false;
+    if (settings_.check_ms != 0) {
+        check_.arm(settings_.check_ms);
+    }
+    events_.on_listener_ready(epoch_, newest_, start_for_waiting_);
+}
+
+void Listener::on_check_timer() {
+    if (phase_ == Phase::Live) {
+        if (heard_since_check_) {
+            heard_since_check_ = false; // notifications arrived: the link works
+            check_.arm(settings_.check_ms);
+            return;
+        }
+        phase_ = Phase::Checking;
+        check_.arm(settings_.timeout_ms);
+        link_.send("SELECT 1", 0, nullptr); // failure: on_link_lost has run
+        return;
+    }
+    if (phase_ == Phase::Checking) {
+        link_.close();
+        lose("no answer from the server for " + to_text(settings_.timeout_ms) +
+             " ms (server or network frozen?)");
+    }
+}
+
+void Listener::on_link_lost(DbLink &, std::string_view why) {
+    lose(why);
+}
+
+void Listener::lose(std::string_view why) {
+    bool was_live = epoch_ != 0;
+    epoch_ = 0;
+    phase_ = Phase::Down;
+    check_.cancel();
+    if (closed_) {
+        return;
+    }
+    std::string reason(why.empty() ? "unknown error" : why);
+    if (was_live) {
+        ++reconnects_;
+        log_.write(LogLevel::Error,
+                   "event_piper: listener connection lost: " + reason + "; reconnecting");
+    } else if (reason != last_error_) {
+        // Logged again whenever the reason changes ("the database system is starting up",
+        // "too many clients already", ...), never once per attempt.
+        log_.write(LogLevel::Error,
+                   "event_piper: listener cannot connect: " + reason + "; retrying with backoff");
+    }
+    last_error_ = reason;
+    if (was_live) {
+        events_.on_listener_lost();
+    }
+    if (!retry_.armed()) {
+        retry_.arm(backoff_.next());
+    }
+}
+
+void Listener::on_link_notify(DbLink &, std::string_view payload) {
+    heard_since_check_ = true;
+    events_.on_notification(payload);
+}
+
+} // namespace event_piper

@@ -1,0 +1,85 @@
+// The LISTEN connection's state machine: connect, LISTEN, read the newest position, then hand
+// notifications on; check a silent connection with a timed round trip; reconnect with backoff.
+// Each successful LISTEN has a new epoch: a stream that read the table during another epoch (or
+// none) may have missed notifications and must read again before it goes live.
+#pragma once
+
+#include "ports.hpp"
+
+#include <string>
+
+namespace event_piper {
+
+class ListenerEvents {
+public:
+    // Listening since epoch `epoch`; `newest` is the newest committed position. Streams opened
+    // without a resume point while no position was known start at `start_for_waiting`.
+    virtual void on_listener_ready(uint64_t epoch, int64_t newest, int64_t start_for_waiting) = 0;
+    virtual void on_listener_lost() = 0;
+    virtual void on_notification(std::string_view payload) = 0;
+    // When the oldest stream still waiting for a start position opened (0: none).
+    virtual uint64_t waiting_since_ms() const = 0;
+
+protected:
+    ~ListenerEvents() = default;
+};
+
+class Listener : public DbLinkOwner {
+public:
+    enum class Phase { Down, Connecting, Listening, ReadingNewest, Live, Checking };
+
+    struct Settings {
+        std::string channel;     // a plain identifier (checked by the configuration)
+        uint64_t check_ms = 0;   // silence before a round trip checks the link (0: never)
+        uint64_t timeout_ms = 0; // how long that round trip may take
+    };
+
+    // `retry` fires on_retry_timer, `check` fires on_check_timer.
+    Listener(DbLink &link, Timer &retry, Timer &check, ListenerEvents &events, Log &log,
+             Settings settings);
+
+    void start();
+    void close(); // for good: nothing is reported after this
+    void on_retry_timer() { start(); }
+    void on_check_timer();
+
+    Phase phase() const { return phase_; }
+    uint64_t epoch() const { return epoch_; } // 0 while not listening
+    uint64_t reconnects() const { return reconnects_; }
+    // The database's event_piper.channel setting differs from ours: the trigger notifies another
+    // channel and live delivery cannot work (only catch-up from the table would).
+    bool channel_mismatch() const { return channel_mismatch_; }
+
+    void on_link_ready(DbLink &link) override;
+    void on_link_result(DbLink &link, const QueryResult &result) override;
+    void on_link_idle(DbLink &link) override;
+    void on_link_lost(DbLink &link, std::string_view why) override;
+    void on_link_notify(DbLink &link, std::string_view payload) override;
+
+private:
+    void lose(std::string_view why);
+    void read_newest();
+    void go_live();
+
+    DbLink &link_;
+    Timer &retry_;
+    Timer &check_;
+    ListenerEvents &events_;
+    Log &log_;
+    Settings settings_;
+    std::string listen_sql_;
+    Backoff backoff_;
+    Phase phase_ = Phase::Down;
+    uint64_t epoch_ = 0;
+    uint64_t listens_ = 0; // successful LISTENs so far: the next epoch
+    uint64_t reconnects_ = 0;
+    int64_t newest_ = 0;
+    int64_t start_for_waiting_ = 0;
+    std::string last_error_; // logged once per distinct reason
+    bool heard_since_check_ = false;
+    bool ever_live_ = false;
+    bool channel_mismatch_ = false;
+    bool closed_ = false;
+};
+
+} // namespace event_piper

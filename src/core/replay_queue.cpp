@@ -1,0 +1,206 @@
+// The replay queue (see replay_queue.hpp).
+#include "replay_queue.hpp"
+
+#include <algorithm>
+#include <charconv>
+#include <string>
+
+namespace event_piper {
+
+const char *const ReplayQueue::batch_sql =
+    "SELECT b.position, b.type, b.body, b.fetched, m.newest"
+    " FROM (SELECT coalesce(max(position), 0) AS newest FROM events) AS m"
+    " LEFT JOIN LATERAL ("
+    "  SELECT position, type, body, count(*) OVER () AS fetched,"
+    "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
+    "  FROM (SELECT position, type, payload::text AS body FROM events"
+    "   WHERE subscriber = $1 AND position > $2 ORDER BY position LIMIT $3) AS batch"
+    " ) AS b ON b.before < $4"
+    " ORDER BY b.position";
+
+namespace {
+
+struct Number {
+    char text[24];
+    explicit Number(int64_t v) { *std::to_chars(text, text + sizeof text - 1, v).ptr = '\0'; }
+};
+
+} // namespace
+
+ReplayQueue::ReplayQueue(Timer &retry, ReplayEvents &events, Log &log)
+    : retry_(retry), events_(events), log_(log) {}
+
+ReplayQueue::Slot &ReplayQueue::slot_of(DbLink &link) {
+    for (Slot &slot : slots_) {
+        if (slot.link == &link) {
+            return slot;
+        }
+    }
+    return slots_.front(); // unreachable: every link of this queue has a slot
+}
+
+void ReplayQueue::close_all() {
+    retry_.cancel();
+    for (Slot &slot : slots_) {
+        slot.link->close();
+        if (slot.stream != nullptr) {
+            slot.stream->query_lost();
+        }
+        DbLink *link = slot.link;
+        slot = Slot{};
+        slot.link = link;
+    }
+    queue_.clear();
+    queued_.clear();
+}
+
+void ReplayQueue::request(Stream &s) {
+    if (s.query_in_flight() || !queued_.insert(&s).second) {
+        return;
+    }
+    queue_.push_back(&s);
+    dispatch();
+}
+
+void ReplayQueue::cancel(Stream &s) {
+    if (queued_.erase(&s) != 0) {
+        queue_.erase(std::find(queue_.begin(), queue_.end(), &s));
+    }
+    for (Slot &slot : slots_) {
+        if (slot.stream == &s) {
+            slot.stream = nullptr; // the result is discarded when it arrives
+        }
+    }
+}
+
+void ReplayQueue::dispatch() {
+    while (!queue_.empty()) {
+        Slot *idle = nullptr;
+        size_t connecting = 0;
+        for (Slot &slot : slots_) {
+            DbLink::State st = slot.link->state();
+            if (st == DbLink::State::Ready && idle == nullptr) {
+                idle = &slot;
+            } else if (st == DbLink::State::Connecting) {
+                ++connecting;
+            }
+        }
+        if (idle == nullptr) {
+            if (retry_.armed()) {
+                return; // backing off after a failure
+            }
+            // Open links on demand: no more than there are streams waiting.
+            for (Slot &slot : slots_) {
+                if (connecting >= queue_.size()) {
+                    break;
+                }
+                if (slot.link->state() == DbLink::State::Down) {
+                    ++connecting;
+                    slot.link->connect(); // may fail at once: on_link_lost arms the retry timer
+                    if (retry_.armed()) {
+                        return;
+                    }
+                }
+            }
+            return;
+        }
+        Stream *s = queue_.front();
+        queue_.pop_front();
+        queued_.erase(s);
+        Number last(s->last_position());
+        Number rows(static_cast<int64_t>(s->batch_rows()));
+        Number bytes(static_cast<int64_t>(s->batch_bytes()));
+        const char *params[4] = {s->consumer().c_str(), last.text, rows.text, bytes.text};
+        s->begin_query(events_.listener_epoch());
+        DbLink *link = idle->link;
+        *idle = Slot{};
+        idle->link = link;
+        idle->stream = s;
+        ++queries_;
+        link->send(batch_sql, 4, params); // failure: on_link_lost has re-queued s
+    }
+}
+
+void ReplayQueue::on_link_ready(DbLink &) {
+    if (reported_down_) {
+        log_.write(LogLevel::Notice, "event_piper: replay connection is back");
+        reported_down_ = false;
+    }
+    backoff_.reset();
+    dispatch();
+}
+
+void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
+    Slot &slot = slot_of(link);
+    if (!result.ok()) {
+        std::string why = result.error();
+        while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
+            why.pop_back();
+        }
+        log_.write(LogLevel::Error, "event_piper: replay query failed: " + why);
+        slot.failed = true;
+        return;
+    }
+    if (slot.stream == nullptr) {
+        return; // the client went away meanwhile
+    }
+    int n = result.rows();
+    if (n > 0) {
+        slot.newest = result.number(0, 4);
+        events_.note_position(slot.newest);
+        if (result.is_null(0, 0)) {
+            return; // nothing after the stream's position
+        }
+        slot.fetched = static_cast<size_t>(result.number(0, 3));
+    }
+    for (int row = 0; row < n; ++row) {
+        int64_t pos = result.number(row, 0);
+        slot.stream->on_row(pos, result.value(row, 1), result.value(row, 2));
+        events_.note_position(pos);
+    }
+    slot.rows += static_cast<size_t>(n);
+}
+
+void ReplayQueue::on_link_idle(DbLink &link) {
+    Slot &slot = slot_of(link);
+    Slot done = slot;
+    slot = Slot{};
+    slot.link = &link;
+    if (Stream *s = done.stream) {
+        if (done.failed) {
+            s->fail();
+        } else {
+            // More rows follow when the batch was full, or cut short by the byte cap.
+            bool more =
+                done.rows > 0 && (done.fetched >= s->batch_rows() || done.rows < done.fetched);
+            if (done.rows == 0) {
+                s->on_newest(done.newest);
+            }
+            s->end_query(more, events_.listener_epoch());
+        }
+        s->wake();
+    }
+    dispatch();
+}
+
+void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
+    Slot &slot = slot_of(link);
+    Stream *s = slot.stream;
+    slot = Slot{};
+    slot.link = &link;
+    if (s != nullptr) {
+        // Asked again first: it has waited longest.
+        s->query_lost();
+        queued_.insert(s);
+        queue_.push_front(s);
+    }
+    if (!reported_down_) {
+        log_.write(LogLevel::Error, "event_piper: replay connection failed: " + std::string(why));
+        reported_down_ = true;
+    }
+    if (!retry_.armed()) {
+        retry_.arm(backoff_.next());
+    }
+}
+
+} // namespace event_piper

@@ -1,0 +1,81 @@
+// The replay queue: streams waiting for their next catch-up batch, served first come, first
+// served by a fixed set of database links (opened on demand, each back in the pool after every
+// batch: no transaction or cursor outlives a batch). Decides which stream is served, when a
+// batch means "more rows follow", when a stream may go live, and when to retry after a failure.
+#pragma once
+
+#include "ports.hpp"
+#include "stream.hpp"
+
+#include <deque>
+#include <unordered_set>
+#include <vector>
+
+namespace event_piper {
+
+class ReplayEvents {
+public:
+    virtual uint64_t listener_epoch() const = 0; // 0: not listening
+    virtual void note_position(int64_t position) = 0;
+
+protected:
+    ~ReplayEvents() = default;
+};
+
+class ReplayQueue : public DbLinkOwner {
+public:
+    // One keyset batch: at most $3 rows, and no more rows than fit in about $4 bytes (at least
+    // one), so that a batch of large payloads cannot balloon the worker. `fetched` tells a batch
+    // cut by the byte cap (more rows follow) from a short batch (the end of the history).
+    // `newest` is the newest committed position; with no row left, the query still answers one
+    // row of NULLs carrying it.
+    static const char *const batch_sql;
+
+    // `retry` fires on_retry_timer.
+    ReplayQueue(Timer &retry, ReplayEvents &events, Log &log);
+    // A connection for the pool; its owner (DbLinkOwner) must be this queue.
+    void add_link(DbLink &link) {
+        Slot slot;
+        slot.link = &link;
+        slots_.push_back(slot);
+    }
+
+    // Queues the stream for its next batch (no-op if queued or in flight).
+    void request(Stream &s);
+    // Forgets the stream: out of the queue; a batch in flight is discarded when it completes.
+    void cancel(Stream &s);
+    void close_all();
+    void on_retry_timer() { dispatch(); }
+
+    uint64_t queries() const { return queries_; }
+    size_t queued() const { return queue_.size(); }
+
+    void on_link_ready(DbLink &link) override;
+    void on_link_result(DbLink &link, const QueryResult &result) override;
+    void on_link_idle(DbLink &link) override;
+    void on_link_lost(DbLink &link, std::string_view why) override;
+
+private:
+    struct Slot {
+        DbLink *link = nullptr;
+        Stream *stream = nullptr; // the stream whose batch is in flight (nullptr: none, or gone)
+        size_t rows = 0;          // rows received
+        size_t fetched = 0;       // rows the query found before the byte cap
+        int64_t newest = 0;       // newest committed position when the query ran
+        bool failed = false;      // the server refused the query
+    };
+    void dispatch();
+    Slot &slot_of(DbLink &link);
+
+    std::vector<Slot> slots_;
+    Timer &retry_;
+    ReplayEvents &events_;
+    Log &log_;
+    std::deque<Stream *> queue_;
+    std::unordered_set<Stream *> queued_;
+    Backoff backoff_;
+    uint64_t queries_ = 0;
+    bool reported_down_ = false;
+};
+
+} // namespace event_piper

@@ -1,0 +1,34 @@
+// Validation of what a client sends: the consumer id and the Last-Event-ID resume point.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace event_piper {
+
+constexpr size_t max_consumer_length = 256;
+
+enum class ConsumerCheck { Ok, Missing, TooLong, ControlCharacter, NotUtf8 };
+
+ConsumerCheck check_consumer(std::string_view consumer);
+
+// One line of text for the error body (ends with '\n'), empty for Ok.
+std::string_view consumer_error_text(ConsumerCheck check);
+
+// Decodes %XX escapes (as in a query argument or a cookie); '+' stays '+'. nullopt if a '%' is
+// not followed by two hexadecimal digits. The result is checked like any id (check_consumer).
+std::optional<std::string> percent_decode(std::string_view text);
+
+// The request header that a variable such as `$http_x_consumer_id` reads ("x_consumer_id"), or
+// empty if `value` is not exactly one `$http_...` variable.
+std::string_view header_of_variable(std::string_view value);
+// Whether header `name` ("X-Consumer-Id") is the one a `$http_<variable>` reads: nginx lowercases
+// the name and turns '-' into '_'.
+bool header_matches_variable(std::string_view name, std::string_view variable);
+
+// A non-negative decimal integer that fits in int64, nothing else (no sign, no spaces).
+std::optional<int64_t> parse_last_event_id(std::string_view text);
+
+} // namespace event_piper

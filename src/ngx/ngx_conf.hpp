@@ -1,0 +1,35 @@
+// The module's configuration as nginx stores it (http block and locations). Parsed and checked
+// by the directive handlers in ngx_event_piper_module.cpp.
+#pragma once
+
+extern "C" {
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+}
+
+extern "C" ngx_module_t ngx_event_piper_module;
+
+namespace event_piper {
+
+struct MainConf {
+    ngx_shm_zone_t *status_zone; // one status slot per worker, for event_piper_status
+    ngx_str_t conninfo;
+    ngx_str_t channel;
+    ngx_uint_t replay_connections;
+    ngx_msec_t listener_timeout; // a frozen listening connection is noticed within this time
+    ngx_flag_t used;             // some location has `event_piper;` or `event_piper_health;`
+};
+
+struct LocConf {
+    ngx_http_complex_value_t *consumer;
+    ngx_str_t consumer_header;  // the header a bare `$http_...` consumer value reads ("" if not)
+    ngx_flag_t consumer_decode; // `event_piper_consumer ... urldecode`: decode %XX first
+    ngx_http_complex_value_t *last_event_id;
+    ngx_msec_t heartbeat; // 0: off
+    ngx_msec_t retry;     // 0: unset
+    ngx_uint_t replay_batch;
+    size_t stream_buffer;
+};
+
+} // namespace event_piper

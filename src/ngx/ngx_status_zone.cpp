@@ -1,0 +1,88 @@
+// The shared-memory status zone (see ngx_status_zone.hpp).
+#include "ngx_status_zone.hpp"
+
+#include "ngx_conf.hpp"
+
+#include <cerrno>
+#include <csignal>
+
+namespace event_piper {
+
+namespace {
+
+bool process_alive(ngx_atomic_uint_t pid) {
+    return pid != 0 && !(kill(static_cast<pid_t>(pid), 0) == -1 && errno == ESRCH);
+}
+
+ngx_int_t init_zone(ngx_shm_zone_t *zone, void *data) noexcept {
+    if (data != nullptr) { // a reload: keep the zone of the previous cycle
+        zone->data = data;
+        return NGX_OK;
+    }
+    auto *shpool = reinterpret_cast<ngx_slab_pool_t *>(zone->shm.addr);
+    if (zone->shm.exists) {
+        zone->data = shpool->data;
+        return NGX_OK;
+    }
+    void *slots = ngx_slab_calloc(shpool, sizeof(StatusZone));
+    if (slots == nullptr) {
+        return NGX_ERROR;
+    }
+    shpool->data = slots;
+    zone->data = slots;
+    return NGX_OK;
+}
+
+} // namespace
+
+ngx_shm_zone_t *add_status_zone(ngx_conf_t *cf) {
+    ngx_str_t name = ngx_string("event_piper_status");
+    ngx_shm_zone_t *zone = ngx_shared_memory_add(cf, &name, 8 * ngx_pagesize + sizeof(StatusZone),
+                                                 &ngx_event_piper_module);
+    if (zone != nullptr) {
+        zone->init = init_zone;
+    }
+    return zone;
+}
+
+StatusSlot *claim_status_slot(ngx_shm_zone_t *zone, ngx_log_t *log) {
+    if (zone == nullptr || zone->data == nullptr) {
+        return nullptr;
+    }
+    auto *z = static_cast<StatusZone *>(zone->data);
+    auto me = static_cast<ngx_atomic_uint_t>(ngx_pid);
+    for (StatusSlot &slot : z->slots) {
+        ngx_atomic_uint_t owner = slot.owner;
+        if (!process_alive(owner) && ngx_atomic_cmp_set(&slot.owner, owner, me)) {
+            slot.stats = WorkerStats{};
+            return &slot;
+        }
+    }
+    ngx_log_error(NGX_LOG_WARN, log, 0,
+                  "event_piper: no free status slot, this worker is missing from the status");
+    return nullptr;
+}
+
+void release_status_slot(StatusSlot *slot) {
+    if (slot != nullptr) {
+        slot->stats = WorkerStats{};
+        slot->owner = 0; // free for the next worker
+    }
+}
+
+std::vector<WorkerStats> read_status_zone(ngx_shm_zone_t *zone) {
+    std::vector<WorkerStats> workers;
+    if (zone == nullptr || zone->data == nullptr) {
+        return workers;
+    }
+    for (const StatusSlot &slot : static_cast<StatusZone *>(zone->data)->slots) {
+        ngx_atomic_uint_t owner = slot.owner;
+        if (process_alive(owner)) {
+            workers.push_back(slot.stats);
+            workers.back().pid = static_cast<int64_t>(owner);
+        }
+    }
+    return workers;
+}
+
+} // namespace event_piper

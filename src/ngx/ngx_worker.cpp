@@ -1,0 +1,148 @@
+// The wiring of one nginx worker (see ngx_worker.hpp).
+#include "ngx_worker.hpp"
+
+#include <string>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+namespace event_piper {
+
+namespace {
+
+Worker *the_worker = nullptr;
+
+std::string text(const ngx_str_t &s) {
+    return std::string(reinterpret_cast<const char *>(s.data), s.len);
+}
+
+Listener::Settings listener_settings(const MainConf &conf) {
+    Listener::Settings settings;
+    settings.channel = text(conf.channel);
+    // Two silent periods and one unanswered check fit in the configured time.
+    settings.check_ms = conf.listener_timeout / 3;
+    settings.timeout_ms = conf.listener_timeout - 2 * settings.check_ms;
+    return settings;
+}
+
+} // namespace
+
+Worker *current_worker() {
+    return the_worker;
+}
+
+void create_worker(ngx_cycle_t *cycle, const MainConf &conf) {
+    the_worker = new Worker(cycle, conf);
+    the_worker->start();
+}
+
+void destroy_worker() {
+    delete the_worker;
+    the_worker = nullptr;
+}
+
+// Members are built in declaration order; a link keeps a reference to its owner (the replay
+// queue or the listener) and calls it only once connect() has been called, after construction.
+Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
+    : log_(cycle->log), logger_(cycle->log),
+      replay_retry_(cycle->log, "replay dispatch", [this] { hub_.replay().on_retry_timer(); }),
+      hub_(replay_retry_, clock_, logger_),
+      listener_retry_(cycle->log, "listener restart", [this] { listener_.on_retry_timer(); }),
+      listener_check_(cycle->log, "listener check", [this] { listener_.on_check_timer(); }),
+      listener_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_listener"),
+      listener_(listener_link_, listener_retry_, listener_check_, hub_, logger_,
+                listener_settings(conf)),
+      publish_timer_(cycle->log, "status publish", [this] { publish(); }) {
+    for (ngx_uint_t i = 0; i < conf.replay_connections; ++i) {
+        replay_links_.push_back(std::make_unique<PgLink>(
+            hub_.replay(), cycle->log, text(conf.conninfo), "event_piper_replay"));
+        hub_.replay().add_link(*replay_links_.back());
+    }
+    slot_ = claim_status_slot(conf.status_zone, log_);
+    hub_.stats().pid = ngx_pid;
+}
+
+Worker::~Worker() {
+    publish_timer_.cancel();
+    release_status_slot(slot_);
+    listener_.close();
+    hub_.replay().close_all();
+    if (quit_sentinel_ != nullptr) {
+        ngx_close_connection(quit_sentinel_);
+        quit_sentinel_ = nullptr;
+    }
+}
+
+void Worker::start() {
+    // nginx calls the read handler of every "idle" connection when it starts a graceful
+    // shutdown (quit, reload). This never-polled eventfd is how the worker hears of it, early
+    // enough to end its streams before nginx checks for open connections.
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fd >= 0) {
+        quit_sentinel_ = ngx_get_connection(fd, log_);
+        if (quit_sentinel_ == nullptr) {
+            ::close(fd);
+        } else {
+            quit_sentinel_->data = this;
+            quit_sentinel_->idle = 1;
+            quit_sentinel_->read->handler = quit_handler;
+            quit_sentinel_->read->log = log_;
+            quit_sentinel_->write->log = log_;
+        }
+    }
+    listener_.start();
+    publish();
+}
+
+// Counts that are cheaper to take once a second than to keep exact on every transition.
+void Worker::publish() {
+    WorkerStats &stats = hub_.stats();
+    stats.streams = hub_.streams();
+    stats.consumers = hub_.consumers();
+    stats.streams_catching_up = hub_.streams_catching_up();
+    stats.listener_state = listening() ? 1 : 0;
+    stats.listener_reconnects = listener_.reconnects();
+    stats.channel_mismatch = listener_.channel_mismatch() ? 1 : 0;
+    stats.replay_queries = hub_.replay().queries();
+    stats.replay_queued = hub_.replay().queued();
+    if (slot_ != nullptr) {
+        slot_->stats = stats;
+    }
+    if (!shutting_down_) {
+        publish_timer_.arm(1000);
+    }
+}
+
+void Worker::quit_handler(ngx_event_t *ev) noexcept {
+    auto *c = static_cast<ngx_connection_t *>(ev->data);
+    if (!c->close) {
+        return;
+    }
+    auto *self = static_cast<Worker *>(c->data);
+    try {
+        self->shutdown();
+    } catch (const std::exception &e) {
+        ngx_log_error(NGX_LOG_ERR, ev->log, 0, "event_piper: shutdown failed: %s", e.what());
+    } catch (...) {
+        ngx_log_error(NGX_LOG_ERR, ev->log, 0, "event_piper: shutdown failed");
+    }
+}
+
+void Worker::shutdown() {
+    if (shutting_down_) {
+        return;
+    }
+    shutting_down_ = true;
+    ngx_log_error(NGX_LOG_NOTICE, log_, 0, "event_piper: shutting down, ending %uz streams",
+                  hub_.streams());
+    hub_.end_all();
+    publish_timer_.cancel();
+    publish();
+    listener_.close();
+    hub_.replay().close_all();
+    if (quit_sentinel_ != nullptr) {
+        ngx_close_connection(quit_sentinel_);
+        quit_sentinel_ = nullptr;
+    }
+}
+
+} // namespace event_piper

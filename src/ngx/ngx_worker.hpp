@@ -1,0 +1,63 @@
+// The wiring of one nginx worker: its hub, its listener and replay links, its status slot and
+// the hook that hears of a graceful shutdown. Built in init_process, destroyed in exit_process;
+// nothing of it exists in the master.
+#pragma once
+
+extern "C" {
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_event.h>
+}
+
+#include "core/hub.hpp"
+#include "core/listener.hpp"
+#include "ngx_conf.hpp"
+#include "ngx_pg_link.hpp"
+#include "ngx_status_zone.hpp"
+#include "ngx_timer.hpp"
+
+#include <memory>
+#include <vector>
+
+namespace event_piper {
+
+class Worker {
+public:
+    Worker(ngx_cycle_t *cycle, const MainConf &conf);
+    ~Worker();
+    Worker(const Worker &) = delete;
+    Worker &operator=(const Worker &) = delete;
+
+    void start();
+    // Graceful stop (nginx quit/reload): end every stream with a retry hint, close connections.
+    void shutdown();
+    bool shutting_down() const { return shutting_down_; }
+    Hub &hub() { return hub_; }
+    bool listening() const { return hub_.listening(); }
+
+private:
+    static void quit_handler(ngx_event_t *ev) noexcept;
+    void publish();
+
+    ngx_log_t *log_;
+    NgxLog logger_;
+    NgxClock clock_;
+    NgxTimer replay_retry_;
+    Hub hub_;
+    std::vector<std::unique_ptr<PgLink>> replay_links_; // owned by hub_'s replay queue
+    NgxTimer listener_retry_;
+    NgxTimer listener_check_;
+    PgLink listener_link_;
+    Listener listener_;
+    NgxTimer publish_timer_;
+    StatusSlot *slot_ = nullptr;
+    ngx_connection_t *quit_sentinel_ = nullptr;
+    bool shutting_down_ = false;
+};
+
+// The worker of this process, or nullptr (master, helpers, or module unused).
+Worker *current_worker();
+void create_worker(ngx_cycle_t *cycle, const MainConf &conf);
+void destroy_worker();
+
+} // namespace event_piper

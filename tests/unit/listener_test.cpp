@@ -1,0 +1,231 @@
+// The listener's state machine: connect, LISTEN, read the newest position, live; losses in every
+// phase; backoff; epochs; the silent-link check; the channel check.
+#include "listener.hpp"
+
+#include "fakes.hpp"
+
+#include <gtest/gtest.h>
+
+using namespace event_piper;
+using namespace event_piper::testing;
+
+namespace {
+
+struct Events : ListenerEvents {
+    void on_listener_ready(uint64_t epoch, int64_t newest, int64_t start) override {
+        ready.push_back({epoch, newest, start});
+    }
+    void on_listener_lost() override { ++lost; }
+    void on_notification(std::string_view payload) override { notes.emplace_back(payload); }
+    uint64_t waiting_since_ms() const override { return waiting_since; }
+
+    struct Ready {
+        uint64_t epoch;
+        int64_t newest;
+        int64_t start;
+    };
+    std::vector<Ready> ready;
+    int lost = 0;
+    std::vector<std::string> notes;
+    uint64_t waiting_since = 0;
+};
+
+struct ListenerTest : ::testing::Test {
+    FakeLink link;
+    FakeTimer retry, check;
+    Events events;
+    FakeLog log;
+    Listener listener{link, retry, check, events, log, {"new_events", 20000, 20000}};
+
+    FakeResult newest_row(const char *newest, const char *channel = "new_events",
+                          std::optional<std::string> start = std::nullopt) {
+        return FakeResult({{std::string(newest), start, std::string(channel)}});
+    }
+    // Drives a fresh connection to Live with the given newest position.
+    void bring_up(const char *newest = "42") {
+        listener.start();
+        link.connected(listener);
+        ASSERT_EQ(link.sent.back(), "LISTEN \"new_events\"");
+        listener.on_link_result(link, FakeResult::command_ok());
+        link.idle(listener);
+        ASSERT_EQ(listener.phase(), Listener::Phase::ReadingNewest);
+        listener.on_link_result(link, newest_row(newest));
+        link.idle(listener);
+        ASSERT_EQ(listener.phase(), Listener::Phase::Live);
+    }
+};
+
+} // namespace
+
+TEST_F(ListenerTest, ConnectsListensReadsTheNewestThenGoesLive) {
+    bring_up("42");
+    ASSERT_EQ(events.ready.size(), 1u);
+    EXPECT_EQ(events.ready[0].epoch, 1u);
+    EXPECT_EQ(events.ready[0].newest, 42);
+    EXPECT_EQ(events.ready[0].start, 42);
+    EXPECT_EQ(listener.epoch(), 1u);
+    EXPECT_EQ(log.count("listening for notifications (newest position 42)"), 1u);
+    EXPECT_TRUE(check.armed());
+}
+
+TEST_F(ListenerTest, NotificationsAreHandedOn) {
+    bring_up();
+    listener.on_link_notify(link, "e 43 4 1\ntotot{}");
+    ASSERT_EQ(events.notes.size(), 1u);
+    EXPECT_EQ(events.notes[0], "e 43 4 1\ntotot{}");
+}
+
+TEST_F(ListenerTest, LostWhileConnectingRetriesWithGrowingBackoffAndLogsOncePerReason) {
+    listener.start();
+    link.lost(listener, "connection refused");
+    EXPECT_EQ(listener.phase(), Listener::Phase::Down);
+    EXPECT_EQ(retry.fire(), 100u);
+    listener.on_retry_timer();
+    link.lost(listener, "connection refused");
+    EXPECT_EQ(retry.fire(), 200u);
+    listener.on_retry_timer();
+    link.lost(listener, "FATAL: sorry, too many clients already");
+    EXPECT_EQ(retry.fire(), 400u);
+    for (int i = 0; i < 10; ++i) {
+        listener.on_retry_timer();
+        link.lost(listener, "FATAL: sorry, too many clients already");
+        retry.fire();
+    }
+    EXPECT_EQ(retry.history.back(), 5000u); // capped at 5 s
+    EXPECT_EQ(log.count("cannot connect: connection refused"), 1u);
+    EXPECT_EQ(log.count("cannot connect: FATAL: sorry, too many clients already"), 1u);
+    EXPECT_EQ(events.lost, 0); // never was live: nothing to tell the streams
+    EXPECT_EQ(listener.reconnects(), 0u);
+}
+
+TEST_F(ListenerTest, LostWhileListenIsPending) {
+    listener.start();
+    link.connected(listener);
+    link.lost(listener);
+    EXPECT_EQ(listener.epoch(), 0u);
+    EXPECT_TRUE(retry.armed());
+    EXPECT_TRUE(events.ready.empty());
+}
+
+TEST_F(ListenerTest, ListenRefusedClosesAndRetries) {
+    listener.start();
+    link.connected(listener);
+    listener.on_link_result(link, FakeResult::failure("ERROR: permission denied\n"));
+    EXPECT_EQ(link.state(), DbLink::State::Down);
+    EXPECT_TRUE(retry.armed());
+    EXPECT_EQ(log.count("cannot connect: ERROR: permission denied;"), 1u);
+}
+
+TEST_F(ListenerTest, LostWhileReadingTheNewest) {
+    listener.start();
+    link.connected(listener);
+    link.idle(listener);
+    EXPECT_EQ(listener.phase(), Listener::Phase::ReadingNewest);
+    link.lost(listener);
+    EXPECT_TRUE(events.ready.empty());
+    EXPECT_EQ(listener.epoch(), 0u);
+    retry.fire();
+    bring_up("50");
+    EXPECT_EQ(events.ready.back().epoch, 1u); // the first successful LISTEN
+}
+
+TEST_F(ListenerTest, LossWhenLiveTellsTheStreamsAndTheNextEpochIsNew) {
+    bring_up("42");
+    link.lost(listener, "server closed the connection unexpectedly");
+    EXPECT_EQ(events.lost, 1);
+    EXPECT_EQ(listener.epoch(), 0u);
+    EXPECT_EQ(listener.reconnects(), 1u);
+    EXPECT_FALSE(check.armed());
+    EXPECT_EQ(log.count("listener connection lost: server closed the connection unexpectedly"), 1u);
+    EXPECT_EQ(retry.fire(), 100u);
+    bring_up("45");
+    EXPECT_EQ(events.ready.back().epoch, 2u);
+    EXPECT_EQ(events.ready.back().newest, 45);
+    EXPECT_EQ(log.count("listening for notifications (newest position 45)"), 1u);
+}
+
+TEST_F(ListenerTest, BackoffResetsAfterASuccess) {
+    listener.start();
+    link.lost(listener);
+    retry.fire();
+    listener.on_retry_timer();
+    link.lost(listener);
+    EXPECT_EQ(retry.fire(), 200u);
+    bring_up();
+    link.lost(listener);
+    EXPECT_EQ(retry.fire(), 100u);
+}
+
+TEST_F(ListenerTest, StreamsWaitingForAPositionStartByTheCommitClock) {
+    events.waiting_since = 1700000000123;
+    listener.start();
+    link.connected(listener);
+    link.idle(listener);
+    EXPECT_EQ(link.last_params, std::vector<std::string>{"1700000000123"});
+    listener.on_link_result(link, newest_row("42", "new_events", std::string("40")));
+    link.idle(listener);
+    EXPECT_EQ(events.ready.back().newest, 42);
+    EXPECT_EQ(events.ready.back().start, 40);
+}
+
+TEST_F(ListenerTest, ASilentLinkIsCheckedAndAFrozenOneIsReplaced) {
+    bring_up();
+    EXPECT_EQ(check.fire(), 20000u);
+    listener.on_check_timer();
+    EXPECT_EQ(listener.phase(), Listener::Phase::Checking);
+    EXPECT_EQ(link.sent.back(), "SELECT 1");
+    EXPECT_EQ(check.fire(), 20000u); // no answer in time
+    listener.on_check_timer();
+    EXPECT_EQ(link.state(), DbLink::State::Down);
+    EXPECT_EQ(events.lost, 1);
+    EXPECT_EQ(listener.epoch(), 0u);
+    EXPECT_EQ(log.count("listener connection lost: no answer from the server for 20000 ms"), 1u);
+    EXPECT_TRUE(retry.armed());
+}
+
+TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndNotificationsSkipTheCheck) {
+    bring_up();
+    check.fire();
+    listener.on_check_timer();
+    listener.on_link_result(link, FakeResult({{std::string("1")}}));
+    link.idle(listener);
+    EXPECT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_EQ(listener.epoch(), 1u);
+    EXPECT_TRUE(check.armed());
+    size_t sent = link.sent.size();
+    listener.on_link_notify(link, "p 50");
+    check.fire();
+    listener.on_check_timer(); // heard something since the last check: no round trip
+    EXPECT_EQ(link.sent.size(), sent);
+    EXPECT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_TRUE(check.armed());
+}
+
+TEST_F(ListenerTest, AChannelMismatchIsReportedOnce) {
+    listener.start();
+    link.connected(listener);
+    link.idle(listener);
+    listener.on_link_result(link, newest_row("1", "other_channel"));
+    link.idle(listener);
+    EXPECT_TRUE(listener.channel_mismatch());
+    EXPECT_EQ(log.count("notifies channel \"other_channel\""), 1u);
+    link.lost(listener);
+    retry.fire();
+    listener.on_retry_timer();
+    link.connected(listener);
+    link.idle(listener);
+    listener.on_link_result(link, newest_row("1", "other_channel"));
+    link.idle(listener);
+    EXPECT_EQ(log.count("notifies channel \"other_channel\""), 1u);
+}
+
+TEST_F(ListenerTest, CloseIsForGood) {
+    bring_up();
+    listener.close();
+    EXPECT_EQ(link.state(), DbLink::State::Down);
+    EXPECT_FALSE(retry.armed());
+    EXPECT_FALSE(check.armed());
+    listener.on_link_lost(link, "late");
+    EXPECT_FALSE(retry.armed());
+    EXPECT_EQ(events.lost, 0);
+}

@@ -1,0 +1,236 @@
+// The replay queue: FIFO service over a fixed set of links, opened on demand; the more-rows
+// rule; failures (link lost mid-batch, query refused); a stream gone while its batch is in
+// flight; backoff; a listener epoch change during a batch.
+#include "replay_queue.hpp"
+
+#include "fakes.hpp"
+#include "sse_frame.hpp"
+
+#include <gtest/gtest.h>
+
+#include <memory>
+
+using namespace event_piper;
+using namespace event_piper::testing;
+
+namespace {
+
+struct Events : ReplayEvents {
+    uint64_t listener_epoch() const override { return epoch; }
+    void note_position(int64_t position) override { newest = std::max(newest, position); }
+    uint64_t epoch = 1;
+    int64_t newest = 0;
+};
+
+using Row = FakeResult::Row;
+
+// A batch result: rows (position, type, body), `fetched` as the query counted it, `newest`.
+FakeResult batch(std::vector<int64_t> positions, size_t fetched, int64_t newest) {
+    std::vector<Row> rows;
+    for (int64_t p : positions) {
+        rows.push_back({std::to_string(p), std::string("t"), std::string("{}"),
+                        std::to_string(fetched), std::to_string(newest)});
+    }
+    if (rows.empty()) {
+        rows.push_back(
+            {std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::to_string(newest)});
+    }
+    return FakeResult(rows);
+}
+
+std::string frames(std::vector<int64_t> positions) {
+    std::string out;
+    for (int64_t p : positions) {
+        append_event_frame(out, p, "t", "{}");
+    }
+    return out;
+}
+
+struct ReplayQueueTest : ::testing::Test {
+    FakeLink a, b;
+    FakeTimer retry;
+    Events events;
+    FakeLog log;
+    ReplayQueue queue{retry, events, log};
+    FakeOwner owner;
+
+    void SetUp() override {
+        queue.add_link(a);
+        queue.add_link(b);
+    }
+    std::unique_ptr<Stream> stream(const char *consumer, int64_t last, size_t rows = 3) {
+        Stream::Limits limits;
+        limits.batch_rows = rows;
+        return std::make_unique<Stream>(consumer, last, limits, &owner);
+    }
+    void answer(FakeLink &link, const FakeResult &result) {
+        queue.on_link_result(link, result);
+        link.idle(queue);
+    }
+    std::string drain(Stream &s) {
+        std::string out;
+        s.take_pending(out);
+        return out;
+    }
+};
+
+} // namespace
+
+TEST_F(ReplayQueueTest, OpensLinksOnDemandAndServesFirstComeFirstServed) {
+    auto s1 = stream("alice", 0);
+    auto s2 = stream("bob", 5);
+    auto s3 = stream("carol", 7);
+    queue.request(*s1);
+    EXPECT_EQ(a.connects, 1);
+    EXPECT_EQ(b.connects, 0); // one waiting stream, one connection
+    queue.request(*s2);
+    queue.request(*s3);
+    EXPECT_EQ(b.connects, 1);
+    EXPECT_EQ(queue.queued(), 3u);
+    a.connected(queue);
+    EXPECT_EQ(a.last_params, (std::vector<std::string>{"alice", "0", "3", "262144"}));
+    b.connected(queue);
+    EXPECT_EQ(b.last_params[0], "bob");
+    EXPECT_EQ(queue.queued(), 1u);
+    EXPECT_EQ(queue.queries(), 2u);
+    answer(a, batch({}, 0, 9)); // alice has nothing: carol is next, on the freed link
+    EXPECT_EQ(a.last_params[0], "carol");
+    EXPECT_EQ(queue.queued(), 0u);
+}
+
+TEST_F(ReplayQueueTest, AShortBatchGoesLiveAFullOneAsksAgain) {
+    auto s = stream("alice", 0, 3);
+    queue.request(*s);
+    a.connected(queue);
+    answer(a, batch({1, 2, 3}, 3, 9));
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp); // full: more rows may follow
+    EXPECT_EQ(drain(*s), frames({1, 2, 3}));
+    EXPECT_TRUE(s->wants_query(true));
+    EXPECT_EQ(owner.wakes, 1);
+    queue.request(*s);
+    EXPECT_EQ(a.last_params[1], "3");
+    answer(a, batch({5}, 1, 9));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+    EXPECT_EQ(drain(*s), frames({5}));
+    EXPECT_EQ(events.newest, 9);
+}
+
+TEST_F(ReplayQueueTest, ABatchCutByTheByteCapAsksAgain) {
+    auto s = stream("alice", 0, 100);
+    queue.request(*s);
+    a.connected(queue);
+    answer(a, batch({1, 2}, 50, 60)); // 50 rows found, 2 fit in the byte budget
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
+}
+
+TEST_F(ReplayQueueTest, ARequestWhileQueuedOrInFlightIsIgnored) {
+    auto s = stream("alice", 0);
+    queue.request(*s);
+    queue.request(*s);
+    EXPECT_EQ(queue.queued(), 1u);
+    a.connected(queue);
+    queue.request(*s);
+    EXPECT_EQ(queue.queued(), 0u);
+    EXPECT_EQ(queue.queries(), 1u);
+}
+
+TEST_F(ReplayQueueTest, ALinkLostMidBatchRequeuesTheStreamFirstAndBacksOff) {
+    auto s1 = stream("alice", 0);
+    auto s2 = stream("bob", 0);
+    queue.request(*s1);
+    a.connected(queue);
+    queue.on_link_result(a, batch({1}, 3, 9)); // part of a result, then the link dies
+    queue.request(*s2);
+    a.lost(queue, "server closed the connection");
+    EXPECT_FALSE(s1->query_in_flight());
+    EXPECT_EQ(queue.queued(), 2u);
+    EXPECT_EQ(retry.armed_ms, 100u);
+    EXPECT_EQ(log.count("replay connection failed: server closed the connection"), 1u);
+    // b was connecting for bob; it comes up and serves the oldest waiter first.
+    b.connected(queue);
+    EXPECT_EQ(b.last_params[0], "alice");
+    EXPECT_EQ(b.last_params[1], "1"); // from the row already queued: nothing twice
+    EXPECT_EQ(log.count("replay connection is back"), 1u);
+}
+
+TEST_F(ReplayQueueTest, ConnectFailuresBackOffAndDoubling) {
+    auto s = stream("alice", 0);
+    queue.request(*s);
+    a.lost(queue, "connection refused");
+    EXPECT_EQ(retry.fire(), 100u);
+    queue.on_retry_timer();
+    EXPECT_EQ(a.connects, 2);
+    a.lost(queue, "connection refused");
+    EXPECT_EQ(retry.fire(), 200u);
+    queue.on_retry_timer();
+    a.connected(queue);
+    EXPECT_EQ(a.sent.size(), 1u);
+    answer(a, batch({}, 0, 0));
+    a.lost(queue, "again");
+    EXPECT_EQ(retry.fire(), 100u); // reset by the success
+    EXPECT_EQ(log.count("replay connection failed"), 2u);
+}
+
+TEST_F(ReplayQueueTest, ARefusedQueryFailsTheStreamInsteadOfLooping) {
+    auto s = stream("alice", 0);
+    queue.request(*s);
+    a.connected(queue);
+    answer(a, FakeResult::failure("ERROR: permission denied for table events\n"));
+    EXPECT_TRUE(s->failed());
+    EXPECT_FALSE(s->wants_query(true));
+    EXPECT_EQ(owner.wakes, 1);
+    EXPECT_EQ(log.count("replay query failed: ERROR: permission denied for table events"), 1u);
+}
+
+TEST_F(ReplayQueueTest, AStreamCancelledWhileItsBatchIsInFlightIsForgotten) {
+    auto s1 = stream("alice", 0);
+    auto s2 = stream("bob", 0);
+    queue.request(*s1);
+    a.connected(queue);
+    queue.request(*s2);
+    queue.cancel(*s1);
+    s1.reset(); // the client went away: the stream is gone
+    queue.cancel(*s2);
+    EXPECT_EQ(queue.queued(), 0u);
+    answer(a, batch({1, 2}, 2, 2)); // discarded
+    EXPECT_EQ(a.sent.size(), 1u);
+    EXPECT_EQ(owner.wakes, 0);
+}
+
+TEST_F(ReplayQueueTest, AListenerEpochChangeDuringABatchMeansReadAgain) {
+    auto s = stream("alice", 0);
+    queue.request(*s);
+    a.connected(queue);
+    events.epoch = 2; // the listener reconnected while the query ran
+    answer(a, batch({1}, 1, 1));
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
+    drain(*s);
+    queue.request(*s);
+    answer(a, batch({}, 0, 1));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+}
+
+TEST_F(ReplayQueueTest, WithoutAListenerAShortBatchParksTheStream) {
+    auto s = stream("alice", 0);
+    events.epoch = 0;
+    queue.request(*s);
+    a.connected(queue);
+    answer(a, batch({}, 0, 5));
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
+    EXPECT_FALSE(s->wants_query(true)); // until the listener is back
+    s->on_listener_ready(5);
+    EXPECT_TRUE(s->wants_query(true));
+}
+
+TEST_F(ReplayQueueTest, CloseAllForgetsEverything) {
+    auto s1 = stream("alice", 0);
+    auto s2 = stream("bob", 0);
+    queue.request(*s1);
+    queue.request(*s2);
+    a.connected(queue);
+    queue.close_all();
+    EXPECT_EQ(queue.queued(), 0u);
+    EXPECT_FALSE(s1->query_in_flight());
+    EXPECT_EQ(a.state(), DbLink::State::Down);
+    EXPECT_EQ(b.state(), DbLink::State::Down);
+}
