@@ -76,6 +76,10 @@ $(CLIENTS_STAMP): tests/clients/package.json tests/clients/package-lock.json
 
 clients: deps $(CLIENTS_STAMP)
 
+# Test clusters are thrown away: fsync and synchronous_commit off (scripts/pgctl.sh). `make run`
+# keeps PostgreSQL's durable defaults.
+test test-asan: export EVENT_PIPER_PG_FAST := 1
+
 test: build $(UNIT_BIN) clients
 	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
 	$(RUN_ALL)

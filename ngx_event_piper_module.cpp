@@ -34,6 +34,7 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
     }
     mcf->replay_connections = NGX_CONF_UNSET_UINT;
     mcf->listener_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->replay_memory = NGX_CONF_UNSET_SIZE;
     mcf->used = NGX_CONF_UNSET;
     return mcf;
 }
@@ -45,6 +46,7 @@ char *init_main_conf(ngx_conf_t *, void *conf) noexcept {
     }
     ngx_conf_init_uint_value(mcf->replay_connections, 2);
     ngx_conf_init_msec_value(mcf->listener_timeout, 60000);
+    ngx_conf_init_size_value(mcf->replay_memory, 64 * 1024 * 1024);
     ngx_conf_init_value(mcf->used, 0);
     return NGX_CONF_OK;
 }
@@ -312,6 +314,21 @@ char *set_listener_timeout(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexc
     return NGX_CONF_OK;
 }
 
+// `event_piper_replay_memory <size>;`
+char *set_replay_memory(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *mcf = static_cast<MainConf *>(conf);
+    if (mcf->replay_memory != NGX_CONF_UNSET_SIZE) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    ssize_t size = ngx_parse_size(&args[1]);
+    if (size == NGX_ERROR || size < 1024 * 1024) {
+        return invalid_value(cf, cmd, "a size of at least 1m (\"64m\", \"1g\")");
+    }
+    mcf->replay_memory = static_cast<size_t>(size);
+    return NGX_CONF_OK;
+}
+
 char *set_retry(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     auto *lcf = static_cast<LocConf *>(conf);
     if (lcf->retry != NGX_CONF_UNSET_MSEC) {
@@ -339,6 +356,8 @@ ngx_command_t commands[] = {
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    {ngx_string("event_piper_replay_memory"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     set_replay_memory, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_listener_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
      set_listener_timeout, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_consumer"),
