@@ -40,6 +40,9 @@ teardown() {
     set +e
     for pid in "${CURL_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     if [[ $rc -ne 0 && ${STACK_STARTED:-0} == 1 ]]; then
+        for f in "$TMP"/*.body; do
+            [[ -e $f ]] && printf -- '--- stream %s: %q\n' "$(basename "$f" .body)" "$(cat "$f")"
+        done
         log "logs of the stack (last 40 lines each):"
         for c in $(stack_containers); do
             echo "--- $c"
@@ -91,7 +94,7 @@ free_port() {
 }
 
 # psql inside the database container, as in the original walkthrough (docker exec postgresql).
-psql_in_db() { engine exec "$DB_CONTAINER" psql -X -q -v ON_ERROR_STOP=1 -d event_piper -U event_piper "$@"; }
+psql_in_db() { engine exec -i "$DB_CONTAINER" psql -X -q -v ON_ERROR_STOP=1 -d event_piper -U event_piper "$@"; }
 
 # Inserts the event {"n": N} for toto unless it is there already: an insert retried after a lost
 # reply (the server stopped between commit and answer) must not make a second event.
@@ -215,46 +218,75 @@ close_stream replay
 log "replay: Last-Event-ID: 0 gets event 1 again"
 
 # --- 4. database restart ------------------------------------------------------------------------
-open_stream before 1
+# Stream `kept` is open through the restart; stream `down` opens while the database is stopped.
+# Event 3 goes in as soon as the database is back (before nginx's listener has reconnected, which
+# waits for its backoff), event 4 once /manage/health is UP again, event 5 at the end. A stream
+# that ends meanwhile is resumed with the Last-Event-ID it got, as a client does. Each client
+# must get every event after its starting point exactly once, in order.
+health() { curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/manage/health" || true; }
+
+open_stream kept 1
 insert_n 2
-wait_for_id before 2 15 || fail "event 2 was not delivered live"
-log "restarting the container $DB_CONTAINER; inserting during and after the restart"
-engine restart "$DB_CONTAINER" >"$TMP/restart.log" 2>&1 &
-restart_pid=$!
-sleep 0.3
-# Event 3: as soon as the database takes it (before the stop lands, or once it is back).
+wait_for_id kept 2 15 || fail "event 2 was not delivered live"
+started_before=$(engine inspect -f '{{.State.StartedAt}}' "$DB_CONTAINER")
+engine stop "$DB_CONTAINER" >"$TMP/stop.log" 2>&1 || { cat "$TMP/stop.log"; fail "stop failed"; }
+deadline=$((SECONDS + 30))
+until [[ $(health) == 503 ]]; do
+    [[ $SECONDS -lt $deadline ]] || fail "/manage/health still answers $(health) with the database stopped"
+    sleep 0.2
+done
+log "database container stopped; /manage/health answers 503"
+open_stream down 2
+engine start "$DB_CONTAINER" >"$TMP/start.log" 2>&1 || { cat "$TMP/start.log"; fail "start failed"; }
 deadline=$((SECONDS + 120))
 until insert_n 3 >/dev/null 2>&1; do
     [[ $SECONDS -lt $deadline ]] || fail "event 3 could not be inserted in 120 s"
     sleep 0.2
 done
-wait "$restart_pid" || {
-    cat "$TMP/restart.log"
-    fail "restart failed"
-}
-deadline=$((SECONDS + 120))
-until insert_n 4 >/dev/null 2>&1; do
-    [[ $SECONDS -lt $deadline ]] || fail "event 4 could not be inserted in 120 s"
+log "database container started again; event 3 inserted (/manage/health: $(health))"
+[[ $(engine inspect -f '{{.State.StartedAt}}' "$DB_CONTAINER") != "$started_before" ]] ||
+    fail "the database container was not restarted"
+deadline=$((SECONDS + 60))
+until [[ $(health) == 200 ]]; do
+    [[ $SECONDS -lt $deadline ]] || fail "/manage/health not UP again 60 s after the restart"
     sleep 0.2
 done
-log "events 3 and 4 inserted"
-# The open stream may carry them (the listener reconnects and catches up) or have ended.
-wait_for_id before 4 20 || true
-close_stream before
-last=$(ids before | tail -n 1)
-log "the stream opened before the restart got ids: $(ids before | tr '\n' ' ')"
-open_stream after "$last"
-wait_for_id after 4 30 || [[ $last == 4 ]] || fail "resumed stream (Last-Event-ID: $last) did not reach event 4"
-insert_n 5
-wait_for_id after 5 15 || fail "event 5 (after the restart) was not delivered live to the resumed stream"
-close_stream after
-log "resumed with Last-Event-ID: $last, got ids: $(ids after | tr '\n' ' ')"
-expected=$(for n in 2 3 4 5; do frame_n "$n" "$n"; done; echo x)
-[[ "$(body before; body after; echo x)" == "$expected" ]] || {
-    printf 'expected: %q\n     got: %q\n' "$expected" "$(body before; body after; echo x)" >&2
-    fail "across the restart, events were not delivered exactly once each, in order"
+insert_n 4
+log "/manage/health UP again; event 4 inserted"
+
+# finish NAME TO: waits for id TO on stream NAME; if it does not come, resumes the way a client
+# does, with the last id it got (stream NAME.2), and waits there.
+finish() {
+    local name=$1 to=$2 last
+    wait_for_id "$name" "$to" 20 && return 0
+    close_stream "$name"
+    last=$(ids "$name" | tail -n 1)
+    log "stream $name got ids $(ids "$name" | tr '\n' ' ')then waited in vain for $to: resuming with Last-Event-ID: $last"
+    open_stream "$name.2" "$last"
+    RESUMED+=("$name")
+    wait_for_id "$name.2" "$to" 30 || fail "stream $name resumed from $last did not reach event $to"
 }
-log "across the restart: events 2..5 each delivered exactly once, in order, exact frames"
+RESUMED=()
+finish kept 4
+finish down 4
+insert_n 5
+for name in kept down; do
+    [[ " ${RESUMED[*]:-} " == *" $name "* ]] && name=$name.2
+    wait_for_id "$name" 5 15 || fail "event 5 was not delivered live to stream $name"
+    close_stream "$name"
+done
+check_exactly_once() { # NAME FIRST: the stream (and its resumption) carried FIRST..5, once each
+    local expected got
+    expected=$(for ((n = $2; n <= 5; n++)); do frame_n "$n" "$n"; done; echo x)
+    got=$(body "$1"; [[ -e $TMP/$1.2.body ]] && body "$1.2"; echo x)
+    [[ $got == "$expected" ]] || {
+        printf 'expected: %q\n     got: %q\n' "$expected" "$got" >&2
+        fail "stream $1: events were not delivered exactly once each, in order"
+    }
+    log "stream $1: events $2..5 each exactly once, in order$([[ -e $TMP/$1.2.body ]] && echo ", resumed once")"
+}
+check_exactly_once kept 2
+check_exactly_once down 3
 
 # --- 5. logs ------------------------------------------------------------------------------------
 nginx_container=$(engine ps -a --format '{{.Names}}' \
