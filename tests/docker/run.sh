@@ -168,10 +168,23 @@ if engine container exists "$DB_CONTAINER" 2>/dev/null ||
 fi
 
 log "engine: ${ENGINE[*]} (compose: ${COMPOSE[*]})${CONTAINERS_CONF:+, CONTAINERS_CONF=$CONTAINERS_CONF}"
+docker/debian-base.sh
+log "base image docker.io/library/debian:12 ready"
 docker/build.sh
 log "built localhost/ngx_event_piper"
 docker/build.sh -f tests/docker/postgres.Dockerfile -t "$DB_IMAGE"
 log "built $DB_IMAGE"
+# The runtime image holds nginx, the module, libpq and libcjson; no compiler or test tool.
+engine run --rm --entrypoint bash localhost/ngx_event_piper -c '
+    set -e
+    installed=$(dpkg-query -W -f="\${Status}\n" nginx libpq5 libcjson1 | grep -c "install ok installed")
+    [ "$installed" = 3 ]
+    test -s /usr/lib/nginx/modules/ngx_event_piper_module.so
+    for tool in cc gcc g++ make chromium node npm psql; do
+        command -v "$tool" >/dev/null && { echo "runtime image has $tool" >&2; exit 1; }
+    done
+    exit 0' || fail "the runtime image is not nginx + module + libpq5 + libcjson1 only"
+log "runtime image: nginx, the module, libpq5, libcjson1; no cc, make, chromium, node, psql ($(engine image inspect -f '{{.Size}}' localhost/ngx_event_piper | awk '{printf "%.0f MB", $1/1e6}'))"
 
 PORT=$(free_port)
 export EVENT_PIPER_PORT=$PORT
