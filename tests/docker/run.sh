@@ -46,7 +46,7 @@ teardown() {
         log "logs of the stack (last 40 lines each):"
         for c in $(stack_containers); do
             echo "--- $c"
-            engine logs --tail 40 "$c" 2>&1
+            engine logs --tail 40 "$c" 2>&1 | cat # podman logs may write after it exits: wait for EOF
         done
     fi
     if [[ ${STACK_STARTED:-0} == 1 ]]; then
@@ -305,7 +305,9 @@ check_exactly_once down 3
 nginx_container=$(engine ps -a --format '{{.Names}}' \
     --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.service=nginx")
 [[ -n $nginx_container ]] || fail "no nginx container found by its compose labels"
-engine logs "$nginx_container" >"$TMP/nginx.log" 2>&1
+# Through a pipe: podman logs may still be writing when it exits; cat waits for the end.
+engine logs "$nginx_container" 2>&1 | cat >"$TMP/nginx.log"
+grep -q 'listening for notifications' "$TMP/nginx.log" || fail "nginx's log is not complete"
 if grep -E '\[(alert|emerg)\]' "$TMP/nginx.log"; then
     fail "nginx logged [alert] or [emerg]"
 fi
