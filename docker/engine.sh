@@ -1,4 +1,6 @@
-# Sourced by docker/build.sh, docker/up.sh and tests/docker/run.sh: picks the container engine.
+# shellcheck shell=bash disable=SC2034  # (ENGINE, COMPOSE, BUILD_ARGS are for the sourcing script)
+# Sourced by docker/build.sh, docker/debian-base.sh, `make docker-run` and tests/docker/run.sh:
+# picks the container engine.
 #   docker          when a Docker daemon answers (`docker info`), with `docker compose`;
 #   podman          otherwise (Debian's podman, runc, netavark), with podman-compose.
 # CONTAINER_ENGINE=docker|podman forces the choice. For podman, CONTAINERS_CONF defaults to

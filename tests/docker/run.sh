@@ -55,16 +55,16 @@ teardown() {
         # podman-compose 1.0.3 leaves the network (and the pod); both engines label what they made.
         local label=com.docker.compose.project=$PROJECT
         local ids
-        ids=$(engine ps -aq --filter "label=$label")
-        [[ -n $ids ]] && engine rm -f $ids >/dev/null
+        mapfile -t ids < <(engine ps -aq --filter "label=$label")
+        [[ ${#ids[@]} -gt 0 ]] && engine rm -f "${ids[@]}" >/dev/null
         if [[ ${ENGINE[0]} == podman ]]; then
-            ids=$(podman pod ls -q --filter "label=$label" 2>/dev/null)
-            [[ -n $ids ]] && podman pod rm -f $ids >/dev/null
+            mapfile -t ids < <(podman pod ls -q --filter "label=$label" 2>/dev/null)
+            [[ ${#ids[@]} -gt 0 ]] && podman pod rm -f "${ids[@]}" >/dev/null
         fi
-        ids=$(engine network ls -q --filter "label=$label")
-        [[ -n $ids ]] && engine network rm $ids >/dev/null
-        ids=$(engine volume ls -q --filter "label=$label")
-        [[ -n $ids ]] && engine volume rm -f $ids >/dev/null
+        mapfile -t ids < <(engine network ls -q --filter "label=$label")
+        [[ ${#ids[@]} -gt 0 ]] && engine network rm "${ids[@]}" >/dev/null
+        mapfile -t ids < <(engine volume ls -q --filter "label=$label")
+        [[ ${#ids[@]} -gt 0 ]] && engine volume rm -f "${ids[@]}" >/dev/null
         local left
         left=$({
             engine ps -aq --filter "label=$label"
@@ -80,7 +80,7 @@ teardown() {
     fi
     rm -rf "$TMP"
     log "images kept for the next run: localhost/ngx_event_piper, $DB_IMAGE, docker.io/library/debian:12"
-    [[ $rc -eq 0 ]] && log "docker test: passed (${SECONDS}s)" || log "docker test: FAILED"
+    if [[ $rc -eq 0 ]]; then log "docker test: passed (${SECONDS}s)"; else log "docker test: FAILED"; fi
     exit $rc
 }
 trap teardown EXIT
