@@ -7,7 +7,7 @@ export PORT
 SHELL := /bin/bash
 
 .PHONY: all deps deps-bench build build-asan unit unit-build run psql stop test test-asan \
-        format clean bench bench-quick clients docker-build docker-run
+        format clean bench bench-quick clients docker-build docker-run test-docker
 
 all: build
 
@@ -117,12 +117,21 @@ bench-quick: deps-bench
 	@scripts/build.sh
 	bench/run.sh --quick
 
-## Container deployment (docker/). No Docker engine runs on our CI machines: untested here.
+## Container deployment (docker/, README "Docker"), with docker if a Docker daemon answers, else
+# podman (scripts/deps.sh docker installs it; docker/containers.conf sets it up for this machine).
+# docker-build: the image ngx_event_piper from docker/Dockerfile (and the base debian:12 if
+# missing: pulled, or made with debootstrap where no registry is reachable).
 docker-build:
-	docker build -f docker/Dockerfile -t ngx_event_piper .
+	@docker/build.sh
 
-docker-run:
-	docker compose -f docker/compose.yaml up --build
+# docker-run: the image, then nginx + PostgreSQL 15 from docker/compose.yaml in the foreground.
+docker-run: docker-build
+	@source docker/engine.sh && "$${COMPOSE[@]}" -f docker/compose.yaml up
+
+# test-docker: builds, runs the stack, walkthrough + replay + database restart, tears it down
+# (tests/docker/run.sh). Images stay cached for the next run.
+test-docker:
+	@tests/docker/run.sh
 
 clean:
 	rm -rf build

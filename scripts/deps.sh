@@ -2,6 +2,7 @@
 # Installs the Debian packages this project needs, and only those that are missing.
 #   scripts/deps.sh          build, run and test
 #   scripts/deps.sh bench    the same plus the benchmark tools
+#   scripts/deps.sh docker   the same plus podman and what it needs here (make test-docker)
 # Checks with dpkg-query first, so an up-to-date machine costs no network access and no root.
 set -euo pipefail
 
@@ -19,12 +20,17 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     BASE_PACKAGES+=(nodejs npm)
 fi
 BENCH_PACKAGES=(libnginx-mod-nchan wrk gnuplot-nox linux-perf valgrind)
+# make docker-build / test-docker: podman with runc (crun refuses cgroups v1), netavark and
+# aardvark-dns (compose services find each other by name), debootstrap (the debian:12 base image
+# is built locally). Skipped when a Docker daemon answers.
+DOCKER_PACKAGES=(podman runc netavark aardvark-dns iptables podman-compose debootstrap)
 
 wanted=("${BASE_PACKAGES[@]}")
 case "${1:-}" in
     "") ;;
     bench) wanted+=("${BENCH_PACKAGES[@]}") ;;
-    *) echo "usage: $0 [bench]" >&2; exit 2 ;;
+    docker) docker info >/dev/null 2>&1 || wanted+=("${DOCKER_PACKAGES[@]}") ;;
+    *) echo "usage: $0 [bench|docker]" >&2; exit 2 ;;
 esac
 
 missing=()
