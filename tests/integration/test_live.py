@@ -6,10 +6,22 @@ HTTP/1.1 over sockets and asserts on the bytes. A client can land on either work
 """
 
 import time
-import unittest
 
 from harness import (EventPiperTestCase, HEARTBEAT, LISTENER_APP, REPLAY_APP, T, fd_count,
                      frame, open_stream, pump_all, wait_until)
+
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            event_piper;
+            {{ location }}
+        }
+    }
+}
+"""
 
 ORIGINAL_INSERT = ("insert into events (type, timestamp, subscriber, payload) "
                    "values ('insert', now(), 'toto', '{\"foo\": \"bar\"}');")
@@ -345,12 +357,9 @@ class ListenerConnections(LiveTestCase):
         # Each worker holds one of them.
         by_worker = {}
         for (port,) in self.pg.superuser_sql(
-                "select client_port from pg_stat_activity where application_name = '%s'"
-                % LISTENER_APP):
-            by_worker.setdefault(ngx.worker_of_socket(int(port), self.pg.port), 0)
-            by_worker[ngx.worker_of_socket(int(port), self.pg.port)] += 1
+                "select client_port from pg_stat_activity where application_name = %s",
+                (LISTENER_APP,)):
+            by_worker.setdefault(ngx.worker_of_socket(port, self.pg.port), 0)
+            by_worker[ngx.worker_of_socket(port, self.pg.port)] += 1
         self.assertEqual(by_worker, {w: 1 for w in ngx.worker_pids()})
 
-
-if __name__ == "__main__":
-    unittest.main()

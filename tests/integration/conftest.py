@@ -1,0 +1,109 @@
+"""pytest fixtures of the integration tests: they own every server a test uses.
+
+  run_root    (session) a folder under /tmp for everything the run writes; removed at the end
+              unless a test failed or EVENT_PIPER_KEEP_TMP is set (then its path is printed)
+  pg          (session) the run's PostgreSQL cluster (scripts/pgctl.sh start on a free port,
+              postgresql/schema.sql applied), stopped when the run ends
+  private_pg  (module)  a cluster of the test module's own, for tests that stop, restart or hold
+              it off TCP (test_failures, test_chaos), stopped after the module
+  nginx       (function) harness.NginxInstances: `nginx.start(pg, ...)` starts a real nginx with
+              the module from the test module's NGINX_CONF; the teardown stops every instance
+              and fails the test if one needed force or its error log has [alert]/[emerg]
+
+Test classes derived from harness.EventPiperTestCase get these through `_event_piper_case`
+(self.pg, self.start_nginx, self.tmp).
+
+Environment: EVENT_PIPER_MODULE (module to test), EVENT_PIPER_NGINX_PRELOAD (LD_PRELOAD for nginx,
+the sanitizer runtimes under `make test-asan`), EVENT_PIPER_TIME_SCALE (multiplies timeouts),
+EVENT_PIPER_KEEP_TMP (keep the run's folder), NGINX_BIN.
+"""
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+import pytest
+
+import harness
+
+
+def _terminate(signum, frame):
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C: pytest then tears the fixtures down,
+    # which stops nginx and PostgreSQL.
+    raise KeyboardInterrupt("signal %d" % signum)
+
+
+def pytest_configure(config):
+    signal.signal(signal.SIGTERM, _terminate)
+    capture = config.pluginmanager.getplugin("capturemanager")
+
+    def write(text):
+        if capture is None:
+            sys.stdout.write(text)
+        else:
+            with capture.global_and_fixture_disabled():
+                sys.stdout.write(text)
+        sys.stdout.flush()
+
+    harness.set_terminal(write)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        item.config.event_piper_failures = True
+
+
+@pytest.fixture(scope="session")
+def run_root(request):
+    path = tempfile.mkdtemp(prefix="epit.", dir="/tmp")
+    os.chmod(path, 0o755)  # PostgreSQL runs as `postgres` and keeps its data in here
+    harness.set_run_root(path)
+    yield path
+    if os.environ.get("EVENT_PIPER_KEEP_TMP") or getattr(request.config,
+                                                         "event_piper_failures", False):
+        harness.note("integration test files kept in %s" % path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _cluster(datadir):
+    pg = harness.Postgres(datadir, harness.free_port())
+    pg.start()
+    return pg
+
+
+@pytest.fixture(scope="session")
+def pg(run_root):
+    cluster = _cluster(os.path.join(run_root, "pg"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def private_pg(run_root, request):
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    cluster = _cluster(os.path.join(harness.make_tmp("pg-" + name), "pg"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def nginx(request, run_root):
+    instances = harness.NginxInstances(harness.make_tmp(request.node.name),
+                                       getattr(request.module, "NGINX_CONF", None))
+    yield instances
+    instances.finish()
+
+
+@pytest.fixture(autouse=True)
+def _event_piper_case(request):
+    case = request.instance
+    if isinstance(case, harness.EventPiperTestCase):
+        case.pg = request.getfixturevalue("private_pg" if case.private_pg else "pg")
+        case.nginx_instances = request.getfixturevalue("nginx")
+        case.tmp = case.nginx_instances.tmp
+    yield
