@@ -40,12 +40,15 @@ def pytest_configure(config):
     capture = config.pluginmanager.getplugin("capturemanager")
 
     def write(text):
-        if capture is None:
+        # On a line of its own in pytest's report, whether or not output is captured.
+        reporter = config.pluginmanager.getplugin("terminalreporter")
+        if capture is None or reporter is None:
             sys.stdout.write(text)
-        else:
-            with capture.global_and_fixture_disabled():
-                sys.stdout.write(text)
-        sys.stdout.flush()
+            sys.stdout.flush()
+            return
+        with capture.global_and_fixture_disabled():
+            for line in text.rstrip("\n").split("\n"):
+                reporter.write_line(line)
 
     harness.set_terminal(write)
 

@@ -19,46 +19,76 @@ sends; and that without a valid token nothing streams at all.
 import re
 import time
 
-from harness import (EventPiperTestCase, T, compact_json, free_port, frame, lit, open_stream,
+from harness import (EventPiperTestCase, T, compact_json, free_port, frame, open_stream,
                      pump_all, sequence_problems)
+
+# The auth backend is a server of the same nginx (in production, any HTTP service): it maps a
+# bearer token to a consumer (204 + X-Consumer-Id) or answers 401. /_auth, the auth_request
+# target, is a subrequest proxied to it, without the body.
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    map $http_authorization $token_consumer {
+        default "";
+        "Bearer alice-token" alice;
+        "Bearer bob-token" bob;
+    }
+    server {
+        listen 127.0.0.1:{{ backend_port }};
+        location = /auth {
+            if ($http_authorization = "Bearer anonymous-token") {
+                return 204;
+            }
+            if ($token_consumer = "") {
+                return 401;
+            }
+            add_header X-Consumer-Id $token_consumer;
+            return 204;
+        }
+    }
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            auth_request /_auth;
+            auth_request_set $consumer $upstream_http_x_consumer_id;
+            event_piper;
+            event_piper_consumer $consumer;
+        }
+        location = /_auth {
+            internal;
+            proxy_pass http://127.0.0.1:{{ backend_port }}/auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+        }
+    }
+}
+"""
+
+# docs/setups.md: $upstream_http_x_consumer_id needs a proxied auth response; a local `return`
+# in the auth location names nobody.
+LOCAL_RETURN_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            auth_request /_auth;
+            auth_request_set $consumer $upstream_http_x_consumer_id;
+            event_piper;
+            event_piper_consumer $consumer;
+        }
+        location = /_auth {
+            internal;
+            add_header X-Consumer-Id alice;
+            return 204;
+        }
+    }
+}
+"""
 
 ALICE = ("Authorization", "Bearer alice-token")
 BOB = ("Authorization", "Bearer bob-token")
-
-
-def auth_backend(port):
-    """The auth backend: a server of the same nginx (in production, any HTTP service)."""
-    return (
-        "    map $http_authorization $token_consumer {\n"
-        "        default \"\";\n"
-        "        \"Bearer alice-token\" alice;\n"
-        "        \"Bearer bob-token\" bob;\n"
-        "    }\n"
-        "    server {\n"
-        "        listen 127.0.0.1:%d;\n"
-        "        location = /auth {\n"
-        "            if ($http_authorization = \"Bearer anonymous-token\") {\n"
-        "                return 204;\n"
-        "            }\n"
-        "            if ($token_consumer = \"\") {\n"
-        "                return 401;\n"
-        "            }\n"
-        "            add_header X-Consumer-Id $token_consumer;\n"
-        "            return 204;\n"
-        "        }\n"
-        "    }\n" % port)
-
-
-def auth_location(port):
-    """The auth_request target: a subrequest proxied to the backend, without the body."""
-    return (
-        "        location = /_auth {\n"
-        "            internal;\n"
-        "            proxy_pass http://127.0.0.1:%d/auth;\n"
-        "            proxy_pass_request_body off;\n"
-        "            proxy_set_header Content-Length \"\";\n"
-        "            proxy_set_header X-Original-URI $request_uri;\n"
-        "        }\n" % port)
 
 
 def frame_of(frames, id):
@@ -72,19 +102,12 @@ def frame_of(frames, id):
 class AuthRequestSetup(EventPiperTestCase):
 
     def start_auth_nginx(self):
-        backend = free_port()
-        return self.start_nginx(
-            extra_http=auth_backend(backend),
-            location=[("auth_request", "/_auth"),
-                      ("auth_request_set", "$consumer $upstream_http_x_consumer_id"),
-                      ("event_piper_consumer", "$consumer")],
-            extra_locations=auth_location(backend))
+        return self.start_nginx(values={"backend_port": free_port()})
 
     def expected(self, subscriber, after=0):
         rows = self.pg.sql("select position, type, payload::text from events where subscriber = "
-                           "%s and position > %d order by position" % (lit(subscriber), after))
-        return [int(r[0]) for r in rows], b"".join(frame(int(p), t, compact_json(d))
-                                                   for p, t, d in rows)
+                           "%s and position > %s order by position", (subscriber, after))
+        return [r[0] for r in rows], b"".join(frame(p, t, compact_json(d)) for p, t, d in rows)
 
     def insert_mixed(self, n0, count):
         for i in range(n0, n0 + count):
@@ -100,15 +123,7 @@ class AuthRequestSetup(EventPiperTestCase):
     def test_a_local_return_in_the_auth_location_names_nobody(self):
         """docs/setups.md: $upstream_http_x_consumer_id needs a proxied auth response. With a
         local `return 204` + add_header in /_auth, $consumer stays empty: 401, nothing leaks."""
-        ngx = self.start_nginx(
-            location=[("auth_request", "/_auth"),
-                      ("auth_request_set", "$consumer $upstream_http_x_consumer_id"),
-                      ("event_piper_consumer", "$consumer")],
-            extra_locations="        location = /_auth {\n"
-                            "            internal;\n"
-                            "            add_header X-Consumer-Id alice;\n"
-                            "            return 204;\n"
-                            "        }\n")
+        ngx = self.start_nginx(conf=LOCAL_RETURN_CONF)
         self.insert_mixed(1, 2)
         c = self.open(ngx, [ALICE, ("X-Consumer-Id", "alice")], "/events", last_event_id="0")
         c.wait_complete()
@@ -146,7 +161,7 @@ class AuthRequestSetup(EventPiperTestCase):
         for c in everyone:
             c.read_for(0.05)
 
-        newest = int(self.pg.scalar("select max(position) from events"))
+        newest = self.pg.scalar("select max(position) from events")
         self.insert_mixed(100, 5)
         alice_live, _ = self.expected("alice", after=newest)
         alice_all, alice_all_bytes = self.expected("alice")

@@ -24,13 +24,32 @@ import subprocess
 import sys
 import threading
 import time
-import unittest
 
 sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                              "chaos")))
 
+import harness  # noqa: E402
 from harness import HttpClient, T, compact_json, frame, wait_until  # noqa: E402
 from piper_chaos import PrivatePgCase, restart_pg, worker_status, writer_binary  # noqa: E402
+
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    event_piper_replay_connections 2;
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            event_piper;
+            event_piper_heartbeat 2s;
+            event_piper_retry 1s;
+            event_piper_replay_batch 50;
+            event_piper_stream_buffer 16k;
+        }
+        location = /status { event_piper_status; }
+        location = /manage/health { event_piper_health; }
+    }
+}
+"""
 
 CONSUMERS = ["c%02d" % i for i in range(10)] + ["o'neil; --", "caf\u00e9 \u2603"]
 NOBODY = "nobody-listens"          # events nobody subscribes to
@@ -47,8 +66,7 @@ PG_DOWN_1, PG_DOWN_2 = 2.0, 3.0
 
 
 def say(msg):
-    sys.stderr.write("    [chaos] %s\n" % msg)
-    sys.stderr.flush()
+    harness.say("    [chaos] %s" % msg)
 
 
 class ChaosClient:
@@ -192,10 +210,7 @@ class Chaos(PrivatePgCase):
     def test_writers_restarts_reload_and_resuming_clients_lose_nothing(self):
         rnd = random.Random(SEED)
         say("seed %d (EVENT_PIPER_CHAOS_SEED=%d reproduces the random choices)" % (SEED, SEED))
-        ngx = self.start_nginx(workers=2, http={"event_piper_replay_connections": 2},
-                               location={"event_piper_heartbeat": "2s", "event_piper_retry": "1s",
-                                         "event_piper_replay_batch": 50,
-                                         "event_piper_stream_buffer": "16k"})
+        ngx = self.start_nginx(workers=2)
         clients = [ChaosClient(i, CONSUMERS[i % len(CONSUMERS)], ngx.port,
                                random.Random(SEED * 1000 + i))
                    for i in range(CLIENTS_PER_CONSUMER * len(CONSUMERS))]
@@ -416,6 +431,3 @@ class Chaos(PrivatePgCase):
         self.assertEqual(totals["delivered"], totals["expected"])
         self.assertGreater(totals["expected"], 1000)
 
-
-if __name__ == "__main__":
-    unittest.main()

@@ -22,17 +22,37 @@ import subprocess
 import sys
 import threading
 import time
-import unittest
+
+import psycopg2
 
 sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                              "chaos")))
 
-from harness import (HEARTBEAT, PGCTL, PgError, T, compact_json, frame,  # noqa: E402
-                     last_event_id_locations, lit, open_stream, pid_alive, pump_all,
+import harness  # noqa: E402
+from harness import (HEARTBEAT, PGCTL, T, compact_json, frame,  # noqa: E402
+                     last_event_id_locations, open_stream, pid_alive, pump_all,
                      sequence_problems, wait_until)
 from piper_chaos import (LISTENER_APP, PrivatePgCase, cpu_seconds, expected_events,  # noqa: E402
                          fd_inventory, hold_tcp, http_get, log_entries, module_backends, status,
                          worker_status, wait_all_listening)
+
+# Every test has the status and health locations (piper_chaos.PrivatePgCase waits for the
+# listeners in /status).
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            event_piper;
+            {{ location }}
+        }
+        location = /status { event_piper_status; }
+        location = /manage/health { event_piper_health; }
+        {{ locations }}
+    }
+}
+"""
 
 ORIGINAL_INSERT = ("insert into events (type, timestamp, subscriber, payload) "
                    "values ('insert', now(), 'toto', '{\"foo\": \"bar\"}');")
@@ -41,8 +61,7 @@ PROBLEM_LEVELS = ("warn", "error", "crit", "alert", "emerg")
 
 
 def note(msg):
-    sys.stderr.write("    [failures] %s\n" % msg)
-    sys.stderr.flush()
+    harness.say("    [failures] %s" % msg)
 
 
 def without_heartbeats(body):
@@ -186,8 +205,8 @@ class PostgresRestart(FailureCase):
         reconnects = {p: w["listener_reconnects"] for p, w in worker_status(ngx).items()}
         hold_tcp(self.pg)
         killed = self.pg.superuser_sql(
-            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s"
-            % lit(LISTENER_APP))
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = %s",
+            (LISTENER_APP,))
         self.assertEqual(len(killed), len(pids))
         wait_until(lambda: all(self.problem_lines(ngx, p, "listener connection lost")
                                for p in pids), T(10), what="each worker to log the listener loss")
@@ -222,9 +241,10 @@ class SchemaReapplied(FailureCase):
         def write():
             conn = self.pg.connect()
             try:
+                cur = conn.cursor()
                 while not stop.is_set():
-                    conn.query("insert into events (type, timestamp, subscriber, payload) values "
-                               "('insert', now(), 'w', '{\"n\": %d}')" % count[0])
+                    cur.execute("insert into events (type, timestamp, subscriber, payload) values "
+                                "('insert', now(), 'w', %s)", ('{"n": %d}' % count[0],))
                     count[0] += 1
             except Exception as e:
                 error.append(e)
@@ -258,9 +278,10 @@ class SchemaReapplied(FailureCase):
         self.assertEqual(sequence_problems(c.event_ids(), positions), "",
                          "the live stream against the positioned rows; the missing rows "
                          "(position, id, neighbour ids): %s" % [
-                             (p, self.pg.sql("select id from events where position = %d" % p)[0][0],
+                             (p, self.pg.scalar("select id from events where position = %s",
+                                                (p,)),
                               [i for i, in self.pg.sql("select id from events where position in "
-                                                       "(%d, %d)" % (p - 1, p + 1))])
+                                                       "(%s, %s)", (p - 1, p + 1))])
                              for p in missing[:4]])
         self.assertEqual(unpositioned, 0, "%d of %d events inserted while the schema was "
                          "re-applied have no position and reach no client (ids %s)" % (
@@ -345,9 +366,11 @@ class PostgresDownAtStart(FailureCase):
 class OutOfOrderCommits(FailureCase):
 
     def insert_on(self, conn, payload, subscriber="toto"):
-        conn.query("insert into events (type, timestamp, subscriber, payload) values "
-                   "('insert', now(), %s, %s)" % (lit(subscriber), lit(payload)))
-        return int(conn.scalar("select currval('events_id_seq')"))
+        """Insert on a connection of the test's (in its transaction, if it has one open); return
+        the row's id."""
+        return self.pg.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                           "values ('insert', now(), %s, %s) returning id",
+                           (subscriber, payload))[0][0]
 
     def test_a_commit_behind_a_resumed_client_arrives_exactly_once(self):
         ngx = self.start_nginx()
@@ -356,12 +379,11 @@ class OutOfOrderCommits(FailureCase):
         watcher = self.stream(ngx, "toto", last_event_id="0", settle=0)  # never disconnects
         c = self.stream(ngx, "toto", last_event_id="4", settle=0.3)
         self.assertEqual(without_heartbeats(c.body), b"")
-        a, b = self.pg.connect(), self.pg.connect()
+        a, b = self.pg.connect(autocommit=False), self.pg.connect()  # b: each insert commits
         self.addCleanup(a.close)
         self.addCleanup(b.close)
 
         # A takes id 5 and stays open; B takes id 6 and commits: B is position 5.
-        a.query("begin")
         self.assertEqual(self.insert_on(a, '{"tx": "A"}'), 5)
         self.assertEqual(self.insert_on(b, '{"tx": "B"}'), 6)
         c.wait_events(1)
@@ -371,22 +393,21 @@ class OutOfOrderCommits(FailureCase):
         c.close()
         resumed = self.stream(ngx, "toto", last_event_id=last, settle=0.5)
         self.assertEqual(without_heartbeats(resumed.body), b"", "nothing new yet: A is open")
-        a.query("commit")
+        a.commit()
         resumed.wait_events(1)
         resumed.read_for(0.5)
         self.assertEqual(without_heartbeats(resumed.body), frame(6, data='{"tx":"A"}'))
         self.assertEqual(self.pg.sql("select payload->>'tx', id, position from events "
                                      "where payload ? 'tx' order by id"),
-                         [("A", "5", "6"), ("B", "6", "5")])
+                         [("A", 5, 6), ("B", 6, 5)])
 
         # Again, but A commits while the client is away: the resume replays it.
-        a.query("begin")
         self.assertEqual(self.insert_on(a, '{"tx": "A2"}'), 7)
         self.assertEqual(self.insert_on(b, '{"tx": "B2"}'), 8)
         resumed.wait_events(2)
         self.assertEqual(resumed.events[-1].raw, frame(7, data='{"tx":"B2"}'))
         resumed.close()
-        a.query("commit")
+        a.commit()
         again = self.stream(ngx, "toto", last_event_id="7", settle=0)
         again.wait_events(1)
         again.read_for(0.5)
@@ -400,32 +421,29 @@ class OutOfOrderCommits(FailureCase):
     def test_rolled_back_inserts_never_appear(self):
         ngx = self.start_nginx()
         live = self.stream(ngx, "toto", settle=0)
-        r, s, d = self.pg.connect(), self.pg.connect(), self.pg.connect()
+        # Transactions: psycopg2 opens one at the first statement; commit() or rollback() ends it.
+        r, s, d = (self.pg.connect(autocommit=False) for _ in range(3))
         for conn in (r, s, d):
             self.addCleanup(conn.close)
         # A whole transaction rolled back.
-        r.query("begin")
         self.insert_on(r, '{"rolled": "back"}')
         # A savepoint rolled back inside a committed transaction.
-        s.query("begin")
         self.insert_on(s, '{"sp": "kept"}')
-        s.query("savepoint x")
+        self.pg.run(s, "savepoint x")
         self.insert_on(s, '{"sp": "dropped"}')
-        s.query("rollback to savepoint x")
-        r.query("rollback")
-        s.query("commit")
+        self.pg.run(s, "rollback to savepoint x")
+        r.rollback()
+        s.commit()
         # A row deleted again by its own transaction.
-        d.query("begin")
         self.insert_on(d, '{"deleted": "by its own transaction"}')
-        d.query("delete from events where payload ? 'deleted'")
+        self.pg.run(d, "delete from events where payload ? 'deleted'")
         self.insert_on(d, '{"after": "delete"}')
-        d.query("commit")
+        d.commit()
         # A failed statement aborts its transaction.
-        r.query("begin")
         self.insert_on(r, '{"aborted": "by an error"}')
-        with self.assertRaises(PgError):
-            r.query("select 1/0")
-        r.query("commit")  # answers ROLLBACK
+        with self.assertRaises(psycopg2.Error):
+            self.pg.run(r, "select 1/0")
+        r.commit()  # COMMIT of a failed transaction: the server answers ROLLBACK
         self.pg.insert("toto", '{"last": true}')
         live.wait(lambda: b'"last":true' in live.body, T(15), "the last event")
         live.read_for(0.5)
@@ -446,29 +464,26 @@ class OutOfOrderCommits(FailureCase):
         alice = self.stream(ngx, "alice", settle=0)
         bob = self.stream(ngx, "bob", settle=0)
         carol = self.stream(ngx, "carol", settle=0)
-        w = self.pg.connect()
+        w = self.pg.connect(autocommit=False)
         self.addCleanup(w.close)
         ins = ("insert into events (type, timestamp, subscriber, payload) values "
                "('t', now(), %s, %s)")
         # The subscriber changed before commit: only bob may see it.
-        w.query("begin")
-        w.query(ins % (lit("alice"), lit('{"secret": "for bob only"}')))
-        w.query("update events set subscriber = 'bob' where subscriber = 'alice' "
-                "and position is null")
-        w.query("commit")
+        with w, w.cursor() as cur:  # one transaction, committed at the end of the block
+            cur.execute(ins, ("alice", '{"secret": "for bob only"}'))
+            cur.execute("update events set subscriber = 'bob' where subscriber = 'alice' "
+                        "and position is null")
         # Type and payload changed before commit.
-        w.query("begin")
-        w.query(ins % (lit("carol"), lit('{"draft": 1}')))
-        w.query("update events set type = 'final', payload = '{\"final\": 2}' "
-                "where subscriber = 'carol' and position is null")
-        w.query("commit")
+        with w, w.cursor() as cur:
+            cur.execute(ins, ("carol", '{"draft": 1}'))
+            cur.execute("update events set type = 'final', payload = '{\"final\": 2}' "
+                        "where subscriber = 'carol' and position is null")
         # Changed twice, the second time back to alice, then a plain event for each.
-        w.query("begin")
-        w.query(ins % (lit("bob"), lit('{"hop": 1}')))
-        w.query("update events set subscriber = 'carol' where position is null")
-        w.query("update events set subscriber = 'alice', payload = '{\"hop\": 3}' "
-                "where position is null")
-        w.query("commit")
+        with w, w.cursor() as cur:
+            cur.execute(ins, ("bob", '{"hop": 1}'))
+            cur.execute("update events set subscriber = 'carol' where position is null")
+            cur.execute("update events set subscriber = 'alice', payload = '{\"hop\": 3}' "
+                        "where position is null")
         for who in ("alice", "bob", "carol"):
             self.pg.insert(who, '{"end": "%s"}' % who)
         for c, who in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
@@ -504,7 +519,7 @@ class OutOfOrderCommits(FailureCase):
         self.assertEqual(without_heartbeats(c.body),
                          frame(1) + frame(2) + frame(3) + frame(4, data='{"foo":"baz"}'))
         self.assertEqual(self.pg.sql("select id, position from events order by id"),
-                         [(str(i), str(i)) for i in range(1, 5)])
+                         [(i, i) for i in range(1, 5)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,11 +616,12 @@ class Writer:
     def _run(self):
         conn = self.pg.connect()
         try:
+            cur = conn.cursor()
             while not self._stop.is_set():
                 sub = self.subscribers[self.count % len(self.subscribers)]
                 self.count += 1
-                conn.query("insert into events (type, timestamp, subscriber, payload) values "
-                           "('tick', now(), %s, '{\"w\": %d}')" % (lit(sub), self.count))
+                cur.execute("insert into events (type, timestamp, subscriber, payload) values "
+                            "('tick', now(), %s, %s)", (sub, '{"w": %d}' % self.count))
                 self._stop.wait(self.interval)
         except Exception as e:
             self.error = e
@@ -801,7 +817,7 @@ class BadInput(FailureCase):
                 replay.wait_events(1)
                 replay.read_for(0.2)
                 self.assertEqual(without_heartbeats(replay.body), frame(i, data='{"for":%d}' % i))
-        self.assertEqual(self.pg.scalar("select count(*) from events"), str(len(names)))
+        self.assertEqual(self.pg.scalar("select count(*) from events"), len(names))
         self.assert_still_serves(ngx, pids)
 
     def test_non_utf8_consumer_ids_harm_nothing(self):
@@ -925,10 +941,10 @@ class BadInput(FailureCase):
         ngx = self.start_nginx()
         c = self.stream(ngx, "toto", settle=0)
         for t in ("in\nsert", "in\rsert", "insert\n\nid: 999", "\n", "x\r\n"):
-            with self.assertRaises(PgError) as cm:
+            with self.assertRaises(psycopg2.Error) as cm:
                 self.pg.insert("toto", type=t)
-            self.assertEqual(cm.exception.sqlstate, "23514", str(cm.exception))
-        self.assertEqual(self.pg.scalar("select count(*) from events"), "0")
+            self.assertEqual(cm.exception.pgcode, "23514", str(cm.exception))
+        self.assertEqual(self.pg.scalar("select count(*) from events"), 0)
         self.pg.insert("toto", type="in sert")
         c.wait_events(1)
         c.read_for(0.3)
@@ -1031,6 +1047,3 @@ class BadInput(FailureCase):
         self.assertEqual(without_heartbeats(replay.body),
                          b"".join(frame(i, data='{"n":%d}' % (i - 1)) for i in (1, 2, 3)))
 
-
-if __name__ == "__main__":
-    unittest.main()

@@ -7,10 +7,25 @@ import json
 import os
 import re
 import subprocess
-import unittest
 
 from harness import (EventPiperTestCase, MODULE, NGINX_BIN, Nginx, T, make_tmp, module_snapshot,
                      wait_until)
+
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    {{ http }}
+    server {
+        listen 127.0.0.1:{{ port }}{{ listen_params }};
+        location = /events {
+            event_piper;
+            {{ location }}
+        }
+        location = /status { event_piper_status; }
+        location = /manage/health { event_piper_health; }
+    }
+}
+"""
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,7 +34,7 @@ class ConfigurationChecks(EventPiperTestCase):
     """`nginx -t` catches configuration mistakes before anything runs."""
 
     def refused(self, message_re, **kw):
-        ngx = Nginx(make_tmp("conf"), pg=kw.pop("pg", self.pg), **kw)
+        ngx = Nginx(make_tmp("conf"), NGINX_CONF, pg=kw.pop("pg", self.pg), **kw)
         rc, out = ngx.test_config()
         self.assertNotEqual(rc, 0, "nginx -t accepted:\n%s\n%s" % (ngx.conf, out))
         self.assertRegex(out, message_re)
@@ -48,7 +63,7 @@ class ConfigurationChecks(EventPiperTestCase):
                      location={"event_piper_heartbeat": "soon"})
 
     def test_a_bad_connection_string_is_refused(self):
-        ngx = Nginx(make_tmp("conf"), pg=None,
+        ngx = Nginx(make_tmp("conf"), NGINX_CONF, pg=None,
                     http={"event_piper_postgres": '"host=x bogus_option=1"'})
         rc, out = ngx.test_config()
         self.assertNotEqual(rc, 0, out)
@@ -88,16 +103,13 @@ class ConfigurationChecks(EventPiperTestCase):
 class StatusAndHealth(EventPiperTestCase):
     """`event_piper_status` shows every worker; `event_piper_health` follows the listener."""
 
-    STATUS = '        location = /status { event_piper_status; }\n' \
-             '        location = /manage/health { event_piper_health; }\n'
-
     def get(self, ngx, path):
         c = self.client(ngx).request("GET", path)
         c.wait_complete()
         return c
 
     def test_status_counts_streams_and_deliveries_of_all_workers(self):
-        ngx = self.start_nginx(extra_locations=self.STATUS)
+        ngx = self.start_nginx()
         streams = [self.stream(ngx, "toto") for _ in range(4)] + [self.stream(ngx, "other")]
         self.pg.insert("toto", '{"n": 1}')
         for c in streams[:4]:
@@ -133,7 +145,7 @@ class StatusAndHealth(EventPiperTestCase):
         self.assertRegex(text, r"(?m)^event_piper_listener_up\{pid=\"\d+\"\} 1$")
 
     def test_health_is_up_while_listening_and_down_without_the_database(self):
-        ngx = self.start_nginx(extra_locations=self.STATUS)
+        ngx = self.start_nginx()
         c = self.get(ngx, "/manage/health")
         self.assertEqual((c.status, bytes(c.body)), (200, b'{"status":"UP"}'))
         self.assertEqual(c.header("Content-Type"), "application/json")
@@ -148,9 +160,6 @@ class StatusAndHealth(EventPiperTestCase):
         wait_until(lambda: all(self.get(ngx, "/manage/health").status == 200 for _ in range(4)),
                    T(20), what="health UP again")
 
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 class Http2(EventPiperTestCase):

@@ -7,11 +7,33 @@ slow the client. Byte-exact, against a real nginx (2 workers) and PostgreSQL.
 
 import threading
 import time
-import unittest
 
 from harness import (EventPiperTestCase, HEARTBEAT, LISTENER_APP, REPLAY_APP, UNDER_ASAN,
-                     RssSampler, T, compact_json, frame, last_event_id_locations, lit, note,
+                     RssSampler, T, compact_json, frame, last_event_id_locations, note,
                      open_stream, pump_all, rss_kb, sequence_problems)
+
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    {{ http }}
+    server {
+        listen 127.0.0.1:{{ port }}{{ listen_params }};
+        location = /events {
+            event_piper;
+            {{ location }}
+        }
+        {{ locations }}
+    }
+}
+"""
+
+# The resume point from a query argument (TheOriginalReplayWalkthrough).
+EVENTS_ARG = """\
+        location = /events-arg {
+            event_piper;
+            event_piper_last_event_id $arg_last;
+        }
+"""
 
 MB = 1024  # VmRSS is in kB
 
@@ -25,9 +47,9 @@ class ReplayTestCase(EventPiperTestCase):
     def expected_frames(self, subscriber):
         """(positions, exact bytes) of every committed event of `subscriber`, from the table."""
         rows = self.pg.sql("select position, type, payload::text from events where subscriber = %s "
-                           "and position is not null order by position" % lit(subscriber))
-        positions = [int(r[0]) for r in rows]
-        return positions, b"".join(frame(int(p), t, compact_json(d)) for p, t, d in rows)
+                           "and position is not null order by position", (subscriber,))
+        positions = [r[0] for r in rows]
+        return positions, b"".join(frame(p, t, compact_json(d)) for p, t, d in rows)
 
     def assert_stream_is(self, c, subscriber, what="stream"):
         positions, body = self.expected_frames(subscriber)
@@ -71,11 +93,7 @@ class TheOriginalReplayWalkthrough(ReplayTestCase):
     def test_the_resume_point_can_come_from_another_variable(self):
         for _ in range(8):
             self.pg.insert("toto")
-        ngx = self.start_nginx(extra_locations=(
-            "        location = /events-arg {\n"
-            "            event_piper;\n"
-            "            event_piper_last_event_id $arg_last;\n"
-            "        }\n"))
+        ngx = self.start_nginx(extra_locations=EVENTS_ARG)
         c = self.stream(ngx, "toto", path="/events-arg?last=5", settle=0)
         c.wait_events(3)
         c.read_for(0.3)
@@ -159,7 +177,7 @@ class BigHistory(ReplayTestCase):
         n = 100000
         t0 = time.monotonic()
         self.pg.insert_many("bulk", n, type="bulk")  # one insert ... select generate_series
-        self.assertEqual(self.pg.scalar("select max(position) from events"), str(n))
+        self.assertEqual(self.pg.scalar("select max(position) from events"), n)
         insert_s = time.monotonic() - t0
         ngx = self.start_nginx()
         workers = ngx.worker_pids()
@@ -201,7 +219,7 @@ class ManyReplays(ReplayTestCase):
         # 800 batch queries through 2 replay connections per worker.
         self.pg.sql("insert into events (type, timestamp, subscriber, payload) "
                     "select 'insert', now(), 'c' || (g %% 5), jsonb_build_object('n', g) "
-                    "from generate_series(1, %d) as g" % (5 * per_consumer))
+                    "from generate_series(1, %s) as g", (5 * per_consumer,))
         ngx = self.start_nginx(http={"event_piper_replay_connections": 2},
                                location={"event_piper_replay_batch": 100})
         workers = ngx.worker_pids()
@@ -216,16 +234,16 @@ class ManyReplays(ReplayTestCase):
             conn = self.pg.connect(user="postgres")
             try:
                 while not stop.is_set():
-                    rows = conn.query(
-                        "select application_name, client_port, query from pg_stat_activity "
-                        "where application_name in ('%s', '%s')" % (REPLAY_APP, LISTENER_APP))
+                    rows = self.pg.run(
+                        conn, "select application_name, client_port, query from pg_stat_activity "
+                        "where application_name in (%s, %s)", (REPLAY_APP, LISTENER_APP))
                     total = 0
                     for app, port, query in rows:
                         if app == LISTENER_APP:
                             seen["listener_queries"].add((query or "").strip().lower()[:200])
                         else:
                             total += 1
-                            seen["ports"].add(int(port))
+                            seen["ports"].add(port)
                     seen["max_total"] = max(seen["max_total"], total)
                     seen["samples"] += 1
                     started.set()
@@ -301,12 +319,13 @@ class Handover(ReplayTestCase):
         def writer():
             conn = self.pg.connect()
             try:
+                cur = conn.cursor()
                 for k in range(1, 301):
-                    conn.query("insert into events (type, timestamp, subscriber, payload) "
-                               "values ('insert', now(), 'toto', '{\"live\": %d}')" % k)
+                    cur.execute("insert into events (type, timestamp, subscriber, payload) "
+                                "values ('insert', now(), 'toto', %s)", ('{"live": %d}' % k,))
                     if k % 3 == 0:
-                        conn.query("insert into events (type, timestamp, subscriber, payload) "
-                                   "values ('insert', now(), 'other', '{\"k\": %d}')" % k)
+                        cur.execute("insert into events (type, timestamp, subscriber, payload) "
+                                    "values ('insert', now(), 'other', %s)", ('{"k": %d}' % k,))
                     time.sleep(0.004)
             except Exception as e:  # reported by the main thread
                 state["error"] = e
@@ -377,6 +396,3 @@ class SlowClient(ReplayTestCase):
         c.wait_events(n + 1)
         self.assertEqual(c.events[-1].raw, frame(n + 1, data='{"after":true}'))
 
-
-if __name__ == "__main__":
-    unittest.main()

@@ -11,7 +11,6 @@ import socket
 import struct
 import sys
 import time
-import unittest
 
 sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                              "chaos")))
@@ -20,6 +19,23 @@ import harness  # noqa: E402
 from harness import T, open_stream, pump_all, rss_kb, wait_until  # noqa: E402
 from piper_chaos import PrivatePgCase, fd_inventory, log_entries, status  # noqa: E402
 
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    event_piper_replay_connections 2;
+    server {
+        listen 127.0.0.1:{{ port }} reuseport;
+        location = /events {
+            event_piper;
+            event_piper_heartbeat 1s;
+            event_piper_replay_batch 100;
+        }
+        location = /status { event_piper_status; }
+        location = /manage/health { event_piper_health; }
+    }
+}
+"""
+
 WARMUP = 1000
 CYCLES = 10000
 RSS_LIMIT_KB = 2048
@@ -27,15 +43,11 @@ UNDER_ASAN = "asan" in os.environ.get("EVENT_PIPER_NGINX_PRELOAD", "")
 
 
 def say(msg):
-    sys.stderr.write("    [resources] %s\n" % msg)
-    sys.stderr.flush()
+    harness.say("    [resources] %s" % msg)
 
 
 class ConnectDisconnect(PrivatePgCase):
-
-    @classmethod
-    def setUpClass(cls):
-        cls.pg = harness.shared_postgres()
+    private_pg = False  # the run's cluster: this test does not stop it
 
     def request(self, i):
         kind = i % 4
@@ -103,10 +115,7 @@ class ConnectDisconnect(PrivatePgCase):
     def test_10000_connect_disconnect_cycles_leave_rss_and_fds_unchanged(self):
         self.pg.insert_many("hist", 20000,
                             payload_sql="jsonb_build_object('n', g, 'pad', repeat('x', 100))")
-        ngx = self.start_nginx(workers=2, listen_params="reuseport",
-                               http={"event_piper_replay_connections": 2},
-                               location={"event_piper_heartbeat": "1s",
-                                         "event_piper_replay_batch": 100})
+        ngx = self.start_nginx(workers=2)
         pids = sorted(ngx.worker_pids())
         idle_tcp = {p: fd_inventory(p, self.pg.port).get("tcp", 0) for p in pids}  # listeners
         self.fill_the_replay_pools(ngx, pids)
@@ -144,6 +153,3 @@ class ConnectDisconnect(PrivatePgCase):
                 self.assertLessEqual(growth, RSS_LIMIT_KB, "worker %d: RSS grew %d kB over %d "
                                      "cycles" % (p, growth, CYCLES))
 
-
-if __name__ == "__main__":
-    unittest.main()
