@@ -6,9 +6,13 @@
               postgresql/schema.sql applied), stopped when the run ends
   private_pg  (module)  a cluster of the test module's own, for tests that stop, restart or hold
               it off TCP (test_failures, test_chaos), stopped after the module
+  db          (function) `pg` with the events table emptied (TRUNCATE ... RESTART IDENTITY)
   nginx       (function) harness.NginxInstances: `nginx.start(pg, ...)` starts a real nginx with
               the module from the test module's NGINX_CONF; the teardown stops every instance
               and fails the test if one needed force or its error log has [alert]/[emerg]
+  clients     (function) harness.Clients: `clients.stream(ngx, "toto")` opens an event stream
+              (and checks it is a 200), `clients.client(ngx)` a bare connection; all closed at
+              the teardown, before nginx is stopped
 
 Test classes derived from harness.EventPiperTestCase get these through `_event_piper_case`
 (self.pg, self.start_nginx, self.tmp).
@@ -95,11 +99,24 @@ def private_pg(run_root, request):
 
 
 @pytest.fixture
+def db(pg):
+    pg.truncate()
+    return pg
+
+
+@pytest.fixture
 def nginx(request, run_root):
     instances = harness.NginxInstances(harness.make_tmp(request.node.name),
                                        getattr(request.module, "NGINX_CONF", None))
     yield instances
     instances.finish()
+
+
+@pytest.fixture
+def clients(nginx):  # set up after nginx, so torn down before it
+    opened = harness.Clients()
+    yield opened
+    opened.close_all()
 
 
 @pytest.fixture(autouse=True)

@@ -1160,6 +1160,38 @@ class NginxInstances:
             raise AssertionError("\n".join(problems))
 
 
+class Clients:
+    """The HTTP clients of one test (conftest.py's `clients` fixture), closed at its teardown."""
+
+    def __init__(self):
+        self.opened = []
+
+    def track(self, c):
+        self.opened.append(c)
+        return c
+
+    def open(self, ngx, consumer="toto", last_event_id=None, **kw):
+        """open_stream, headers read, status not checked."""
+        return self.track(open_stream(ngx.port, consumer, last_event_id, **kw))
+
+    def stream(self, ngx, consumer="toto", last_event_id=None, settle=0.2, **kw):
+        """Open a stream and check it is a 200 event stream; read for `settle` seconds."""
+        c = self.open(ngx, consumer, last_event_id, **kw)
+        assert c.status == 200, "status line %r, body %r" % (c.status_line, bytes(c.body))
+        if settle:
+            c.read_for(settle)
+        return c
+
+    def client(self, ngx, rcvbuf=None):
+        """A connected client that has sent nothing yet."""
+        return self.track(HttpClient(ngx.port, rcvbuf=rcvbuf))
+
+    def close_all(self):
+        for c in self.opened:
+            c.close()
+        self.opened = []
+
+
 class EventPiperTestCase(unittest.TestCase):
     """Base of the tests written as classes. conftest.py's autouse fixture gives each test
     `self.pg` (the run's cluster, or the module's own with `private_pg = True`), `self.tmp` and

@@ -36,16 +36,10 @@ def plain_nginx(nginx):
     return nginx.start(None, with_module=False)
 
 
-@pytest.fixture
-def events(pg):
-    pg.truncate()
-    return pg
-
-
 # -- the PostgreSQL helpers --
 
-def test_the_original_insert_gets_positions_1_2_3_after_a_truncate(events):
-    pg = events
+def test_the_original_insert_gets_positions_1_2_3_after_a_truncate(db):
+    pg = db
     rc, out = pg.psql("insert into events (type, timestamp, subscriber, payload) values "
                       "('insert', now(), 'toto', '{\"foo\": \"bar\"}');")
     assert rc == 0, out
@@ -67,8 +61,8 @@ def test_password_login_over_tcp_like_nginx(pg):
         conn.close()
 
 
-def test_notifications_reach_a_listener(events):
-    pg = events
+def test_notifications_reach_a_listener(db):
+    pg = db
     conn = pg.connect()
     try:
         pg.run(conn, "LISTEN new_events")
