@@ -64,7 +64,7 @@ def pytest_runtest_makereport(item, call):
         item.config.event_piper_failures = True
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def run_root(request):
     path = tempfile.mkdtemp(prefix="epit.", dir="/tmp")
     os.chmod(path, 0o755)  # PostgreSQL runs as `postgres` and keeps its data in here
