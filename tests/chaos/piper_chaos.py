@@ -2,8 +2,8 @@
 test_chaos.py, test_resources.py). Builds on tests/integration/harness.py and adds only what those
 tests need beyond it:
 
-  * PrivatePgCase: tests on the test module's own PostgreSQL cluster (conftest.py's `private_pg`
-    fixture), that they stop and restart at will on the same port;
+  * restart_pg / pg_back_up for the test module's own PostgreSQL cluster (conftest.py's
+    `private_pg` fixture), that the tests stop and restart at will on the same port;
   * `hold_tcp(pg)`: make PostgreSQL refuse new TCP logins (pg_hba `reject` + reload) while the
     tests keep using the unix socket. nginx connects over TCP, so this keeps the module's listener
     and replay connections away for as long as a test needs, deterministically;
@@ -30,8 +30,7 @@ if _INTEGRATION not in sys.path:
     sys.path.append(_INTEGRATION)
 
 import harness  # noqa: E402
-from harness import (EventPiperTestCase, HttpClient, T, compact_json, frame,  # noqa: E402
-                     run_root, wait_until)
+from harness import HttpClient, T, compact_json, frame, run_root, wait_until  # noqa: E402
 
 LISTENER_APP = harness.LISTENER_APP
 REPLAY_APP = harness.REPLAY_APP
@@ -274,33 +273,12 @@ def writer_binary():
 
 
 # --------------------------------------------------------------------------------------------
-# Test case base: a private cluster, status/health locations, no 10 s wait at nginx start
+# After a test that stopped PostgreSQL or held it off TCP
 # --------------------------------------------------------------------------------------------
 
-class PrivatePgCase(EventPiperTestCase):
-    """EventPiperTestCase on the test module's own cluster (conftest.py's `private_pg`), which
-    tests may stop, restart and hold off TCP. Whatever a test did, PostgreSQL is up and open again
-    before nginx is checked and stopped. The module's NGINX_CONF has the status and health
-    locations; start_nginx waits for every worker's listener in /status, not in
-    pg_stat_activity."""
-
-    private_pg = True
-
-    def setUp(self):
-        self._pg_back_up()
-        super().setUp()
-
-    def _pg_back_up(self):
-        if not self.pg.running:
-            self.pg.start()
-        if self.pg.hba_held:
-            hold_tcp(self.pg, False)
-
-    def start_nginx(self, workers=2, wait=True, **kw):
-        ngx = super().start_nginx(workers=workers, wait_listening=False, **kw)
-        # Cleanups run before the nginx fixture's teardown, which stops nginx and looks for
-        # module connections (which needs PostgreSQL).
-        self.addCleanup(self._pg_back_up)
-        if wait:
-            wait_all_listening(ngx)
-        return ngx
+def pg_back_up(pg):
+    """PostgreSQL running and open to TCP logins again, whatever a test did to it."""
+    if not pg.running:
+        pg.start()
+    if pg.hba_held:
+        hold_tcp(pg, False)

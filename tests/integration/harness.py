@@ -163,7 +163,7 @@ class Postgres:
             raise RuntimeError("pgctl.sh start failed (%d):\n%s" % (r.returncode, r.stdout))
         self.running = True
         log("PostgreSQL on port %d, data in %s (%.1fs)" % (self.port, self.datadir,
-                                                          time.monotonic() - t0))
+                                                           time.monotonic() - t0))
 
     def stop(self):
         if self._conn:

@@ -513,7 +513,7 @@ class BrowserEventSource(RealClientTestCase):
                       "        listen 127.0.0.1:%d;\n"
                       "%s"
                       "    }\n" % (allowed_origin or "http://127.0.0.1:%d" % port_a, port_a,
-                                     self.page_location()))
+                                   self.page_location()))
         ngx = self.start_nginx(
             extra_http=extra_http,
             location=[("event_piper_consumer", consumer), ("event_piper_retry", "1500ms"),

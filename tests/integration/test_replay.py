@@ -200,8 +200,8 @@ def test_100000_events_replay_complete_in_order_with_bounded_worker_memory(db, n
     assert (without_heartbeats(c.body) == expected), "ids right, bytes differ"
     growth = {w: (rss.max.get(w, baseline[w]) - baseline[w]) / MB for w in workers}
     note("100k replay: insert %.1fs, replay %.1fs, %d RSS samples, growth MB %s "
-          "(serving worker %d)" % (insert_s, replay_s, rss.samples,
-                                   {w: round(g, 1) for w, g in growth.items()}, worker))
+         "(serving worker %d)" % (insert_s, replay_s, rss.samples,
+                                  {w: round(g, 1) for w, g in growth.items()}, worker))
     assert rss.samples > 10
     if not UNDER_ASAN:
         assert growth[worker] < 16, "serving worker RSS grew %.1f MB" % growth[worker]
@@ -219,10 +219,10 @@ def test_20_clients_replaying_at_once_share_a_pool_of_2_and_all_complete(db, ngi
     # 20,000 events interleaved over 5 consumers; 4 clients per consumer, 100 rows a batch:
     # 800 batch queries through 2 replay connections per worker.
     db.sql("insert into events (type, timestamp, subscriber, payload) "
-                "select 'insert', now(), 'c' || (g %% 5), jsonb_build_object('n', g) "
-                "from generate_series(1, %s) as g", (5 * per_consumer,))
+           "select 'insert', now(), 'c' || (g %% 5), jsonb_build_object('n', g) "
+           "from generate_series(1, %s) as g", (5 * per_consumer,))
     ngx = nginx.start(db, http={"event_piper_replay_connections": 2},
-                           location={"event_piper_replay_batch": 100})
+                      location={"event_piper_replay_batch": 100})
     workers = ngx.worker_pids()
     expected = {k: expected_frames(db, k) for k in consumers}
 
@@ -286,7 +286,7 @@ def test_20_clients_replaying_at_once_share_a_pool_of_2_and_all_complete(db, ngi
     assert seen["max_total"] <= 2 * len(workers)
     for w, n in ever.items():
         assert n <= 2, ("%d replay connections of worker %s (None: closed since)"
-                             % (n, w))
+                        % (n, w))
     for q in seen["listener_queries"]:
         assert "subscriber" not in q, "the listening connection ran a replay query: %r" % q
     assert len(db.listeners()) == len(workers)
@@ -297,7 +297,7 @@ def test_20_clients_replaying_at_once_share_a_pool_of_2_and_all_complete(db, ngi
              "the live event on every client")
     for i, c in enumerate(replaying):
         assert (c.events[-1].raw == frame(5 * per_consumer + 1 + i % 5,
-                               data='{"live":"%s"}' % consumers[i % 5]))
+                                          data='{"live":"%s"}' % consumers[i % 5]))
 
 
 # -- Handover --
@@ -305,7 +305,7 @@ def test_20_clients_replaying_at_once_share_a_pool_of_2_and_all_complete(db, ngi
 def test_inserts_made_during_a_replay_arrive_exactly_once_and_in_order(db, nginx, clients):
     history = 20000
     db.insert_many("toto", history,
-                        payload_sql="jsonb_build_object('n', g, 'pad', repeat('h', 150))")
+                   payload_sql="jsonb_build_object('n', g, 'pad', repeat('h', 150))")
     ngx = nginx.start(db, location={"event_piper_replay_batch": 200})
     c = clients.open(ngx, "toto", "0", rcvbuf=16384, keep_raw=False)
     assert c.status == 200
@@ -344,7 +344,7 @@ def test_inserts_made_during_a_replay_arrive_exactly_once_and_in_order(db, nginx
     assert state["error"] is None
     c.read_for(1)  # anything after this point would be a duplicate
     note("handover: %d of %d history events had arrived when the 300 inserts were "
-          "done" % (state["received_when_done"], history))
+         "done" % (state["received_when_done"], history))
     assert state["received_when_done"] < history, \
         "the replay ended before the inserts did: the handover was not exercised"
     assert_stream_is(db, c, "toto", "replay + live")
@@ -355,7 +355,7 @@ def test_inserts_made_during_a_replay_arrive_exactly_once_and_in_order(db, nginx
 def test_a_client_that_stops_reading_during_20000_events_gets_them_all_later(db, nginx, clients):
     n = 20000
     ngx = nginx.start(db, location={"event_piper_stream_buffer": "64k"},
-                           listen_params="sndbuf=16k")
+                      listen_params="sndbuf=16k")
     workers = ngx.worker_pids()
     c = clients.open(ngx, "slow", rcvbuf=65536, keep_raw=False)
     assert c.status == 200
@@ -367,7 +367,7 @@ def test_a_client_that_stops_reading_during_20000_events_gets_them_all_later(db,
         t0 = time.monotonic()
         for b in range(20):
             db.insert_many("slow", 1000, start=b * 1000 + 1,
-                                payload_sql="jsonb_build_object('n', g, 'pad', repeat('s', 2000))")
+                           payload_sql="jsonb_build_object('n', g, 'pad', repeat('s', 2000))")
         insert_s = time.monotonic() - t0
         time.sleep(3)
         stalled = {w: rss_kb(w) for w in workers}
@@ -386,7 +386,7 @@ def test_a_client_that_stops_reading_during_20000_events_gets_them_all_later(db,
     for w in workers:
         if not UNDER_ASAN:
             assert growth[w] < 16, ("worker %d RSS grew %.1f MB (40 MB of events)"
-                            % (w, growth[w]))
+                                    % (w, growth[w]))
     # Still live afterwards.
     db.insert("slow", '{"after": true}')
     c.wait_events(n + 1)
