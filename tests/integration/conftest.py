@@ -14,8 +14,8 @@
               (and checks it is a 200), `clients.client(ngx)` a bare connection; all closed at
               the teardown, before nginx is stopped
 
-Test classes derived from harness.EventPiperTestCase get these through `_event_piper_case`
-(self.pg, self.start_nginx, self.tmp).
+The tests are functions that take these fixtures; test_real_clients keeps unittest classes
+(harness.EventPiperTestCase), which get the same through `_event_piper_case`.
 
 Environment: EVENT_PIPER_MODULE (module to test), EVENT_PIPER_NGINX_PRELOAD (LD_PRELOAD for nginx,
 the sanitizer runtimes under `make test-asan`), EVENT_PIPER_TIME_SCALE (multiplies timeouts),
@@ -121,9 +121,11 @@ def clients(nginx):  # set up after nginx, so torn down before it
 
 @pytest.fixture(autouse=True)
 def _event_piper_case(request):
+    """What the fixtures give test functions, for the tests written as unittest classes
+    (harness.EventPiperTestCase, in test_real_clients): self.pg, self.tmp, self.start_nginx."""
     case = request.instance
     if isinstance(case, harness.EventPiperTestCase):
-        case.pg = request.getfixturevalue("private_pg" if case.private_pg else "pg")
+        case.pg = request.getfixturevalue("pg")
         case.nginx_instances = request.getfixturevalue("nginx")
         case.tmp = case.nginx_instances.tmp
     yield

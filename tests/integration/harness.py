@@ -10,8 +10,9 @@ What it gives a test:
     conftest.py's `nginx` fixture stops it and checks its error log for `[alert]`/`[emerg]`;
   * a raw-socket HTTP/1.1 client that sends exact request bytes and exposes the exact response
     bytes: status line, headers, de-chunked body, SSE frames;
-  * EventPiperTestCase, a unittest.TestCase base for the tests written as classes: the fixtures
-    give it `self.pg` and `self.start_nginx`.
+  * Clients (the `clients` fixture): the HTTP clients of a test, closed at its end;
+  * EventPiperTestCase, a unittest.TestCase base for the tests still written as classes
+    (test_real_clients): the fixtures give it `self.pg`, `self.tmp` and `self.start_nginx`.
 
 Environment:
   EVENT_PIPER_MODULE      module path (default <repo>/build/ngx_event_piper_module.so)
@@ -1193,13 +1194,11 @@ class Clients:
 
 
 class EventPiperTestCase(unittest.TestCase):
-    """Base of the tests written as classes. conftest.py's autouse fixture gives each test
-    `self.pg` (the run's cluster, or the module's own with `private_pg = True`), `self.tmp` and
-    the nginx instances, which its teardown stops and checks. The events table is emptied before
-    each test."""
+    """Base of the tests written as unittest classes (test_real_clients). conftest.py's autouse
+    fixture gives each test `self.pg` (the run's cluster), `self.tmp` and the nginx instances,
+    which its teardown stops and checks. The events table is emptied before each test."""
 
     maxDiff = 4000
-    private_pg = False
 
     def setUp(self):
         self.pg.truncate()
