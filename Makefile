@@ -63,8 +63,14 @@ psql: deps
 stop:
 	@scripts/run.sh stop
 
-## Tests: unit + integration (tests/run_all.sh prints "N passed, N failed").
-RUN_ALL := tests/run_all.sh
+## Tests: the unit tests (build/unit_tests), then the integration tests with pytest
+# (tests/integration, real PostgreSQL + real nginx). Both always run; the last line is pytest's
+# summary, and either failing fails the target (pytest's "no tests collected", status 5, too).
+# Select with PYTEST_ARGS (e.g. make test PYTEST_ARGS='-k replay') and GTEST_FILTER; UNIT=0
+# skips the unit tests. Debian's interpreter, which sees python3-pytest and python3-psycopg2.
+PYTHON      ?= /usr/bin/python3
+PYTEST_ARGS ?=
+UNIT        ?= 1
 
 UNIT_BIN = $(if $(wildcard tests/unit/*.cpp),build/unit_tests)
 
@@ -80,22 +86,32 @@ clients: deps $(CLIENTS_STAMP)
 # keeps PostgreSQL's durable defaults.
 test test-asan: export EVENT_PIPER_PG_FAST := 1
 
+define RUN_TESTS
+	unit=0; \
+	if [ '$(UNIT)' != 0 ]; then \
+	    if [ -n '$(UNIT_BIN)' ]; then $(UNIT_BIN) || unit=$$?; \
+	    else echo "no unit tests in tests/unit/" >&2; unit=1; fi; \
+	fi; \
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests/integration $(PYTEST_ARGS); it=$$?; \
+	if [ $$unit != 0 ]; then echo "unit tests FAILED (build/unit_tests exited with $$unit)"; fi; \
+	if [ $$it = 5 ]; then echo "no integration test collected: counted as a failure"; fi; \
+	[ $$unit = 0 ] && [ $$it = 0 ]
+endef
+
 test: build $(UNIT_BIN) clients
-	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
-	$(RUN_ALL)
+	@$(RUN_TESTS)
 
 # Same tests against the module built with ASan + UBSan. The Debian nginx binary is not
 # instrumented, so the sanitizer runtimes must be preloaded into nginx (EVENT_PIPER_NGINX_PRELOAD);
 # leak detection is off because nginx frees its pools by exiting.
 ASAN_PRELOAD = $(shell $(UNIT_CXX) -print-file-name=libasan.so) $(shell $(UNIT_CXX) -print-file-name=libubsan.so)
 
+test-asan: export EVENT_PIPER_MODULE = $(CURDIR)/build/asan/ngx_event_piper_module.so
+test-asan: export EVENT_PIPER_NGINX_PRELOAD = $(ASAN_PRELOAD)
+test-asan: export ASAN_OPTIONS = detect_leaks=0:abort_on_error=1
+test-asan: export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1:abort_on_error=1
 test-asan: build-asan $(UNIT_BIN) clients
-	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
-	EVENT_PIPER_MODULE=$(CURDIR)/build/asan/ngx_event_piper_module.so \
-	EVENT_PIPER_NGINX_PRELOAD='$(ASAN_PRELOAD)' \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
-	$(RUN_ALL)
+	@$(RUN_TESTS)
 
 ## Formatting with the checked-in .clang-format.
 FORMAT_FILES = $(wildcard *.cpp src/core/*.cpp src/core/*.hpp src/ngx/*.cpp src/ngx/*.hpp tests/unit/*.cpp tests/unit/*.hpp)

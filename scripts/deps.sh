@@ -13,6 +13,7 @@ BASE_PACKAGES=(
     postgresql-15 postgresql-client-15
     python3 procps iproute2 curl clang-format
     chromium
+    python3-pytest python3-psycopg2
 )
 # Node.js and npm (for the real-client tests): Debian's packages unless the machine already has
 # a Node.js with npm (for example from NodeSource, which Debian's npm would conflict with).
