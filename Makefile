@@ -8,7 +8,8 @@ export PORT
 SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
-        test test-asan test-deb deb format clean bench bench-quick clients docker-build docker-run
+        test test-asan test-deb deb format clean bench bench-quick clients docker-build docker-run \
+        test-docker
 
 all: build
 
@@ -70,8 +71,14 @@ psql: deps
 stop:
 	@scripts/run.sh stop
 
-## Tests: unit + integration (tests/run_all.sh prints "N passed, N failed").
-RUN_ALL := tests/run_all.sh
+## Tests: the unit tests (build/unit_tests), then the integration tests with pytest
+# (tests/integration, real PostgreSQL + real nginx). Both always run; the last line is pytest's
+# summary, and either failing fails the target (pytest's "no tests collected", status 5, too).
+# Select with PYTEST_ARGS (e.g. make test PYTEST_ARGS='-k replay') and GTEST_FILTER; UNIT=0
+# skips the unit tests. Debian's interpreter, which sees python3-pytest and python3-psycopg2.
+PYTHON      ?= /usr/bin/python3
+PYTEST_ARGS ?=
+UNIT        ?= 1
 
 UNIT_BIN = $(if $(wildcard tests/unit/*.cpp),build/unit_tests)
 
@@ -83,23 +90,41 @@ $(CLIENTS_STAMP): tests/clients/package.json tests/clients/package-lock.json
 
 clients: deps-test $(CLIENTS_STAMP)
 
+# Test clusters are thrown away: fsync and synchronous_commit off (scripts/pgctl.sh). `make run`
+# keeps PostgreSQL's durable defaults.
+test test-asan: export EVENT_PIPER_PG_FAST := 1
+
+define RUN_TESTS
+	unit=0; \
+	if [ '$(UNIT)' != 0 ]; then \
+	    if [ -n '$(UNIT_BIN)' ]; then $(UNIT_BIN) || unit=$$?; \
+	    else echo "no unit tests in tests/unit/" >&2; unit=1; fi; \
+	fi; \
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest tests/integration $(PYTEST_ARGS); it=$$?; \
+	if [ $$unit != 0 ]; then echo "unit tests FAILED (build/unit_tests exited with $$unit)"; fi; \
+	if [ $$it = 5 ]; then echo "no integration test collected: counted as a failure"; fi; \
+	[ $$unit = 0 ] && [ $$it = 0 ]
+endef
+
+# make test runs make test-deb first (the Debian package, below), so that pytest's summary stays
+# the last line; a failure of either fails the target.
 test: build $(UNIT_BIN) clients
-	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
-	$(RUN_ALL)
-	@$(MAKE) --no-print-directory test-deb
+	@deb=0; $(MAKE) --no-print-directory test-deb || deb=1; \
+	$(RUN_TESTS); status=$$?; \
+	if [ $$deb != 0 ]; then echo "make test-deb FAILED (see above)"; fi; \
+	[ $$status = 0 ] && [ $$deb = 0 ]
 
 # Same tests against the module built with ASan + UBSan. The Debian nginx binary is not
 # instrumented, so the sanitizer runtimes must be preloaded into nginx (EVENT_PIPER_NGINX_PRELOAD);
 # leak detection is off because nginx frees its pools by exiting.
 ASAN_PRELOAD = $(shell $(UNIT_CXX) -print-file-name=libasan.so) $(shell $(UNIT_CXX) -print-file-name=libubsan.so)
 
+test-asan: export EVENT_PIPER_MODULE = $(CURDIR)/build/asan/ngx_event_piper_module.so
+test-asan: export EVENT_PIPER_NGINX_PRELOAD = $(ASAN_PRELOAD)
+test-asan: export ASAN_OPTIONS = detect_leaks=0:abort_on_error=1
+test-asan: export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1:abort_on_error=1
 test-asan: build-asan $(UNIT_BIN) clients
-	@test -x $(RUN_ALL) || { echo "$(RUN_ALL) is missing or not executable" >&2; exit 1; }
-	EVENT_PIPER_MODULE=$(CURDIR)/build/asan/ngx_event_piper_module.so \
-	EVENT_PIPER_NGINX_PRELOAD='$(ASAN_PRELOAD)' \
-	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
-	$(RUN_ALL)
+	@$(RUN_TESTS)
 
 ## Formatting with the checked-in .clang-format.
 FORMAT_FILES = $(wildcard *.cpp src/core/*.cpp src/core/*.hpp src/ngx/*.cpp src/ngx/*.hpp tests/unit/*.cpp tests/unit/*.hpp)
@@ -126,7 +151,7 @@ deb: deps-package
 # Installs that package into this machine's nginx like a user would, streams an event through
 # the system nginx, purges it and restores /etc/nginx (tests/package/test_deb.py). Needs root.
 test-deb: deb deps-test
-	python3 tests/package/test_deb.py $(DEB_DIR)/libnginx-mod-http-event-piper_*.deb
+	$(PYTHON) tests/package/test_deb.py $(DEB_DIR)/libnginx-mod-http-event-piper_*.deb
 
 ## Benchmarks (bench/run.sh, see design.md section 6).
 BENCH_CHECK = @test -x bench/run.sh || { echo "bench/run.sh is missing: no benchmark suite yet" >&2; exit 1; }
@@ -141,12 +166,21 @@ bench-quick: deps-bench
 	@scripts/build.sh
 	bench/run.sh --quick
 
-## Container deployment (docker/). No Docker engine runs on our CI machines: untested here.
+## Container deployment (docker/, README "Docker"), with docker if a Docker daemon answers, else
+# podman (scripts/deps.sh docker installs it; docker/containers.conf sets it up for this machine).
+# docker-build: the image ngx_event_piper from docker/Dockerfile (and the base debian:12 if
+# missing: pulled, or made with debootstrap where no registry is reachable).
 docker-build:
-	docker build -f docker/Dockerfile -t ngx_event_piper .
+	@docker/build.sh
 
-docker-run:
-	docker compose -f docker/compose.yaml up --build
+# docker-run: the image, then nginx + PostgreSQL 15 from docker/compose.yaml in the foreground.
+docker-run: docker-build
+	@source docker/engine.sh && "$${COMPOSE[@]}" -f docker/compose.yaml up
+
+# test-docker: builds, runs the stack, walkthrough + replay + database restart, tears it down
+# (tests/docker/run.sh). Images stay cached for the next run.
+test-docker:
+	@tests/docker/run.sh
 
 clean:
 	rm -rf build

@@ -34,6 +34,7 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
     }
     mcf->replay_connections = NGX_CONF_UNSET_UINT;
     mcf->listener_timeout = NGX_CONF_UNSET_MSEC;
+    mcf->replay_memory = NGX_CONF_UNSET_SIZE;
     mcf->used = NGX_CONF_UNSET;
     return mcf;
 }
@@ -45,6 +46,7 @@ char *init_main_conf(ngx_conf_t *, void *conf) noexcept {
     }
     ngx_conf_init_uint_value(mcf->replay_connections, 2);
     ngx_conf_init_msec_value(mcf->listener_timeout, 60000);
+    ngx_conf_init_size_value(mcf->replay_memory, 64 * 1024 * 1024);
     ngx_conf_init_value(mcf->used, 0);
     return NGX_CONF_OK;
 }
@@ -194,9 +196,6 @@ char *set_consumer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     return NGX_CONF_OK;
 }
 
-// `event_piper_listener_timeout <time>;`
-char *set_listener_timeout(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept;
-
 ngx_int_t stream_handler(ngx_http_request_t *r) noexcept;
 ngx_int_t health_handler(ngx_http_request_t *r) noexcept;
 ngx_int_t status_handler(ngx_http_request_t *r) noexcept;
@@ -284,45 +283,43 @@ char *set_number(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     return NGX_CONF_OK;
 }
 
-char *set_stream_buffer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
-    auto *lcf = static_cast<LocConf *>(conf);
-    if (lcf->stream_buffer != NGX_CONF_UNSET_SIZE) {
+// Sizes and times: at least `min`, with an example of a good value in the message.
+struct Minimum {
+    ngx_int_t min;
+    const char *expected;
+};
+Minimum stream_buffer_min = {4096, "a size of at least 4k (\"256k\", \"1m\")"};
+Minimum replay_memory_min = {1024 * 1024, "a size of at least 1m (\"64m\", \"1g\")"};
+Minimum listener_timeout_min = {3000, "a time of at least 3s (\"60s\", \"2m\")"};
+Minimum retry_min = {1, "a positive time (\"2s\", \"500ms\")"};
+
+char *set_size(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *field = reinterpret_cast<size_t *>(static_cast<char *>(conf) + cmd->offset);
+    if (*field != NGX_CONF_UNSET_SIZE) {
         return const_cast<char *>("is duplicate");
     }
+    auto *minimum = static_cast<Minimum *>(cmd->post);
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
     ssize_t size = ngx_parse_size(&args[1]);
-    if (size == NGX_ERROR || size < 4096) {
-        return invalid_value(cf, cmd, "a size of at least 4k (\"256k\", \"1m\")");
+    if (size == NGX_ERROR || size < minimum->min) {
+        return invalid_value(cf, cmd, minimum->expected);
     }
-    lcf->stream_buffer = static_cast<size_t>(size);
+    *field = static_cast<size_t>(size);
     return NGX_CONF_OK;
 }
 
-char *set_listener_timeout(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
-    auto *mcf = static_cast<MainConf *>(conf);
-    if (mcf->listener_timeout != NGX_CONF_UNSET_MSEC) {
+char *set_time(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *field = reinterpret_cast<ngx_msec_t *>(static_cast<char *>(conf) + cmd->offset);
+    if (*field != NGX_CONF_UNSET_MSEC) {
         return const_cast<char *>("is duplicate");
     }
+    auto *minimum = static_cast<Minimum *>(cmd->post);
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
     ngx_int_t ms = ngx_parse_time(&args[1], 0);
-    if (ms == NGX_ERROR || ms < 3000) {
-        return invalid_value(cf, cmd, "a time of at least 3s (\"60s\", \"2m\")");
+    if (ms == NGX_ERROR || ms < minimum->min) {
+        return invalid_value(cf, cmd, minimum->expected);
     }
-    mcf->listener_timeout = static_cast<ngx_msec_t>(ms);
-    return NGX_CONF_OK;
-}
-
-char *set_retry(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
-    auto *lcf = static_cast<LocConf *>(conf);
-    if (lcf->retry != NGX_CONF_UNSET_MSEC) {
-        return const_cast<char *>("is duplicate");
-    }
-    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
-    ngx_int_t ms = ngx_parse_time(&args[1], 0);
-    if (ms == NGX_ERROR || ms <= 0) {
-        return invalid_value(cf, cmd, "a positive time (\"2s\", \"500ms\")");
-    }
-    lcf->retry = static_cast<ngx_msec_t>(ms);
+    *field = static_cast<ngx_msec_t>(ms);
     return NGX_CONF_OK;
 }
 
@@ -339,8 +336,10 @@ ngx_command_t commands[] = {
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, set_status,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
-    {ngx_string("event_piper_listener_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
-     set_listener_timeout, NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("event_piper_replay_memory"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_size,
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, replay_memory), &replay_memory_min},
+    {ngx_string("event_piper_listener_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_time,
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, listener_timeout), &listener_timeout_min},
     {ngx_string("event_piper_consumer"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE12, set_consumer,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
@@ -352,14 +351,14 @@ ngx_command_t commands[] = {
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_heartbeat,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_retry"),
-     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_retry,
-     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_time,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, retry), &retry_min},
     {ngx_string("event_piper_replay_batch"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_number,
      NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, replay_batch), &batch_range},
     {ngx_string("event_piper_stream_buffer"),
-     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_stream_buffer,
-     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, set_size,
+     NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, stream_buffer), &stream_buffer_min},
     ngx_null_command,
 };
 

@@ -147,7 +147,9 @@ MODULE_SHA=$(sha256sum "$MODULE_SO" | cut -c1-12)
 # --- PostgreSQL -----------------------------------------------------------------------------
 PGPORT=$(free_port)
 log "starting PostgreSQL on 127.0.0.1:$PGPORT"
-"$ROOT/scripts/pgctl.sh" start "$PGDATA_DIR" "$PGPORT"
+# The streaming measurements (a-f) use a throw-away cluster with fsync and synchronous_commit
+# off: they measure the module and its peers, not the disk. Writer measurements say their own.
+EVENT_PIPER_PG_FAST=1 "$ROOT/scripts/pgctl.sh" start "$PGDATA_DIR" "$PGPORT"
 CONNINFO="host=127.0.0.1 port=$PGPORT dbname=event_piper user=event_piper password=event_piper"
 psql_su() { psql -X -q -v ON_ERROR_STOP=1 -h "$PGDATA_DIR" -p "$PGPORT" -U postgres -d event_piper "$@"; }
 

@@ -4,6 +4,7 @@
 #   scripts/deps.sh package    the same plus the Debian packaging tools (make deb)
 #   scripts/deps.sh test       the same plus what the tests need (make test, make unit, ...)
 #   scripts/deps.sh bench      the test set plus the benchmark tools
+#   scripts/deps.sh docker     build and run plus podman and what it needs here (make test-docker)
 # Checks with dpkg-query first, so an up-to-date machine costs no network access and no root.
 set -euo pipefail
 
@@ -28,6 +29,10 @@ if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     TEST_PACKAGES+=(nodejs npm)
 fi
 BENCH_PACKAGES=(libnginx-mod-nchan wrk gnuplot-nox linux-perf valgrind)
+# make docker-build / test-docker: podman with runc (crun refuses cgroups v1), netavark and
+# aardvark-dns (compose services find each other by name), debootstrap (the debian:12 base image
+# is built locally). Skipped when a Docker daemon answers. tests/docker/run.sh also runs python3.
+DOCKER_PACKAGES=(podman runc netavark aardvark-dns iptables podman-compose debootstrap)
 
 wanted=("${RUN_PACKAGES[@]}")
 case "${1:-}" in
@@ -35,7 +40,11 @@ case "${1:-}" in
     package) wanted+=("${PACKAGE_PACKAGES[@]}") ;;
     test) wanted+=("${PACKAGE_PACKAGES[@]}" "${TEST_PACKAGES[@]}") ;;
     bench) wanted+=("${PACKAGE_PACKAGES[@]}" "${TEST_PACKAGES[@]}" "${BENCH_PACKAGES[@]}") ;;
-    *) echo "usage: $0 [package|test|bench]" >&2; exit 2 ;;
+    docker)
+        wanted+=(python3)
+        docker info >/dev/null 2>&1 || wanted+=("${DOCKER_PACKAGES[@]}")
+        ;;
+    *) echo "usage: $0 [package|test|bench|docker]" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -9,8 +9,11 @@
 #
 # The cluster runs as the `postgres` system user (initdb refuses root). It listens on
 # 127.0.0.1:<port> (scram-sha-256 for TCP) and on a unix socket in <datadir> (trust).
-# It is tuned for tests, not durability: fsync, synchronous_commit and full_page_writes are off.
-# Environment: PG_BIN (default /usr/lib/postgresql/15/bin), PG_USER (default postgres).
+# Durable by default (fsync, synchronous_commit and full_page_writes on, as PostgreSQL ships):
+# `make run` must never acknowledge an event it could lose. EVENT_PIPER_PG_FAST=1 turns the three
+# off for throw-away clusters (the test suite; the benchmark says what it uses).
+# Environment: PG_BIN (default /usr/lib/postgresql/15/bin), PG_USER (default postgres),
+# EVENT_PIPER_PG_FAST (default 0).
 set -euo pipefail
 
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
@@ -109,9 +112,6 @@ EOF
 # --- ngx_event_piper test/dev cluster (scripts/pgctl.sh) ---
 listen_addresses = '127.0.0.1'
 max_connections = 200
-fsync = off
-synchronous_commit = off
-full_page_writes = off
 wal_level = minimal
 max_wal_senders = 0
 checkpoint_timeout = 30min
@@ -128,8 +128,14 @@ EOF
     if ! is_running "$datadir"; then
         # Port and socket folder are given at each start, so one cluster can move ports.
         touch "$datadir/server.log"; chown "$PG_USER": "$datadir/server.log"
+        # Given at each start (not in postgresql.conf), so a cluster of an older version of this
+        # script that wrote "fsync = off" into its configuration is durable again too.
+        local durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+        if [ "${EVENT_PIPER_PG_FAST:-0}" = 1 ]; then
+            durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        fi
         as_pg "$PG_BIN/pg_ctl" -D "$datadir" -w -t 60 -l "$datadir/server.log" \
-            -o "-p $port -c unix_socket_directories='$datadir' -c listen_addresses=127.0.0.1" \
+            -o "-p $port -c unix_socket_directories='$datadir' -c listen_addresses=127.0.0.1 $durability" \
             start >/dev/null \
             || { tail -n 30 "$datadir/server.log" >&2; die "pg_ctl start failed (log: $datadir/server.log)"; }
     else

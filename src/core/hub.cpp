@@ -6,8 +6,8 @@
 
 namespace event_piper {
 
-Hub::Hub(Timer &replay_retry, Clock &clock, Log &log)
-    : clock_(clock), log_(log), replay_(replay_retry, *this, log) {}
+Hub::Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory)
+    : clock_(clock), log_(log), replay_(replay_retry, *this, log, replay_memory) {}
 
 void Hub::open(Stream &s) {
     if (s.last_position() < 0) {

@@ -17,7 +17,8 @@ namespace event_piper {
 class Hub : public ListenerEvents, public ReplayEvents {
 public:
     // `replay_retry` fires replay().on_retry_timer(); links are added with replay().add_link().
-    Hub(Timer &replay_retry, Clock &clock, Log &log);
+    // `replay_memory`: the replay queue's budget (see ReplayQueue).
+    Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory = 0);
 
     // A new stream: registered under its consumer. Without a resume point it starts at the
     // newest position known (live at once if the listener is up), or waits for the listener.

@@ -1,6 +1,8 @@
 // The replay queue (see replay_queue.hpp).
 #include "replay_queue.hpp"
 
+#include "sse_frame.hpp"
+
 #include <algorithm>
 #include <charconv>
 #include <string>
@@ -27,8 +29,8 @@ struct Number {
 
 } // namespace
 
-ReplayQueue::ReplayQueue(Timer &retry, ReplayEvents &events, Log &log)
-    : retry_(retry), events_(events), log_(log) {}
+ReplayQueue::ReplayQueue(Timer &retry, ReplayEvents &events, Log &log, size_t memory_budget)
+    : retry_(retry), events_(events), log_(log), budget_(memory_budget) {}
 
 ReplayQueue::Slot &ReplayQueue::slot_of(DbLink &link) {
     for (Slot &slot : slots_) {
@@ -39,19 +41,26 @@ ReplayQueue::Slot &ReplayQueue::slot_of(DbLink &link) {
     return slots_.front(); // unreachable: every link of this queue has a slot
 }
 
+void ReplayQueue::reset(Slot &slot) {
+    DbLink *link = slot.link;
+    slot = Slot{};
+    slot.link = link;
+}
+
 void ReplayQueue::close_all() {
     retry_.cancel();
     for (Slot &slot : slots_) {
         slot.link->close();
-        if (slot.stream != nullptr) {
-            slot.stream->query_lost();
+        for (Stream *s : slot.streams) {
+            if (s != nullptr) {
+                s->query_lost();
+            }
         }
-        DbLink *link = slot.link;
-        slot = Slot{};
-        slot.link = link;
+        reset(slot);
     }
     queue_.clear();
     queued_.clear();
+    held_ = 0; // the streams' shares are forgotten with them (shutdown)
 }
 
 void ReplayQueue::request(Stream &s) {
@@ -67,14 +76,27 @@ void ReplayQueue::cancel(Stream &s) {
         queue_.erase(std::find(queue_.begin(), queue_.end(), &s));
     }
     for (Slot &slot : slots_) {
-        if (slot.stream == &s) {
-            slot.stream = nullptr; // the result is discarded when it arrives
-        }
+        std::replace(slot.streams.begin(), slot.streams.end(), &s, static_cast<Stream *>(nullptr));
+    }
+    release(s);
+}
+
+void ReplayQueue::release(Stream &s) {
+    if (s.replay_held() == 0) {
+        return;
+    }
+    held_ -= std::min(held_, s.replay_held());
+    s.set_replay_held(0);
+    if (!queue_.empty()) {
+        dispatch();
     }
 }
 
 void ReplayQueue::dispatch() {
     while (!queue_.empty()) {
+        if (budget_ != 0 && held_ >= budget_) {
+            return; // clients have not taken what was read for them: wait for release()
+        }
         Slot *idle = nullptr;
         size_t connecting = 0;
         for (Slot &slot : slots_) {
@@ -107,17 +129,30 @@ void ReplayQueue::dispatch() {
         Stream *s = queue_.front();
         queue_.pop_front();
         queued_.erase(s);
+        reset(*idle);
+        idle->streams.push_back(s);
+        // Every stream waiting for exactly the same rows rides along.
+        for (auto it = queue_.begin(); it != queue_.end();) {
+            Stream *o = *it;
+            if (o->consumer() == s->consumer() && o->last_position() == s->last_position() &&
+                o->batch_rows() == s->batch_rows() && o->batch_bytes() == s->batch_bytes()) {
+                idle->streams.push_back(o);
+                queued_.erase(o);
+                it = queue_.erase(it);
+            } else {
+                ++it;
+            }
+        }
         Number last(s->last_position());
         Number rows(static_cast<int64_t>(s->batch_rows()));
         Number bytes(static_cast<int64_t>(s->batch_bytes()));
         const char *params[4] = {s->consumer().c_str(), last.text, rows.text, bytes.text};
-        s->begin_query(events_.listener_epoch());
-        DbLink *link = idle->link;
-        *idle = Slot{};
-        idle->link = link;
-        idle->stream = s;
+        uint64_t epoch = events_.listener_epoch();
+        for (Stream *o : idle->streams) {
+            o->begin_query(epoch);
+        }
         ++queries_;
-        link->send(batch_sql, 4, params); // failure: on_link_lost has re-queued s
+        idle->link->send(batch_sql, 4, params); // failure: on_link_lost has re-queued them
     }
 }
 
@@ -141,21 +176,25 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
         slot.failed = true;
         return;
     }
-    if (slot.stream == nullptr) {
-        return; // the client went away meanwhile
-    }
     int n = result.rows();
     if (n > 0) {
         slot.newest = result.number(0, 4);
         events_.note_position(slot.newest);
         if (result.is_null(0, 0)) {
-            return; // nothing after the stream's position
+            return; // nothing after the streams' position
         }
         slot.fetched = static_cast<size_t>(result.number(0, 3));
     }
     for (int row = 0; row < n; ++row) {
         int64_t pos = result.number(row, 0);
-        slot.stream->on_row(pos, result.value(row, 1), result.value(row, 2));
+        frame_.clear();
+        append_event_frame(frame_, pos, result.value(row, 1), result.value(row, 2));
+        for (Stream *s : slot.streams) {
+            if (s != nullptr) {
+                s->on_framed_row(pos, frame_);
+            }
+        }
+        slot.bytes += frame_.size();
         events_.note_position(pos);
     }
     slot.rows += static_cast<size_t>(n);
@@ -164,9 +203,11 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
 void ReplayQueue::on_link_idle(DbLink &link) {
     Slot &slot = slot_of(link);
     Slot done = slot;
-    slot = Slot{};
-    slot.link = &link;
-    if (Stream *s = done.stream) {
+    reset(slot);
+    for (Stream *s : done.streams) {
+        if (s == nullptr) {
+            continue; // the client went away meanwhile
+        }
         if (done.failed) {
             s->fail();
         } else {
@@ -177,6 +218,8 @@ void ReplayQueue::on_link_idle(DbLink &link) {
                 s->on_newest(done.newest);
             }
             s->end_query(more, events_.listener_epoch());
+            s->set_replay_held(s->replay_held() + done.bytes);
+            held_ += done.bytes;
         }
         s->wake();
     }
@@ -185,14 +228,15 @@ void ReplayQueue::on_link_idle(DbLink &link) {
 
 void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
     Slot &slot = slot_of(link);
-    Stream *s = slot.stream;
-    slot = Slot{};
-    slot.link = &link;
-    if (s != nullptr) {
-        // Asked again first: it has waited longest.
-        s->query_lost();
-        queued_.insert(s);
-        queue_.push_front(s);
+    std::vector<Stream *> streams = std::move(slot.streams);
+    reset(slot);
+    // Asked again first, in their order: they have waited longest.
+    for (auto it = streams.rbegin(); it != streams.rend(); ++it) {
+        if (Stream *s = *it) {
+            s->query_lost();
+            queued_.insert(s);
+            queue_.push_front(s);
+        }
     }
     if (!reported_down_) {
         log_.write(LogLevel::Error, "event_piper: replay connection failed: " + std::string(why));

@@ -2,12 +2,16 @@
 // served by a fixed set of database links (opened on demand, each back in the pool after every
 // batch: no transaction or cursor outlives a batch). Decides which stream is served, when a
 // batch means "more rows follow", when a stream may go live, and when to retry after a failure.
+// Streams waiting for the same rows (same consumer, same position: a thousand tabs of one user
+// sent to the table by one large event) share one query. The bytes that served batches hold
+// until their clients take them are bounded: beyond the budget, streams wait their turn.
 #pragma once
 
 #include "ports.hpp"
 #include "stream.hpp"
 
 #include <deque>
+#include <string>
 #include <unordered_set>
 #include <vector>
 
@@ -31,8 +35,9 @@ public:
     // row of NULLs carrying it.
     static const char *const batch_sql;
 
-    // `retry` fires on_retry_timer.
-    ReplayQueue(Timer &retry, ReplayEvents &events, Log &log);
+    // `retry` fires on_retry_timer. `memory_budget`: bytes of served batches that clients have
+    // not taken yet, beyond which no batch is sent (0: no limit).
+    ReplayQueue(Timer &retry, ReplayEvents &events, Log &log, size_t memory_budget = 0);
     // A connection for the pool; its owner (DbLinkOwner) must be this queue.
     void add_link(DbLink &link) {
         Slot slot;
@@ -42,8 +47,12 @@ public:
 
     // Queues the stream for its next batch (no-op if queued or in flight).
     void request(Stream &s);
-    // Forgets the stream: out of the queue; a batch in flight is discarded when it completes.
+    // Forgets the stream: out of the queue; a batch in flight is discarded when it completes;
+    // its bytes leave the budget.
     void cancel(Stream &s);
+    // The stream's client has taken the bytes of its batches: they leave the budget.
+    void release(Stream &s);
+    size_t held_bytes() const { return held_; }
     void close_all();
     void on_retry_timer() { dispatch(); }
 
@@ -58,14 +67,16 @@ public:
 private:
     struct Slot {
         DbLink *link = nullptr;
-        Stream *stream = nullptr; // the stream whose batch is in flight (nullptr: none, or gone)
-        size_t rows = 0;          // rows received
-        size_t fetched = 0;       // rows the query found before the byte cap
-        int64_t newest = 0;       // newest committed position when the query ran
-        bool failed = false;      // the server refused the query
+        std::vector<Stream *> streams; // whose batch is in flight (nullptr: gone meanwhile)
+        size_t rows = 0;               // rows received
+        size_t bytes = 0;              // bytes of the frames those rows made
+        size_t fetched = 0;            // rows the query found before the byte cap
+        int64_t newest = 0;            // newest committed position when the query ran
+        bool failed = false;           // the server refused the query
     };
     void dispatch();
     Slot &slot_of(DbLink &link);
+    static void reset(Slot &slot);
 
     std::vector<Slot> slots_;
     Timer &retry_;
@@ -73,6 +84,9 @@ private:
     Log &log_;
     std::deque<Stream *> queue_;
     std::unordered_set<Stream *> queued_;
+    std::string frame_; // one row, framed once for all its streams
+    size_t budget_;
+    size_t held_ = 0; // sum of the streams' replay_held()
     Backoff backoff_;
     uint64_t queries_ = 0;
     bool reported_down_ = false;

@@ -61,6 +61,15 @@ void Stream::on_row(int64_t position, std::string_view type, std::string_view js
     last_ = position;
 }
 
+void Stream::on_framed_row(int64_t position, std::string_view frame) {
+    if (position <= last_) {
+        return;
+    }
+    pending_.append(frame);
+    ++pending_events_;
+    last_ = position;
+}
+
 void Stream::end_query(bool full_batch, uint64_t current_epoch) {
     query_in_flight_ = false;
     if (mode_ != Mode::CatchingUp || full_batch) {

@@ -82,6 +82,8 @@ public:
     void begin_query(uint64_t epoch);
     // A row of the batch; rows at or below the last position are skipped (no duplicates).
     void on_row(int64_t position, std::string_view type, std::string_view json_payload);
+    // The same, already framed (one framing shared by the streams of one query).
+    void on_framed_row(int64_t position, std::string_view frame);
     // The batch is complete. A short batch switches to live only when the listener has been
     // listening since before the query was sent and nothing newer was notified meanwhile.
     void end_query(bool full_batch, uint64_t current_epoch);
@@ -105,6 +107,10 @@ public:
     // Swaps the pending bytes into `out` (whose old content is discarded, its capacity reused).
     void take_pending(std::string &out);
 
+    // Bytes of replay batches this stream holds against the replay budget (ReplayQueue's).
+    size_t replay_held() const { return replay_held_; }
+    void set_replay_held(size_t bytes) { replay_held_ = bytes; }
+
     uint64_t overflows() const { return overflows_; }
     // Events in the pending bytes (what take_pending will hand over).
     size_t pending_events() const { return pending_events_; }
@@ -120,6 +126,7 @@ private:
     Limits limits_;
     uint64_t overflows_ = 0;
     size_t pending_events_ = 0;
+    size_t replay_held_ = 0;
     Mode mode_ = Mode::CatchingUp;
     bool query_in_flight_ = false;
     bool waiting_for_listener_ = false;

@@ -17,6 +17,7 @@ struct MainConf {
     ngx_str_t conninfo;
     ngx_str_t channel;
     ngx_uint_t replay_connections;
+    size_t replay_memory;        // bytes read for catching-up streams and not yet sent
     ngx_msec_t listener_timeout; // a frozen listening connection is noticed within this time
     ngx_flag_t used;             // some location has `event_piper;` or `event_piper_health;`
 };

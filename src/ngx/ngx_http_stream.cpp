@@ -99,9 +99,13 @@ void HttpStream::flush() {
         }
         inflight_.clear();
     }
-    // Drained: drop big buffers so an idle stream costs little, then maybe read the table.
+    // Drained: drop big buffers so an idle stream costs little, give back the replay budget,
+    // then maybe read the table.
     if (inflight_.capacity() > 16384) {
         std::string().swap(inflight_);
+    }
+    if (stream_.replay_held() != 0) {
+        hub_->replay().release(stream_);
     }
     if (c->write->timer_set) {
         ngx_del_timer(c->write);

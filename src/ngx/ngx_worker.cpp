@@ -45,7 +45,7 @@ void destroy_worker() {
 Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
     : log_(cycle->log), logger_(cycle->log),
       replay_retry_(cycle->log, "replay dispatch", [this] { hub_.replay().on_retry_timer(); }),
-      hub_(replay_retry_, clock_, logger_),
+      hub_(replay_retry_, clock_, logger_, conf.replay_memory),
       listener_retry_(cycle->log, "listener restart", [this] { listener_.on_retry_timer(); }),
       listener_check_(cycle->log, "listener check", [this] { listener_.on_check_timer(); }),
       listener_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_listener"),

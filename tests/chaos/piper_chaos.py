@@ -2,8 +2,8 @@
 test_chaos.py, test_resources.py). Builds on tests/integration/harness.py and adds only what those
 tests need beyond it:
 
-  * a PostgreSQL cluster private to a test module, that the tests stop and restart at will on the
-    same port (the run's shared cluster is left alone);
+  * restart_pg / pg_back_up for the test module's own PostgreSQL cluster (conftest.py's
+    `private_pg` fixture), that the tests stop and restart at will on the same port;
   * `hold_tcp(pg)`: make PostgreSQL refuse new TCP logins (pg_hba `reject` + reload) while the
     tests keep using the unix socket. nginx connects over TCP, so this keeps the module's listener
     and replay connections away for as long as a test needs, deterministically;
@@ -14,7 +14,6 @@ tests need beyond it:
   * building the C++ libpq writer (tests/chaos/writer.cpp) once per run.
 """
 
-import atexit
 import json
 import os
 import re
@@ -23,42 +22,18 @@ import sys
 import threading
 import time
 
+import psycopg2
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 _INTEGRATION = os.path.normpath(os.path.join(HERE, "..", "integration"))
 if _INTEGRATION not in sys.path:
     sys.path.append(_INTEGRATION)
 
 import harness  # noqa: E402
-from harness import (EventPiperTestCase, HttpClient, Postgres, PgError, T, compact_json,  # noqa: E402
-                     free_port, frame, lit, make_tmp, run_root, wait_until)
+from harness import HttpClient, T, compact_json, frame, run_root, wait_until  # noqa: E402
 
 LISTENER_APP = harness.LISTENER_APP
 REPLAY_APP = harness.REPLAY_APP
-
-STATUS_LOCATIONS = (
-    "        location = /status { event_piper_status; }\n"
-    "        location = /manage/health { event_piper_health; }\n")
-
-# --------------------------------------------------------------------------------------------
-# A private PostgreSQL cluster per test module
-# --------------------------------------------------------------------------------------------
-
-_private = {}
-
-
-def private_postgres(name):
-    """This module's own cluster (started once per run, stopped at exit)."""
-    pg = _private.get(name)
-    if pg is None:
-        d = make_tmp("pg-" + name)
-        pg = Postgres(os.path.join(d, "pg"), free_port())
-        pg.start()
-        pg.hba_original = None
-        pg.hba_held = False
-        _private[name] = pg
-        atexit.register(pg.stop)  # runs before the harness removes the run folder (LIFO)
-    return pg
-
 
 def _hba_path(pg):
     return os.path.join(pg.datadir, "pg_hba.conf")
@@ -67,9 +42,9 @@ def _hba_path(pg):
 def _tcp_login_works(pg):
     try:
         c = pg.connect(tcp=True, application_name="event_piper_tests_probe")
-    except PgError:
-        return False
-    except OSError:
+    except psycopg2.OperationalError as e:
+        if "pg_hba.conf rejects connection" in str(e):
+            return False
         return None  # not running
     c.close()
     return True
@@ -133,15 +108,8 @@ def restart_pg(pg, down_for=0.0):
 def module_backends(pg, app=None):
     apps = [app] if app else [LISTENER_APP, REPLAY_APP]
     return pg.superuser_sql(
-        "select pid, application_name, state from pg_stat_activity where application_name in (%s)"
-        % ", ".join(lit(a) for a in apps))
-
-
-def terminate_module_backends(pg, app=None):
-    apps = [app] if app else [LISTENER_APP, REPLAY_APP]
-    return pg.superuser_sql(
-        "select pg_terminate_backend(pid) from pg_stat_activity where application_name in (%s)"
-        % ", ".join(lit(a) for a in apps))
+        "select pid, application_name, state from pg_stat_activity "
+        "where application_name = any(%s)", (apps,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,9 +241,9 @@ def log_entries(ngx):
 def expected_events(pg, subscriber, superuser=False):
     """[(position, exact frame bytes)] of every committed event of `subscriber`, in order."""
     q = ("select position, type, payload::text from events where subscriber = %s "
-         "and position is not null order by position" % lit(subscriber))
-    rows = pg.superuser_sql(q) if superuser else pg.sql(q)
-    return [(int(p), frame(int(p), t, compact_json(d))) for p, t, d in rows]
+         "and position is not null order by position")
+    rows = pg.superuser_sql(q, (subscriber,)) if superuser else pg.sql(q, (subscriber,))
+    return [(p, frame(p, t, compact_json(d))) for p, t, d in rows]
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,36 +273,12 @@ def writer_binary():
 
 
 # --------------------------------------------------------------------------------------------
-# Test case base: a private cluster, status/health locations, no 10 s wait at nginx start
+# After a test that stopped PostgreSQL or held it off TCP
 # --------------------------------------------------------------------------------------------
 
-class PrivatePgCase(EventPiperTestCase):
-    """EventPiperTestCase on a cluster of the test module's own (`pg_name`), which tests may stop,
-    restart and hold off TCP. Whatever a test did, PostgreSQL is up and open again before nginx is
-    checked and stopped."""
-
-    pg_name = "failures"
-
-    @classmethod
-    def setUpClass(cls):
-        cls.pg = private_postgres(cls.pg_name)
-
-    def setUp(self):
-        self._pg_back_up()
-        super().setUp()
-
-    def _pg_back_up(self):
-        if not self.pg.running:
-            self.pg.start()
-        if getattr(self.pg, "hba_held", False):
-            hold_tcp(self.pg, False)
-
-    def start_nginx(self, workers=2, wait=True, extra_locations="", **kw):
-        ngx = super().start_nginx(workers=workers, wait_listening=False,
-                                  extra_locations=STATUS_LOCATIONS + extra_locations, **kw)
-        # Cleanups run last-in first-out: this one runs before the harness stops nginx and looks
-        # for module connections (which needs PostgreSQL).
-        self.addCleanup(self._pg_back_up)
-        if wait:
-            wait_all_listening(ngx)
-        return ngx
+def pg_back_up(pg):
+    """PostgreSQL running and open to TCP logins again, whatever a test did to it."""
+    if not pg.running:
+        pg.start()
+    if pg.hba_held:
+        hold_tcp(pg, False)

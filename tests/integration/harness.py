@@ -1,15 +1,18 @@
-"""Integration-test harness for ngx_event_piper (Python 3 standard library only).
+"""Integration-test harness for ngx_event_piper: the pieces conftest.py's fixtures and the tests
+use (Python 3 standard library, psycopg2 and pytest, all from Debian).
 
 What it gives a test:
-  * a throw-away PostgreSQL cluster (scripts/pgctl.sh on a free port, shared by the whole run,
-    `TRUNCATE events RESTART IDENTITY` between tests) and a tiny wire-protocol client to run SQL;
-  * a real nginx (/usr/sbin/nginx) with the built module, on a free port, in a temporary prefix,
-    configured from dicts of extra directives, with helpers to reload/quit it, find its workers,
-    read their RSS and map a client socket to the worker that serves it;
+  * Postgres: a throw-away PostgreSQL cluster (scripts/pgctl.sh on a free port) with SQL through
+    psycopg2 and bound parameters; conftest.py starts and stops it (fixtures `pg`, `private_pg`);
+  * Nginx: a real nginx (/usr/sbin/nginx) with the built module, on a free port, in a temporary
+    prefix, configured from the test module's NGINX_CONF text, with helpers to reload/quit it,
+    find its workers, read their RSS and map a client socket to the worker that serves it;
+    conftest.py's `nginx` fixture stops it and checks its error log for `[alert]`/`[emerg]`;
   * a raw-socket HTTP/1.1 client that sends exact request bytes and exposes the exact response
     bytes: status line, headers, de-chunked body, SSE frames;
-  * EventPiperTestCase, a unittest.TestCase whose cleanups stop nginx and fail the test if the
-    error log holds an `[alert]` or `[emerg]` line.
+  * Clients (the `clients` fixture): the HTTP clients of a test, closed at its end;
+  * EventPiperTestCase, a unittest.TestCase base for the tests still written as classes
+    (test_real_clients): the fixtures give it `self.pg`, `self.tmp` and `self.start_nginx`.
 
 Environment:
   EVENT_PIPER_MODULE      module path (default <repo>/build/ngx_event_piper_module.so)
@@ -18,10 +21,6 @@ Environment:
   EVENT_PIPER_KEEP_TMP    keep the temporary folders even when everything passed
 """
 
-import atexit
-import base64
-import hashlib
-import hmac
 import os
 import re
 import select
@@ -36,6 +35,8 @@ import tempfile
 import threading
 import time
 import unittest
+
+import psycopg2
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MODULE = os.environ.get("EVENT_PIPER_MODULE",
@@ -63,10 +64,28 @@ def log(msg):
     sys.stderr.flush()
 
 
+_terminal = None  # set by conftest.py: writes past pytest's output capture
+
+
+def set_terminal(write):
+    global _terminal
+    _terminal = write
+
+
+def say(text):
+    """Print a line at once, even under pytest's output capture (measurements and counts worth
+    seeing in every run: the chaos test's 0 lost / 0 duplicated / 0 out of order, timings)."""
+    text = text.rstrip("\n") + "\n"
+    if _terminal is not None:
+        _terminal(text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
 def note(msg):
-    """A measurement worth seeing in the test output (printed under the test's RUN line)."""
-    sys.stdout.write("      note: %s\n" % msg)
-    sys.stdout.flush()
+    """A measurement worth seeing in the test output."""
+    say("      note: %s" % msg)
 
 
 def free_port():
@@ -91,25 +110,23 @@ def wait_until(pred, timeout, interval=0.05, what="condition"):
 
 
 # --------------------------------------------------------------------------------------------
-# Temporary folders: one run root, one folder per test. Removed at exit unless something failed.
+# Temporary folders: one run root (made and removed by conftest.py's `run_root` fixture), one
+# folder per test.
 # --------------------------------------------------------------------------------------------
 
 _run_root = None
-_keep_run_root = bool(os.environ.get("EVENT_PIPER_KEEP_TMP"))
+
+
+def set_run_root(path):
+    """Called by conftest.py's session fixture: the folder every temporary folder goes into."""
+    global _run_root
+    _run_root = path
 
 
 def run_root():
-    global _run_root
     if _run_root is None:
-        _run_root = tempfile.mkdtemp(prefix="epit.", dir="/tmp")
-        os.chmod(_run_root, 0o755)
+        raise RuntimeError("no run root: the tests run under pytest (conftest.py makes it)")
     return _run_root
-
-
-def keep_tmp():
-    """Ask for the run's temporary folders to be kept (called when a test fails)."""
-    global _keep_run_root
-    _keep_run_root = True
 
 
 def make_tmp(name):
@@ -119,202 +136,9 @@ def make_tmp(name):
     return d
 
 
-def _cleanup_run_root():
-    if _run_root is None:
-        return
-    if _keep_run_root:
-        sys.stderr.write("integration test files kept in %s\n" % _run_root)
-    else:
-        shutil.rmtree(_run_root, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------
-# A tiny PostgreSQL wire-protocol client (simple query protocol; trust, cleartext, md5, SCRAM).
+# PostgreSQL: a private cluster (scripts/pgctl.sh), SQL through psycopg2 with bound parameters.
 # --------------------------------------------------------------------------------------------
-
-class PgError(Exception):
-    def __init__(self, fields):
-        self.fields = fields
-        self.sqlstate = fields.get("C")
-        super().__init__("%s: %s (SQLSTATE %s)" % (fields.get("S", "ERROR"), fields.get("M"),
-                                                   fields.get("C")))
-
-
-class PgConn:
-    """One PostgreSQL connection. `query(sql)` returns the rows (tuples of str/None) of the last
-    statement; errors raise PgError. Not thread-safe: use one per thread."""
-
-    def __init__(self, host, port, user="event_piper", password="event_piper",
-                 database="event_piper", application_name="event_piper_tests", timeout=120):
-        if host.startswith("/"):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(timeout)
-            self.sock.connect(os.path.join(host, ".s.PGSQL.%d" % port))
-        else:
-            self.sock = socket.create_connection((host, port), timeout=timeout)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.user, self.password = user, password
-        self.buf = bytearray()
-        self.notifications = []
-        self.backend_pid = None
-        params = b""
-        for k, v in (("user", user), ("database", database),
-                     ("application_name", application_name), ("client_encoding", "UTF8")):
-            params += k.encode() + b"\0" + v.encode() + b"\0"
-        params += b"\0"
-        self.sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
-        self._startup()
-
-    # -- framing --
-    def _read_msg(self):
-        while len(self.buf) < 5:
-            self._fill()
-        typ = self.buf[0:1]
-        (length,) = struct.unpack("!i", self.buf[1:5])
-        while len(self.buf) < 1 + length:
-            self._fill()
-        body = bytes(self.buf[5:1 + length])
-        del self.buf[:1 + length]
-        return typ, body
-
-    def _fill(self):
-        data = self.sock.recv(65536)
-        if not data:
-            raise ConnectionError("PostgreSQL closed the connection")
-        self.buf += data
-
-    def _send(self, typ, body):
-        self.sock.sendall(typ + struct.pack("!i", 4 + len(body)) + body)
-
-    @staticmethod
-    def _fields(body):
-        out = {}
-        for part in body.split(b"\0"):
-            if part:
-                out[chr(part[0])] = part[1:].decode("utf-8", "replace")
-        return out
-
-    def _startup(self):
-        scram = None
-        while True:
-            typ, body = self._read_msg()
-            if typ == b"R":
-                (code,) = struct.unpack("!i", body[:4])
-                if code == 0:
-                    continue
-                if code == 3:
-                    self._send(b"p", self.password.encode() + b"\0")
-                elif code == 5:
-                    salt = body[4:8]
-                    inner = hashlib.md5((self.password + self.user).encode()).hexdigest()
-                    outer = hashlib.md5(inner.encode() + salt).hexdigest()
-                    self._send(b"p", b"md5" + outer.encode() + b"\0")
-                elif code == 10:
-                    scram = _Scram(self.password)
-                    first = scram.client_first()
-                    self._send(b"p", b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
-                elif code == 11:
-                    self._send(b"p", scram.client_final(body[4:]))
-                elif code == 12:
-                    scram.verify(body[4:])
-                else:
-                    raise PgError({"M": "unsupported authentication request %d" % code})
-            elif typ == b"E":
-                raise PgError(self._fields(body))
-            elif typ == b"K":
-                self.backend_pid = struct.unpack("!i", body[:4])[0]
-            elif typ == b"Z":
-                return
-            # S (parameter status), N (notice): ignored
-
-    def query(self, sql):
-        self._send(b"Q", sql.encode() + b"\0")
-        rows, cur, err = [], None, None
-        while True:
-            typ, body = self._read_msg()
-            if typ == b"T":
-                cur = []
-            elif typ == b"D":
-                (n,) = struct.unpack("!h", body[:2])
-                pos, row = 2, []
-                for _ in range(n):
-                    (ln,) = struct.unpack("!i", body[pos:pos + 4])
-                    pos += 4
-                    if ln < 0:
-                        row.append(None)
-                    else:
-                        row.append(body[pos:pos + ln].decode("utf-8"))
-                        pos += ln
-                if cur is None:
-                    cur = []
-                cur.append(tuple(row))
-            elif typ == b"C":
-                if cur is not None:
-                    rows = cur
-                cur = None
-            elif typ == b"E":
-                err = PgError(self._fields(body))
-            elif typ == b"A":
-                pid = struct.unpack("!i", body[:4])[0]
-                chan, _, rest = body[4:].partition(b"\0")
-                payload = rest.split(b"\0")[0]
-                self.notifications.append((pid, chan.decode(), payload.decode("utf-8", "replace")))
-            elif typ == b"Z":
-                if err:
-                    raise err
-                return rows
-            # I (empty query), N (notice), S: ignored
-
-    def scalar(self, sql):
-        rows = self.query(sql)
-        return rows[0][0] if rows else None
-
-    def close(self):
-        try:
-            self._send(b"X", b"")
-        except OSError:
-            pass
-        self.sock.close()
-
-
-class _Scram:
-    def __init__(self, password):
-        self.password = password.encode()
-        self.nonce = base64.b64encode(os.urandom(18)).decode()
-        self.first_bare = "n=,r=" + self.nonce
-
-    def client_first(self):
-        return ("n,," + self.first_bare).encode()
-
-    def client_final(self, server_first):
-        server_first = server_first.decode()
-        attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
-        if not attrs["r"].startswith(self.nonce):
-            raise PgError({"M": "SCRAM nonce mismatch"})
-        salted = hashlib.pbkdf2_hmac("sha256", self.password, base64.b64decode(attrs["s"]),
-                                     int(attrs["i"]))
-        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-        stored = hashlib.sha256(client_key).digest()
-        without_proof = "c=biws,r=" + attrs["r"]
-        self.auth_message = (self.first_bare + "," + server_first + "," + without_proof).encode()
-        sig = hmac.new(stored, self.auth_message, hashlib.sha256).digest()
-        proof = bytes(a ^ b for a, b in zip(client_key, sig))
-        self.server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-        return (without_proof + ",p=" + base64.b64encode(proof).decode()).encode()
-
-    def verify(self, server_final):
-        expected = hmac.new(self.server_key, self.auth_message, hashlib.sha256).digest()
-        got = dict(kv.split("=", 1) for kv in server_final.decode().split(","))
-        if base64.b64decode(got.get("v", "")) != expected:
-            raise PgError({"M": "SCRAM server signature mismatch"})
-
-
-def lit(value):
-    """An SQL string literal (standard_conforming_strings is on)."""
-    if "\0" in value:
-        raise ValueError("NUL cannot be stored in a PostgreSQL text value")
-    return "'" + value.replace("'", "''") + "'"
-
 
 class Postgres:
     """A private PostgreSQL cluster managed with scripts/pgctl.sh."""
@@ -324,6 +148,8 @@ class Postgres:
         self._conn = None
         self._lock = threading.Lock()
         self.running = False
+        self.hba_original = None  # tests/chaos/piper_chaos.py hold_tcp: pg_hba.conf as it was
+        self.hba_held = False
 
     @property
     def conninfo(self):
@@ -338,7 +164,7 @@ class Postgres:
             raise RuntimeError("pgctl.sh start failed (%d):\n%s" % (r.returncode, r.stdout))
         self.running = True
         log("PostgreSQL on port %d, data in %s (%.1fs)" % (self.port, self.datadir,
-                                                          time.monotonic() - t0))
+                                                           time.monotonic() - t0))
 
     def stop(self):
         if self._conn:
@@ -349,27 +175,42 @@ class Postgres:
         self.running = False
 
     def connect(self, tcp=False, user="event_piper", database="event_piper",
-                application_name="event_piper_tests"):
-        """A new connection (unix socket by default; tcp=True uses password auth on 127.0.0.1)."""
-        host = "127.0.0.1" if tcp else self.datadir
-        return PgConn(host, self.port, user=user, database=database,
-                      application_name=application_name)
+                application_name="event_piper_tests", autocommit=True):
+        """A new psycopg2 connection: over the unix socket by default (trust), or with tcp=True
+        over 127.0.0.1 with the password, as nginx logs in. Autocommit unless asked otherwise."""
+        kw = dict(host="127.0.0.1" if tcp else self.datadir, port=self.port, user=user,
+                  dbname=database, application_name=application_name, connect_timeout=10)
+        if tcp:
+            kw["password"] = "event_piper"
+        conn = psycopg2.connect(**kw)
+        conn.autocommit = autocommit
+        return conn
 
-    def sql(self, query):
-        """Run SQL on the harness's shared connection; return the rows of the last statement."""
+    @staticmethod
+    def run(conn, query, params=None):
+        """Execute on a connection; return the rows of the statement ([] if it returns none)."""
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
+
+    def sql(self, query, params=None):
+        """Run SQL on the harness's shared connection (autocommit, reconnected after a restart);
+        return the rows."""
         with self._lock:
             for attempt in (1, 2):
-                if self._conn is None:
+                if self._conn is None or self._conn.closed:
                     self._conn = self.connect()
                 try:
-                    return self._conn.query(query)
-                except (ConnectionError, OSError):
+                    return self.run(self._conn, query, params)
+                except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                    if not self._conn.closed:
+                        raise
                     self._conn = None
                     if attempt == 2:
                         raise
 
-    def scalar(self, query):
-        rows = self.sql(query)
+    def scalar(self, query, params=None):
+        rows = self.sql(query, params)
         return rows[0][0] if rows else None
 
     def psql(self, sql, *args):
@@ -379,38 +220,40 @@ class Postgres:
                            input=sql, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return r.returncode, r.stdout
 
-    def superuser_sql(self, query):
-        c = self.connect(user="postgres", database="event_piper")
+    def superuser_sql(self, query, params=None):
+        """As the `postgres` superuser over the unix socket, on a connection of its own."""
+        conn = self.connect(user="postgres")
         try:
-            return c.query(query)
+            return self.run(conn, query, params)
         finally:
-            c.close()
+            conn.close()
 
     def truncate(self):
         self.sql("TRUNCATE events RESTART IDENTITY")
 
     def insert(self, subscriber, payload='{"foo": "bar"}', type="insert"):
         """The original's insert statement, one event, its own transaction."""
-        self.sql("insert into events (type, timestamp, subscriber, payload) values (%s, now(), %s, %s)"
-                 % (lit(type), lit(subscriber), lit(payload)))
+        self.sql("insert into events (type, timestamp, subscriber, payload) "
+                 "values (%s, now(), %s, %s)", (type, subscriber, payload))
 
     def insert_many(self, subscriber, count, payload_sql="jsonb_build_object('n', g)",
                     type="insert", start=1):
-        """One statement inserting `count` rows (g runs from start to start+count-1)."""
+        """One statement inserting `count` rows (g runs from start to start+count-1);
+        payload_sql is an SQL expression of g (code of the test, not a value)."""
         self.sql("insert into events (type, timestamp, subscriber, payload) "
-                 "select %s, now(), %s, %s from generate_series(%d, %d) as g"
-                 % (lit(type), lit(subscriber), payload_sql, start, start + count - 1))
+                 "select %%s, now(), %%s, %s from generate_series(%%s, %%s) as g" % payload_sql,
+                 (type, subscriber, start, start + count - 1))
 
     def positions(self, subscriber):
-        return [int(r[0]) for r in self.sql(
+        return [r[0] for r in self.sql(
             "select position from events where subscriber = %s and position is not null "
-            "order by position" % lit(subscriber))]
+            "order by position", (subscriber,))]
 
     def app_connections(self, application_name):
         """Client backends connected with this application_name: list of (pid, state, query)."""
         return self.superuser_sql(
             "select pid, state, query from pg_stat_activity where application_name = %s "
-            "and backend_type = 'client backend'" % lit(application_name))
+            "and backend_type = 'client backend'", (application_name,))
 
     def listeners(self):
         return self.app_connections(LISTENER_APP)
@@ -427,37 +270,13 @@ class Postgres:
     def wait_no_module_connections(self, timeout=None):
         def none_left():
             return not self.superuser_sql(
-                "select 1 from pg_stat_activity where application_name in (%s, %s)"
-                % (lit(LISTENER_APP), lit(REPLAY_APP)))
+                "select 1 from pg_stat_activity where application_name in (%s, %s)",
+                (LISTENER_APP, REPLAY_APP))
         try:
             wait_until(none_left, timeout or T(10), what="module connections to go away")
             return True
         except AssertionError:
             return False
-
-
-_shared_pg = None
-
-
-def shared_postgres():
-    """The run's PostgreSQL cluster, started on first use and stopped at exit."""
-    global _shared_pg
-    if _shared_pg is None:
-        pg = Postgres(os.path.join(run_root(), "pg"), free_port())
-        pg.start()
-        _shared_pg = pg
-        atexit.register(_stop_shared_pg)
-    return _shared_pg
-
-
-def _stop_shared_pg():
-    global _shared_pg
-    if _shared_pg is not None:
-        _shared_pg.stop()
-        _shared_pg = None
-
-
-atexit.register(_cleanup_run_root)  # runs after _stop_shared_pg (atexit is LIFO)
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,31 +426,80 @@ def render_directives(d, indent):
     return "".join(indent + l + "\n" for l in lines)
 
 
-_live_nginx = []
+# What every test nginx has around the test module's configuration (NGINX_CONF): the module, the
+# workers, and files in the test's own folder. The http lines go right after `http {`.
+MAIN_CONF = """\
+{{ load_module }}
+worker_processes {{ workers }};
+pid {{ tmp }}/nginx.pid;
+error_log {{ tmp }}/error.log info;
+events {
+    worker_connections 4096;
+}
+"""
+
+HTTP_PRELUDE = """\
+    access_log {{ tmp }}/access.log;
+    client_body_temp_path {{ tmp }}/client_body;
+    proxy_temp_path {{ tmp }}/proxy;
+    fastcgi_temp_path {{ tmp }}/fastcgi;
+    uwsgi_temp_path {{ tmp }}/uwsgi;
+    scgi_temp_path {{ tmp }}/scgi;
+    default_type application/octet-stream;
+"""
+
+_PLACEHOLDER = re.compile(r"\{\{ *(\w+) *\}\}")
 
 
-def _stop_all_nginx():
-    """At exit (even an interrupted run): no nginx of ours is left running."""
-    for ngx in list(_live_nginx):
-        try:
-            if ngx.running():
-                ngx.proc.kill()
-                for w in ngx.worker_pids():
-                    try:
-                        os.kill(w, signal.SIGKILL)
-                    except OSError:
-                        pass
-                ngx.proc.wait(5)
-        except Exception:
-            pass
+def render_conf(template, values):
+    """Fill a configuration text's `{{ name }}` placeholders.
+
+    A placeholder alone on its line takes a block: directives from a dict or a list of pairs
+    (indented like the placeholder) or raw text; nothing, and the line goes. A placeholder inside
+    a line takes str(value); the value None leaves the whole line out (e.g. no
+    event_piper_postgres when a test has no PostgreSQL). A value the text has no place for is an
+    error, so that nothing a test asks for is silently dropped."""
+    used = set()
+    out = []
+    for line in template.splitlines(keepends=True):
+        names = _PLACEHOLDER.findall(line)
+        if not names:
+            out.append(line)
+            continue
+        for n in names:
+            if n not in values:
+                raise KeyError("configuration placeholder {{ %s }} has no value" % n)
+            used.add(n)
+        stripped = line.strip()
+        if len(names) == 1 and _PLACEHOLDER.fullmatch(stripped):
+            v = values[names[0]]
+            indent = line[:len(line) - len(line.lstrip())]
+            if isinstance(v, (dict, list, tuple)):
+                out.append(render_directives(v, indent))
+            elif v:
+                out.append(v if v.endswith("\n") else v + "\n")
+            continue
+        if any(values[n] is None for n in names):
+            continue
+        out.append(_PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), line))
+    unused = [k for k, v in values.items() if k not in used and v not in (None, "", {}, [], ())]
+    if unused:
+        raise KeyError("the configuration has no place for %s" % ", ".join(sorted(unused)))
+    return "".join(out)
 
 
 class Nginx:
-    """A real nginx master (foreground) with the module, in a temporary prefix."""
+    """A real nginx master (foreground) with the module, in a temporary prefix.
 
-    def __init__(self, tmp, pg=None, workers=2, main=None, events=None, http=None, server=None,
-                 location=None, extra_locations="", extra_http="", listen_params="", module=MODULE,
-                 with_module=True):
+    `conf` is the test module's configuration text (NGINX_CONF): `http { ... }` with the
+    placeholders {{ port }}, {{ postgres }} (the module's connection string) and, where a test
+    may add directives, {{ http }}, {{ server }}, {{ location }}, {{ locations }},
+    {{ listen_params }} (see render_conf), and any others the test gives in `values`. The run's
+    nginx.conf is kept in the test's folder."""
+
+    def __init__(self, tmp, conf, pg=None, workers=2, http=None, server=None, location=None,
+                 extra_locations="", extra_http="", listen_params="", module=MODULE,
+                 with_module=True, values=None):
         self.tmp = tmp
         self.pg = pg
         self.workers = workers
@@ -647,50 +515,22 @@ class Nginx:
         for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             os.makedirs(os.path.join(tmp, sub), exist_ok=True)
         load = ""
-        pg_line = ""
         if with_module:
             if not os.path.exists(module):
-                raise unittest.SkipTest("module not built: %s" % module) \
-                    if os.environ.get("EVENT_PIPER_SKIP_MISSING_MODULE") else \
-                    AssertionError("module not built: %s (run `make build`)" % module)
-            load = "load_module %s;\n" % module_snapshot(module)
-            if pg is not None:
-                pg_line = '    event_piper_postgres "%s";\n' % pg.conninfo
-        events_location = ""
-        if with_module:
-            events_location = ("        location = /events {\n            event_piper;\n%s"
-                               "        }\n" % render_directives(location, " " * 12))
-        self.conf = (
-            "%(load)s"
-            "worker_processes %(workers)d;\n"
-            "pid %(tmp)s/nginx.pid;\n"
-            "error_log %(tmp)s/error.log info;\n"
-            "%(main)s"
-            "events {\n    worker_connections 4096;\n%(events)s}\n"
-            "http {\n"
-            "    access_log %(tmp)s/access.log;\n"
-            "    client_body_temp_path %(tmp)s/client_body;\n"
-            "    proxy_temp_path %(tmp)s/proxy;\n"
-            "    fastcgi_temp_path %(tmp)s/fastcgi;\n"
-            "    uwsgi_temp_path %(tmp)s/uwsgi;\n"
-            "    scgi_temp_path %(tmp)s/scgi;\n"
-            "    default_type application/octet-stream;\n"
-            "%(pg_line)s"
-            "%(http)s"
-            "%(extra_http)s"
-            "    server {\n"
-            "        listen 127.0.0.1:%(port)d%(listen_params)s;\n"
-            "%(server)s"
-            "%(events_location)s"
-            "%(extra)s"
-            "    }\n"
-            "}\n"
-        ) % dict(load=load, workers=workers, tmp=tmp, main=render_directives(main, ""),
-                 events=render_directives(events, "    "), pg_line=pg_line,
-                 http=render_directives(http, "    "), extra_http=extra_http, port=self.port,
-                 listen_params=(" " + listen_params) if listen_params else "",
-                 server=render_directives(server, "        "),
-                 events_location=events_location, extra=extra_locations)
+                raise AssertionError("module not built: %s (run `make build`)" % module)
+            load = "load_module %s;" % module_snapshot(module)
+        main = render_conf(MAIN_CONF, {"load_module": load, "workers": workers, "tmp": tmp})
+        http_values = render_directives(http, "    ") + (extra_http or "")
+        body = render_conf(conf, {
+            "port": self.port, "postgres": pg.conninfo if pg is not None else None,
+            "listen_params": (" " + listen_params) if listen_params else "",
+            "http": http_values, "server": server or "", "location": location or "",
+            "locations": extra_locations or "", **(values or {})})
+        prelude = render_conf(HTTP_PRELUDE, {"tmp": tmp})
+        body, n = re.subn(r"(?m)^http \{\n", lambda m: m.group(0) + prelude, body, count=1)
+        if n != 1:
+            raise ValueError("the configuration has no `http {` line")
+        self.conf = main + body.lstrip("\n")
         with open(self.conf_path, "w") as f:
             f.write(self.conf)
 
@@ -713,9 +553,6 @@ class Nginx:
         return r.returncode, r.stdout
 
     def start(self, wait_listening=True):
-        if not _live_nginx:
-            atexit.register(_stop_all_nginx)  # registered after PostgreSQL's: runs before it
-        _live_nginx.append(self)
         self._stdout = open(self.stdout_path, "wb")
         self.proc = subprocess.Popen(self.cmd("-g", "daemon off;"), stdout=self._stdout,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -1285,40 +1122,90 @@ def pump_all(clients, pred, timeout, what="condition", paced=None):
 # The test case base
 # --------------------------------------------------------------------------------------------
 
-class EventPiperTestCase(unittest.TestCase):
-    """Base class: shared PostgreSQL (truncated before each test), nginx per test, and an error
-    log check for [alert]/[emerg] when the test ends."""
+class NginxInstances:
+    """The nginx instances of one test (conftest.py's `nginx` fixture): `start(pg, ...)` starts
+    one from the test module's NGINX_CONF (or `conf=`); `finish()`, at the test's teardown,
+    stops them all and fails if one needed force or logged an `[alert]` or `[emerg]` line."""
 
-    maxDiff = 4000
+    def __init__(self, tmp, module_conf):
+        self.tmp = tmp
+        self.module_conf = module_conf
+        self.instances = []
 
-    @classmethod
-    def setUpClass(cls):
-        cls.pg = shared_postgres()
-
-    def setUp(self):
-        self.pg.truncate()
-        self.tmp = make_tmp(self.id().split(".", 1)[-1])
-        self._nginxes = []
-
-    def start_nginx(self, workers=2, wait_listening=True, **kw):
-        ngx = Nginx(make_tmp("nginx") if self._nginxes else self.tmp, pg=self.pg, workers=workers,
-                    **kw)
-        self._nginxes.append(ngx)
-        self.addCleanup(self._finish_nginx, ngx)
+    def start(self, pg, workers=2, wait_listening=True, conf=None, **kw):
+        if conf is None:
+            conf = self.module_conf
+        if conf is None:
+            raise AssertionError("the test module has no NGINX_CONF")
+        tmp = make_tmp("nginx") if self.instances else self.tmp
+        ngx = Nginx(tmp, conf, pg=pg, workers=workers, **kw)
+        self.instances.append(ngx)
         ngx.start(wait_listening=wait_listening)
         return ngx
 
-    def _finish_nginx(self, ngx):
-        note = ngx.stop()
-        self.pg.wait_no_module_connections()
-        bad = ngx.bad_log_lines()
-        if bad or note:
-            keep_tmp()
-            self.fail("%s%s\n(error log: %s)" % (
-                (note + "\n") if note else "",
-                ("%d [alert]/[emerg] lines in the nginx error log, first:\n%s"
-                 % (len(bad), "\n".join(bad[:5]))) if bad else "",
-                ngx.error_log))
+    def finish(self):
+        problems = []
+        for ngx in self.instances:
+            forced = ngx.stop()
+            if ngx.pg is not None and ngx.pg.running and ngx.with_module:
+                ngx.pg.wait_no_module_connections()
+            bad = ngx.bad_log_lines()
+            if forced or bad:
+                problems.append("%s%s\n(error log: %s)" % (
+                    (forced + "\n") if forced else "",
+                    ("%d [alert]/[emerg] lines in the nginx error log, first:\n%s"
+                     % (len(bad), "\n".join(bad[:5]))) if bad else "",
+                    ngx.error_log))
+        self.instances = []
+        if problems:
+            raise AssertionError("\n".join(problems))
+
+
+class Clients:
+    """The HTTP clients of one test (conftest.py's `clients` fixture), closed at its teardown."""
+
+    def __init__(self):
+        self.opened = []
+
+    def track(self, c):
+        self.opened.append(c)
+        return c
+
+    def open(self, ngx, consumer="toto", last_event_id=None, **kw):
+        """open_stream, headers read, status not checked."""
+        return self.track(open_stream(ngx.port, consumer, last_event_id, **kw))
+
+    def stream(self, ngx, consumer="toto", last_event_id=None, settle=0.2, **kw):
+        """Open a stream and check it is a 200 event stream; read for `settle` seconds."""
+        c = self.open(ngx, consumer, last_event_id, **kw)
+        assert c.status == 200, "status line %r, body %r" % (c.status_line, bytes(c.body))
+        if settle:
+            c.read_for(settle)
+        return c
+
+    def client(self, ngx, rcvbuf=None):
+        """A connected client that has sent nothing yet."""
+        return self.track(HttpClient(ngx.port, rcvbuf=rcvbuf))
+
+    def close_all(self):
+        for c in self.opened:
+            c.close()
+        self.opened = []
+
+
+class EventPiperTestCase(unittest.TestCase):
+    """Base of the tests written as unittest classes (test_real_clients). conftest.py's autouse
+    fixture gives each test `self.pg` (the run's cluster), `self.tmp` and the nginx instances,
+    which its teardown stops and checks. The events table is emptied before each test."""
+
+    maxDiff = 4000
+
+    def setUp(self):
+        self.pg.truncate()
+
+    def start_nginx(self, workers=2, wait_listening=True, **kw):
+        return self.nginx_instances.start(self.pg, workers=workers, wait_listening=wait_listening,
+                                          **kw)
 
     def stream(self, ngx, consumer="toto", last_event_id=None, settle=0.2, **kw):
         """Open a stream, check it is a 200 event stream, and close it at the end of the test."""
@@ -1333,14 +1220,6 @@ class EventPiperTestCase(unittest.TestCase):
         c = HttpClient(ngx.port, rcvbuf=rcvbuf)
         self.addCleanup(c.close)
         return c
-
-    def run(self, result=None):
-        # Keep the temporary folders of a run that has failures (for the logs).
-        r = super().run(result)
-        res = result or r
-        if res is not None and (res.failures or res.errors):
-            keep_tmp()
-        return r
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,46 +19,77 @@ sends; and that without a valid token nothing streams at all.
 import re
 import time
 
-from harness import (EventPiperTestCase, T, compact_json, free_port, frame, lit, open_stream,
-                     pump_all, sequence_problems)
+import pytest
+
+from harness import T, compact_json, free_port, frame, pump_all, sequence_problems
+
+# The auth backend is a server of the same nginx (in production, any HTTP service): it maps a
+# bearer token to a consumer (204 + X-Consumer-Id) or answers 401. /_auth, the auth_request
+# target, is a subrequest proxied to it, without the body.
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    map $http_authorization $token_consumer {
+        default "";
+        "Bearer alice-token" alice;
+        "Bearer bob-token" bob;
+    }
+    server {
+        listen 127.0.0.1:{{ backend_port }};
+        location = /auth {
+            if ($http_authorization = "Bearer anonymous-token") {
+                return 204;
+            }
+            if ($token_consumer = "") {
+                return 401;
+            }
+            add_header X-Consumer-Id $token_consumer;
+            return 204;
+        }
+    }
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            auth_request /_auth;
+            auth_request_set $consumer $upstream_http_x_consumer_id;
+            event_piper;
+            event_piper_consumer $consumer;
+        }
+        location = /_auth {
+            internal;
+            proxy_pass http://127.0.0.1:{{ backend_port }}/auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URI $request_uri;
+        }
+    }
+}
+"""
+
+# docs/setups.md: $upstream_http_x_consumer_id needs a proxied auth response; a local `return`
+# in the auth location names nobody.
+LOCAL_RETURN_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            auth_request /_auth;
+            auth_request_set $consumer $upstream_http_x_consumer_id;
+            event_piper;
+            event_piper_consumer $consumer;
+        }
+        location = /_auth {
+            internal;
+            add_header X-Consumer-Id alice;
+            return 204;
+        }
+    }
+}
+"""
 
 ALICE = ("Authorization", "Bearer alice-token")
 BOB = ("Authorization", "Bearer bob-token")
-
-
-def auth_backend(port):
-    """The auth backend: a server of the same nginx (in production, any HTTP service)."""
-    return (
-        "    map $http_authorization $token_consumer {\n"
-        "        default \"\";\n"
-        "        \"Bearer alice-token\" alice;\n"
-        "        \"Bearer bob-token\" bob;\n"
-        "    }\n"
-        "    server {\n"
-        "        listen 127.0.0.1:%d;\n"
-        "        location = /auth {\n"
-        "            if ($http_authorization = \"Bearer anonymous-token\") {\n"
-        "                return 204;\n"
-        "            }\n"
-        "            if ($token_consumer = \"\") {\n"
-        "                return 401;\n"
-        "            }\n"
-        "            add_header X-Consumer-Id $token_consumer;\n"
-        "            return 204;\n"
-        "        }\n"
-        "    }\n" % port)
-
-
-def auth_location(port):
-    """The auth_request target: a subrequest proxied to the backend, without the body."""
-    return (
-        "        location = /_auth {\n"
-        "            internal;\n"
-        "            proxy_pass http://127.0.0.1:%d/auth;\n"
-        "            proxy_pass_request_body off;\n"
-        "            proxy_set_header Content-Length \"\";\n"
-        "            proxy_set_header X-Original-URI $request_uri;\n"
-        "        }\n" % port)
 
 
 def frame_of(frames, id):
@@ -69,157 +100,150 @@ def frame_of(frames, id):
     raise AssertionError("no frame with id %d" % id)
 
 
-class AuthRequestSetup(EventPiperTestCase):
+@pytest.fixture
+def auth_nginx(db, nginx):
+    """nginx with NGINX_CONF: the auth backend on a port of its own."""
+    return nginx.start(db, values={"backend_port": free_port()})
 
-    def start_auth_nginx(self):
-        backend = free_port()
-        return self.start_nginx(
-            extra_http=auth_backend(backend),
-            location=[("auth_request", "/_auth"),
-                      ("auth_request_set", "$consumer $upstream_http_x_consumer_id"),
-                      ("event_piper_consumer", "$consumer")],
-            extra_locations=auth_location(backend))
 
-    def expected(self, subscriber, after=0):
-        rows = self.pg.sql("select position, type, payload::text from events where subscriber = "
-                           "%s and position > %d order by position" % (lit(subscriber), after))
-        return [int(r[0]) for r in rows], b"".join(frame(int(p), t, compact_json(d))
-                                                   for p, t, d in rows)
+def expected(db, subscriber, after=0):
+    rows = db.sql("select position, type, payload::text from events where subscriber = "
+                  "%s and position > %s order by position", (subscriber, after))
+    return [r[0] for r in rows], b"".join(frame(p, t, compact_json(d)) for p, t, d in rows)
 
-    def insert_mixed(self, n0, count):
-        for i in range(n0, n0 + count):
-            self.pg.insert("bob", '{"n": %d, "secret": "bob"}' % i)
-            self.pg.insert("alice", '{"n": %d}' % i)
 
-    def open(self, ngx, headers, path="/events", last_event_id=None):
-        c = open_stream(ngx.port, consumer=None, last_event_id=last_event_id, path=path,
+def insert_mixed(db, n0, count):
+    for i in range(n0, n0 + count):
+        db.insert("bob", '{"n": %d, "secret": "bob"}' % i)
+        db.insert("alice", '{"n": %d}' % i)
+
+
+def open_as(clients, ngx, headers, path="/events", last_event_id=None):
+    """A stream request with these headers and no X-Consumer-Id of the harness's own."""
+    return clients.open(ngx, consumer=None, last_event_id=last_event_id, path=path,
                         extra_headers=headers)
-        self.addCleanup(c.close)
-        return c
 
-    def test_a_local_return_in_the_auth_location_names_nobody(self):
-        """docs/setups.md: $upstream_http_x_consumer_id needs a proxied auth response. With a
-        local `return 204` + add_header in /_auth, $consumer stays empty: 401, nothing leaks."""
-        ngx = self.start_nginx(
-            location=[("auth_request", "/_auth"),
-                      ("auth_request_set", "$consumer $upstream_http_x_consumer_id"),
-                      ("event_piper_consumer", "$consumer")],
-            extra_locations="        location = /_auth {\n"
-                            "            internal;\n"
-                            "            add_header X-Consumer-Id alice;\n"
-                            "            return 204;\n"
-                            "        }\n")
-        self.insert_mixed(1, 2)
-        c = self.open(ngx, [ALICE, ("X-Consumer-Id", "alice")], "/events", last_event_id="0")
-        c.wait_complete()
-        self.assertEqual(c.status, 401, bytes(c.raw[:300]))
-        self.assertIsNone(re.search(rb"(^|\n)id: ", bytes(c.body)))
 
-    # What a client holding alice's token may try, to read bob's events.
-    ATTEMPTS = [
-        ("alice's token alone", [ALICE], "/events"),
-        ("X-Consumer-Id: bob", [ALICE, ("X-Consumer-Id", "bob")], "/events"),
-        ("?consumer=bob", [ALICE], "/events?consumer=bob"),
-        ("Cookie consumer=bob", [ALICE, ("Cookie", "consumer=bob")], "/events"),
-        ("all of them", [ALICE, ("X-Consumer-Id", "bob"), ("Cookie", "consumer=bob")],
-         "/events?consumer=bob&consumer_id=bob"),
-        ("X-Consumer-Id twice", [ALICE, ("X-Consumer-Id", "bob"), ("X-Consumer-Id", "bob")],
-         "/events"),
-        ("X-Consumer-Id: bob on a path with a query string", [ALICE, ("x-consumer-id", "bob")],
-         "/events?x=1"),
+def test_a_local_return_in_the_auth_location_names_nobody(db, nginx, clients):
+    """docs/setups.md: $upstream_http_x_consumer_id needs a proxied auth response. With a
+    local `return 204` + add_header in /_auth, $consumer stays empty: 401, nothing leaks."""
+    ngx = nginx.start(db, conf=LOCAL_RETURN_CONF)
+    insert_mixed(db, 1, 2)
+    c = open_as(clients, ngx, [ALICE, ("X-Consumer-Id", "alice")], "/events", last_event_id="0")
+    c.wait_complete()
+    assert c.status == 401, bytes(c.raw[:300])
+    assert re.search(rb"(^|\n)id: ", bytes(c.body)) is None
+
+
+# What a client holding alice's token may try, to read bob's events.
+ATTEMPTS = [
+    ("alice's token alone", [ALICE], "/events"),
+    ("X-Consumer-Id: bob", [ALICE, ("X-Consumer-Id", "bob")], "/events"),
+    ("?consumer=bob", [ALICE], "/events?consumer=bob"),
+    ("Cookie consumer=bob", [ALICE, ("Cookie", "consumer=bob")], "/events"),
+    ("all of them", [ALICE, ("X-Consumer-Id", "bob"), ("Cookie", "consumer=bob")],
+     "/events?consumer=bob&consumer_id=bob"),
+    ("X-Consumer-Id twice", [ALICE, ("X-Consumer-Id", "bob"), ("X-Consumer-Id", "bob")],
+     "/events"),
+    ("X-Consumer-Id: bob on a path with a query string", [ALICE, ("x-consumer-id", "bob")],
+     "/events?x=1"),
+]
+
+
+def test_alices_token_never_receives_bobs_events_whatever_it_claims(db, auth_nginx, clients):
+    ngx = auth_nginx
+    insert_mixed(db, 1, 5)  # history: bob 1, alice 2, bob 3, ...
+
+    live, replay = [], []
+    for what, headers, path in ATTEMPTS:
+        c = open_as(clients, ngx, headers, path)
+        assert c.status == 200, "%s: %r %r" % (what, c.status_line, bytes(c.body))
+        live.append((what, c))
+        # The same, resuming from the start of history: replay must not leak either.
+        r = open_as(clients, ngx, headers, path, last_event_id="0")
+        assert r.status == 200, "%s + Last-Event-ID: %r" % (what, r.status_line)
+        replay.append((what + " + Last-Event-ID: 0", r))
+    everyone = [c for _, c in live + replay]
+    for c in everyone:
+        c.read_for(0.05)
+
+    newest = db.scalar("select max(position) from events")
+    insert_mixed(db, 100, 5)
+    alice_live, _ = expected(db, "alice", after=newest)
+    alice_all, alice_all_bytes = expected(db, "alice")
+
+    def enough():
+        return (all(len(c.events) >= len(alice_live) for _, c in live) and
+                all(len(c.events) >= len(alice_all) for _, c in replay))
+    pump_all(everyone, enough, T(20), "alice's events on every stream")
+    # Bob's events that would have come by now are here, or never: give them a moment.
+    for c in everyone:
+        c.read_for(0.05)
+    time.sleep(0.5)
+    for c in everyone:
+        c.drain()
+
+    for what, c in live:
+        # A stream without Last-Event-ID starts "from now": an event committed just before
+        # it opened may still come (its notification was on the way). So: a suffix of
+        # alice's events that holds every event inserted after the stream opened.
+        ids = c.event_ids()
+        start = alice_all.index(ids[0]) if ids and ids[0] in alice_all else 0
+        assert start <= alice_all.index(alice_live[0]), what
+        assert sequence_problems(ids, alice_all[start:]) == "", what
+        assert b"".join(e.raw for e in c.events) == \
+            b"".join(frame_of(alice_all_bytes, i) for i in ids), what
+        assert b"bob" not in bytes(c.body), what
+    for what, c in replay:
+        assert sequence_problems(c.event_ids(), alice_all) == "", what
+        assert b"".join(e.raw for e in c.events) == alice_all_bytes, what
+        assert b"bob" not in bytes(c.body), what
+
+    # Every stream of that run was alice's, as the error log says too.
+    assert ngx.log_count('stream opened for consumer "bob"') == 0
+
+
+def test_bobs_token_receives_bobs_events(db, auth_nginx, clients):
+    ngx = auth_nginx
+    insert_mixed(db, 1, 3)
+    c = open_as(clients, ngx, [BOB, ("X-Consumer-Id", "alice")], "/events?consumer=alice",
+                last_event_id="0")
+    assert c.status == 200, c.status_line
+    insert_mixed(db, 10, 2)
+    bob_all, bob_bytes = expected(db, "bob")
+    c.wait_events(len(bob_all))
+    c.read_for(0.3)
+    assert c.event_ids() == bob_all
+    assert b"".join(e.raw for e in c.events) == bob_bytes
+
+
+def test_no_valid_token_no_stream_whatever_it_claims(db, auth_nginx, clients):
+    ngx = auth_nginx
+    insert_mixed(db, 1, 2)
+    cases = [
+        ("no Authorization, X-Consumer-Id: bob", [("X-Consumer-Id", "bob")], "/events"),
+        ("no Authorization, ?consumer=bob", [], "/events?consumer=bob"),
+        ("unknown token", [("Authorization", "Bearer mallory-token"),
+                           ("X-Consumer-Id", "bob")], "/events"),
+        ("bob's token with a suffix", [("Authorization", "Bearer bob-token2")],
+         "/events?consumer=bob"),
+        ("a token that names bob", [("Authorization", "Bearer bob")], "/events"),
     ]
-
-    def test_alices_token_never_receives_bobs_events_whatever_it_claims(self):
-        ngx = self.start_auth_nginx()
-        self.insert_mixed(1, 5)  # history: bob 1, alice 2, bob 3, ...
-
-        live, replay = [], []
-        for what, headers, path in self.ATTEMPTS:
-            c = self.open(ngx, headers, path)
-            self.assertEqual(c.status, 200, "%s: %r %r" % (what, c.status_line, bytes(c.body)))
-            live.append((what, c))
-            # The same, resuming from the start of history: replay must not leak either.
-            r = self.open(ngx, headers, path, last_event_id="0")
-            self.assertEqual(r.status, 200, "%s + Last-Event-ID: %r" % (what, r.status_line))
-            replay.append((what + " + Last-Event-ID: 0", r))
-        everyone = [c for _, c in live + replay]
-        for c in everyone:
-            c.read_for(0.05)
-
-        newest = int(self.pg.scalar("select max(position) from events"))
-        self.insert_mixed(100, 5)
-        alice_live, _ = self.expected("alice", after=newest)
-        alice_all, alice_all_bytes = self.expected("alice")
-
-        def enough():
-            return (all(len(c.events) >= len(alice_live) for _, c in live) and
-                    all(len(c.events) >= len(alice_all) for _, c in replay))
-        pump_all(everyone, enough, T(20), "alice's events on every stream")
-        # Bob's events that would have come by now are here, or never: give them a moment.
-        for c in everyone:
-            c.read_for(0.05)
-        time.sleep(0.5)
-        for c in everyone:
-            c.drain()
-
-        for what, c in live:
-            # A stream without Last-Event-ID starts "from now": an event committed just before
-            # it opened may still come (its notification was on the way). So: a suffix of
-            # alice's events that holds every event inserted after the stream opened.
-            ids = c.event_ids()
-            start = alice_all.index(ids[0]) if ids and ids[0] in alice_all else 0
-            self.assertLessEqual(start, alice_all.index(alice_live[0]), what)
-            self.assertEqual(sequence_problems(ids, alice_all[start:]), "", what)
-            self.assertEqual(b"".join(e.raw for e in c.events),
-                             b"".join(frame_of(alice_all_bytes, i) for i in ids), what)
-            self.assertNotIn(b"bob", bytes(c.body), what)
-        for what, c in replay:
-            self.assertEqual(sequence_problems(c.event_ids(), alice_all), "", what)
-            self.assertEqual(b"".join(e.raw for e in c.events), alice_all_bytes, what)
-            self.assertNotIn(b"bob", bytes(c.body), what)
-
-        # Every stream of that run was alice's, as the error log says too.
-        self.assertEqual(ngx.log_count('stream opened for consumer "bob"'), 0)
-
-    def test_bobs_token_receives_bobs_events(self):
-        ngx = self.start_auth_nginx()
-        self.insert_mixed(1, 3)
-        c = self.open(ngx, [BOB, ("X-Consumer-Id", "alice")], "/events?consumer=alice",
-                      last_event_id="0")
-        self.assertEqual(c.status, 200, c.status_line)
-        self.insert_mixed(10, 2)
-        bob_all, bob_bytes = self.expected("bob")
-        c.wait_events(len(bob_all))
-        c.read_for(0.3)
-        self.assertEqual(c.event_ids(), bob_all)
-        self.assertEqual(b"".join(e.raw for e in c.events), bob_bytes)
-
-    def test_no_valid_token_no_stream_whatever_it_claims(self):
-        ngx = self.start_auth_nginx()
-        self.insert_mixed(1, 2)
-        cases = [
-            ("no Authorization, X-Consumer-Id: bob", [("X-Consumer-Id", "bob")], "/events"),
-            ("no Authorization, ?consumer=bob", [], "/events?consumer=bob"),
-            ("unknown token", [("Authorization", "Bearer mallory-token"),
-                               ("X-Consumer-Id", "bob")], "/events"),
-            ("bob's token with a suffix", [("Authorization", "Bearer bob-token2")],
-             "/events?consumer=bob"),
-            ("a token that names bob", [("Authorization", "Bearer bob")], "/events"),
-        ]
-        for what, headers, path in cases:
-            c = self.open(ngx, headers, path, last_event_id="0")
-            c.wait_complete()
-            self.assertEqual(c.status, 401, "%s: %r" % (what, bytes(c.raw[:300])))
-            self.assertNotIn(b"text/event-stream", bytes(c.head).lower(), what)
-            self.assertIsNone(re.search(rb"(^|\n)id: ", bytes(c.body)), what)
-        # A backend that says yes without naming a consumer: the module refuses (fail closed).
-        c = self.open(ngx, [("Authorization", "Bearer anonymous-token"), ("X-Consumer-Id", "bob")],
-                      "/events?consumer=bob", last_event_id="0")
+    for what, headers, path in cases:
+        c = open_as(clients, ngx, headers, path, last_event_id="0")
         c.wait_complete()
-        self.assertEqual(c.status, 401, bytes(c.raw[:300]))
-        self.assertIsNone(re.search(rb"(^|\n)id: ", bytes(c.body)))
-        # Two Authorization headers: nginx refuses the request before anybody is asked.
-        c = self.open(ngx, [ALICE, BOB], "/events")
-        c.wait_complete()
-        self.assertEqual(c.status, 400, bytes(c.raw[:300]))
-        self.assertEqual(ngx.log_count("stream opened"), 0)
+        assert c.status == 401, "%s: %r" % (what, bytes(c.raw[:300]))
+        assert b"text/event-stream" not in bytes(c.head).lower(), what
+        assert re.search(rb"(^|\n)id: ", bytes(c.body)) is None, what
+    # A backend that says yes without naming a consumer: the module refuses (fail closed).
+    c = open_as(clients, ngx,
+                [("Authorization", "Bearer anonymous-token"), ("X-Consumer-Id", "bob")],
+                "/events?consumer=bob", last_event_id="0")
+    c.wait_complete()
+    assert c.status == 401, bytes(c.raw[:300])
+    assert re.search(rb"(^|\n)id: ", bytes(c.body)) is None
+    # Two Authorization headers: nginx refuses the request before anybody is asked.
+    c = open_as(clients, ngx, [ALICE, BOB], "/events")
+    c.wait_complete()
+    assert c.status == 400, bytes(c.raw[:300])
+    assert ngx.log_count("stream opened") == 0

@@ -26,8 +26,26 @@ import time
 import unittest
 import urllib.parse
 
-from harness import (REPO, EventPiperTestCase, T, compact_json, free_port, lit, log,
+from harness import (REPO, EventPiperTestCase, T, compact_json, free_port, log,
                      make_tmp, sequence_problems, wait_until)
+
+# The Node tests use it as it is (X-Consumer-Id, a retry hint); the browser tests add the page's
+# location, the `sse` access log (LOG_FORMAT), the query-argument or cookie consumer and, for
+# cross-origin, a second server for the page and the CORS map of docs/setups.md (cors_nginx).
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    {{ http }}
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            event_piper;
+            {{ location }}
+        }
+        {{ locations }}
+    }
+}
+"""
 
 CLIENTS = os.path.join(REPO, "tests", "clients")
 NODE_CLIENT = os.path.join(CLIENTS, "eventsource_client.mjs")
@@ -42,7 +60,7 @@ CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 def expected_events(pg, subscriber):
     """[(id, type, data)] of every committed event of `subscriber`, as an EventSource sees them."""
     rows = pg.sql("select position, type, payload::text from events where subscriber = %s "
-                  "and position is not null order by position" % lit(subscriber))
+                  "and position is not null order by position", (subscriber,))
     return [(str(p), t, compact_json(d)) for p, t, d in rows]
 
 
@@ -495,7 +513,7 @@ class BrowserEventSource(RealClientTestCase):
                       "        listen 127.0.0.1:%d;\n"
                       "%s"
                       "    }\n" % (allowed_origin or "http://127.0.0.1:%d" % port_a, port_a,
-                                     self.page_location()))
+                                   self.page_location()))
         ngx = self.start_nginx(
             extra_http=extra_http,
             location=[("event_piper_consumer", consumer), ("event_piper_retry", "1500ms"),
@@ -543,6 +561,3 @@ class BrowserEventSource(RealClientTestCase):
         self.assertEqual(state["events"], [], "a page from a foreign origin read the stream")
         self.assertNotIn("open readyState=1", state["log"])
 
-
-if __name__ == "__main__":
-    unittest.main()

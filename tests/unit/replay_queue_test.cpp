@@ -234,3 +234,80 @@ TEST_F(ReplayQueueTest, CloseAllForgetsEverything) {
     EXPECT_EQ(a.state(), DbLink::State::Down);
     EXPECT_EQ(b.state(), DbLink::State::Down);
 }
+
+TEST_F(ReplayQueueTest, StreamsWaitingForTheSameRowsShareOneQuery) {
+    std::vector<std::unique_ptr<Stream>> tabs;
+    for (int i = 0; i < 100; ++i) {
+        tabs.push_back(stream("alice", 7));
+    }
+    auto other = stream("alice", 3);
+    auto bob = stream("bob", 7);
+    queue.request(*tabs[0]);
+    queue.request(*other);
+    for (int i = 1; i < 100; ++i) {
+        queue.request(*tabs[i]);
+    }
+    queue.request(*bob);
+    a.connected(queue); // tab 0 and the 99 others at position 7
+    EXPECT_EQ(queue.queries(), 1u);
+    EXPECT_EQ(queue.queued(), 2u);
+    b.connected(queue); // alice at 3
+    EXPECT_EQ(b.last_params, (std::vector<std::string>{"alice", "3", "3", "262144"}));
+    answer(a, batch({8}, 1, 8));
+    for (auto &t : tabs) {
+        EXPECT_EQ(drain(*t), frames({8}));
+        EXPECT_EQ(t->mode(), Stream::Mode::Live);
+    }
+    EXPECT_EQ(a.last_params[0], "bob"); // then bob on the freed link
+    EXPECT_EQ(queue.queries(), 3u);
+}
+
+TEST_F(ReplayQueueTest, AStreamGoneFromASharedQueryDoesNotHarmTheOthers) {
+    auto s1 = stream("alice", 0);
+    auto s2 = stream("alice", 0);
+    queue.request(*s1);
+    queue.request(*s2); // queued behind: a is still connecting
+    a.connected(queue);
+    queue.cancel(*s1);
+    s1.reset();
+    answer(a, batch({1}, 1, 1));
+    EXPECT_EQ(drain(*s2), frames({1}));
+}
+
+TEST_F(ReplayQueueTest, ALostSharedQueryRequeuesEveryStreamInOrder) {
+    auto s1 = stream("alice", 0), s2 = stream("alice", 0), s3 = stream("bob", 0);
+    queue.request(*s1);
+    queue.request(*s2);
+    queue.request(*s3);
+    a.connected(queue);
+    a.lost(queue);
+    EXPECT_EQ(queue.queued(), 3u);
+    EXPECT_FALSE(s1->query_in_flight());
+    EXPECT_FALSE(s2->query_in_flight());
+}
+
+TEST_F(ReplayQueueTest, BatchesThatClientsHaveNotTakenHoldTheBudget) {
+    FakeLink c;
+    Events ev;
+    FakeTimer t;
+    ReplayQueue small(t, ev, log, 1000); // bytes
+    small.add_link(c);
+    auto s1 = stream("alice", 0), s2 = stream("bob", 0);
+    small.request(*s1);
+    c.connected(small);
+    std::string big(1500, 'x');
+    small.on_link_result(c, FakeResult({{std::string("1"), std::string("t"), "\"" + big + "\"",
+                                         std::string("1"), std::string("1")}}));
+    c.idle(small);
+    EXPECT_GT(small.held_bytes(), 1000u); // one row is always sent, however large
+    small.request(*s2);
+    EXPECT_EQ(c.sent.size(), 1u); // bob waits: alice's client has not taken her batch
+    EXPECT_EQ(small.queued(), 1u);
+    drain(*s1);
+    small.release(*s1); // her client took it
+    EXPECT_EQ(small.held_bytes(), 0u);
+    EXPECT_EQ(c.sent.size(), 2u);
+    EXPECT_EQ(c.last_params[0], "bob");
+    small.cancel(*s2); // a closed stream gives its share back too
+    EXPECT_EQ(small.held_bytes(), 0u);
+}
