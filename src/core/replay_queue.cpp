@@ -77,6 +77,8 @@ void ReplayQueue::cancel(Stream &s) {
     }
     for (Slot &slot : slots_) {
         std::replace(slot.streams.begin(), slot.streams.end(), &s, static_cast<Stream *>(nullptr));
+        slot.deferred.erase(std::remove(slot.deferred.begin(), slot.deferred.end(), &s),
+                            slot.deferred.end());
     }
     release(s);
 }
@@ -185,25 +187,51 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
         }
         slot.fetched = static_cast<size_t>(result.number(0, 3));
     }
+    frames_.clear();
+    ends_.clear();
     for (int row = 0; row < n; ++row) {
         int64_t pos = result.number(row, 0);
-        frame_.clear();
-        append_event_frame(frame_, pos, result.value(row, 1), result.value(row, 2));
-        for (Stream *s : slot.streams) {
-            if (s != nullptr) {
-                s->on_framed_row(pos, frame_);
-            }
-        }
-        slot.bytes += frame_.size();
+        append_event_frame(frames_, pos, result.value(row, 1), result.value(row, 2));
+        ends_.emplace_back(pos, frames_.size());
         events_.note_position(pos);
     }
     slot.rows += static_cast<size_t>(n);
+    slot.bytes += frames_.size();
+    // Every stream of the query gets its own copy: as many as the budget allows (at least one)
+    // take the batch now; the others are asked again, first, once clients have taken theirs.
+    size_t fit = slot.streams.size();
+    if (budget_ != 0 && !frames_.empty()) {
+        size_t room = held_ < budget_ ? budget_ - held_ : 0;
+        fit = std::max<size_t>(1, room / frames_.size());
+    }
+    size_t taken = 0;
+    for (Stream *&s : slot.streams) {
+        if (s == nullptr) {
+            continue;
+        }
+        if (taken == fit) {
+            slot.deferred.push_back(s);
+            s = nullptr;
+            continue;
+        }
+        ++taken;
+        size_t start = 0;
+        for (const auto &[pos, end] : ends_) {
+            s->on_framed_row(pos, std::string_view(frames_).substr(start, end - start));
+            start = end;
+        }
+    }
 }
 
 void ReplayQueue::on_link_idle(DbLink &link) {
     Slot &slot = slot_of(link);
     Slot done = slot;
     reset(slot);
+    for (auto it = done.deferred.rbegin(); it != done.deferred.rend(); ++it) {
+        (*it)->query_lost();
+        queued_.insert(*it);
+        queue_.push_front(*it);
+    }
     for (Stream *s : done.streams) {
         if (s == nullptr) {
             continue; // the client went away meanwhile
@@ -229,6 +257,7 @@ void ReplayQueue::on_link_idle(DbLink &link) {
 void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
     Slot &slot = slot_of(link);
     std::vector<Stream *> streams = std::move(slot.streams);
+    streams.insert(streams.end(), slot.deferred.begin(), slot.deferred.end());
     reset(slot);
     // Asked again first, in their order: they have waited longest.
     for (auto it = streams.rbegin(); it != streams.rend(); ++it) {

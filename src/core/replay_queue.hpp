@@ -13,6 +13,7 @@
 #include <deque>
 #include <string>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 namespace event_piper {
@@ -67,12 +68,13 @@ public:
 private:
     struct Slot {
         DbLink *link = nullptr;
-        std::vector<Stream *> streams; // whose batch is in flight (nullptr: gone meanwhile)
-        size_t rows = 0;               // rows received
-        size_t bytes = 0;              // bytes of the frames those rows made
-        size_t fetched = 0;            // rows the query found before the byte cap
-        int64_t newest = 0;            // newest committed position when the query ran
-        bool failed = false;           // the server refused the query
+        std::vector<Stream *> streams;  // whose batch is in flight (nullptr: gone meanwhile)
+        std::vector<Stream *> deferred; // beyond the budget: asked again, first
+        size_t rows = 0;                // rows received
+        size_t bytes = 0;               // bytes of the frames those rows made
+        size_t fetched = 0;             // rows the query found before the byte cap
+        int64_t newest = 0;             // newest committed position when the query ran
+        bool failed = false;            // the server refused the query
     };
     void dispatch();
     Slot &slot_of(DbLink &link);
@@ -84,7 +86,8 @@ private:
     Log &log_;
     std::deque<Stream *> queue_;
     std::unordered_set<Stream *> queued_;
-    std::string frame_; // one row, framed once for all its streams
+    std::string frames_;                           // a batch, framed once for all its streams
+    std::vector<std::pair<int64_t, size_t>> ends_; // each frame's position and end in frames_
     size_t budget_;
     size_t held_ = 0; // sum of the streams' replay_held()
     Backoff backoff_;

@@ -39,6 +39,11 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt("signal %d" % signum)
 
 
+# Throw-away clusters: fsync and synchronous_commit off (scripts/pgctl.sh). `make run` keeps
+# PostgreSQL's durable defaults.
+os.environ.setdefault("EVENT_PIPER_PG_FAST", "1")
+
+
 def pytest_configure(config):
     signal.signal(signal.SIGTERM, _terminate)
     capture = config.pluginmanager.getplugin("capturemanager")

@@ -311,3 +311,31 @@ TEST_F(ReplayQueueTest, BatchesThatClientsHaveNotTakenHoldTheBudget) {
     small.cancel(*s2); // a closed stream gives its share back too
     EXPECT_EQ(small.held_bytes(), 0u);
 }
+
+TEST_F(ReplayQueueTest, ASharedBatchGoesToAsManyStreamsAsTheBudgetHolds) {
+    FakeLink c;
+    Events ev;
+    FakeTimer t;
+    ReplayQueue small(t, ev, log, 1000); // bytes
+    small.add_link(c);
+    auto s1 = stream("heavy", 0), s2 = stream("heavy", 0), s3 = stream("heavy", 0);
+    small.request(*s1);
+    small.request(*s2);
+    small.request(*s3);
+    c.connected(small); // one query for the three
+    EXPECT_EQ(small.queries(), 1u);
+    std::string big(1500, 'x');
+    small.on_link_result(c, FakeResult({{std::string("1"), std::string("t"), "\"" + big + "\"",
+                                         std::string("1"), std::string("1")}}));
+    c.idle(small);
+    EXPECT_TRUE(s1->has_pending()); // the first takes it, however large
+    EXPECT_FALSE(s2->has_pending());
+    EXPECT_FALSE(s3->has_pending());
+    EXPECT_EQ(small.queued(), 2u); // the others wait for the budget, first in line
+    EXPECT_EQ(small.queries(), 1u);
+    drain(*s1);
+    small.release(*s1);
+    EXPECT_EQ(small.queries(), 2u);
+    EXPECT_EQ(c.last_params[0], "heavy");
+    EXPECT_EQ(c.last_params[1], "0");
+}
