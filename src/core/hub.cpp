@@ -22,11 +22,15 @@ void Hub::open(Stream &s) {
             waiting_since_ms_ = clock_.now_ms();
         }
     }
-    registry_.add(s.consumer(), &s);
+    for (const std::string &id : s.consumers()) {
+        registry_.add(id, &s);
+    }
 }
 
 void Hub::close(Stream &s) {
-    registry_.remove(s.consumer(), &s);
+    for (const std::string &id : s.consumers()) {
+        registry_.remove(id, &s);
+    }
     replay_.cancel(s);
 }
 
