@@ -48,6 +48,9 @@ const Field fields[] = {
     {"channel_mismatch", "event_piper_channel_mismatch", "gauge",
      "1 when the database's event_piper.channel differs from event_piper_channel.",
      &WorkerStats::channel_mismatch},
+    {"unpositioned_rows", "event_piper_unpositioned_rows", "gauge",
+     "Committed rows of events without a position: no client receives them.",
+     &WorkerStats::unpositioned_rows},
 };
 
 void append_number(std::string &out, unsigned long long v) {

@@ -26,6 +26,7 @@ struct WorkerStats {
     uint64_t stream_overflows = 0;      // slow clients sent back to the table
     uint64_t last_notification_ms = 0;  // wall clock, 0: never
     uint64_t channel_mismatch = 0;      // 1: the database notifies another channel than ours
+    uint64_t unpositioned_rows = 0;     // committed rows without a position (listener's count)
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

@@ -36,7 +36,8 @@ std::string text(const cJSON *object, const char *name) {
 const char *const counters[] = {"streams",          "consumers",           "streams_catching_up",
                                 "events_delivered", "bytes_sent",          "replay_queries",
                                 "replay_queued",    "notifications",       "notifications_dropped",
-                                "stream_overflows", "listener_reconnects", "channel_mismatch"};
+                                "stream_overflows", "listener_reconnects", "channel_mismatch",
+                                "unpositioned_rows"};
 const int counter_count = sizeof counters / sizeof counters[0];
 
 std::vector<WorkerStats> two_workers() {
