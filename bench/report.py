@@ -550,6 +550,55 @@ def main():
                             verdict(m.med <= T_FILTER_US, "" if m.med <= T_FILTER_US else
                                     "%s over" % f_us(m.med - T_FILTER_US))))
 
+    # ---- (g) several ids per stream: fan-out
+    rg = select(runs, "g")
+    if rg:
+        L.append("## (g) Fan-out to streams of ten ids against single-id streams (issue 13)\n")
+        L.append("N streams of the module; `ids10`: each stream carries the ten ids mx0..mx9 "
+                 "(`X-Consumer-Groups`) and events are spread over the ten ids; `ids1`: each "
+                 "stream carries one id and every event is addressed to it. Every event reaches "
+                 "every stream in both; worker CPU ÷ deliveries.\n")
+        L.append("| streams | CPU per delivery, 1 id | CPU per delivery, 10 ids | ratio 10 ÷ 1 |"
+                 "\n|---|---|---|---|")
+        worst = None
+        for n in sorted({r.get("n") for r in rg}):
+            one = metric([r for r in sub(rg, n=n) if r.get("variant") == "ids1"],
+                         "cpu_us_per_delivery")
+            ten = metric([r for r in sub(rg, n=n) if r.get("variant") == "ids10"],
+                         "cpu_us_per_delivery")
+            r = ratio(ten.med, one.med)
+            if r is not None:
+                worst = r if worst is None else max(worst, r)
+            L.append("| %s | %s | %s | %s |" % (f_int(n), one.fmt(f_us), ten.fmt(f_us),
+                                                f_ratio(r)))
+        L.append("")
+        L.append(incomplete_note(rg))
+        if worst is not None:
+            targets.append(("(g) fan-out CPU per delivery, 10 ids ÷ 1 id ≤ 1.5×", f_ratio(worst),
+                            verdict(worst <= 1.5, "" if worst <= 1.5 else
+                                    "%.2f over" % (worst - 1.5))))
+
+    # ---- (h) several ids per stream: replay
+    rh = select(runs, "h")
+    if rh:
+        one = metric([r for r in rh if r.get("variant") == "ids1"], "deliveries_per_s")
+        ten = metric([r for r in rh if r.get("variant") == "ids10"], "deliveries_per_s")
+        g1 = metric([r for r in rh if r.get("variant") == "ids1"], "rss_growth")
+        g10 = metric([r for r in rh if r.get("variant") == "ids10"], "rss_growth")
+        r = ratio(ten.med, one.med)
+        L.append("## (h) Replay to a stream of ten ids against a stream of one id (issue 13)\n")
+        L.append("The same number of stored rows (%s): for one id ('replay'), or spread over "
+                 "ten ids (rmx0..rmx9) of one stream, whose replay query merges ten index range "
+                 "scans (Merge Append).\n" % f_int(rh[0].get("n")))
+        L.append("| | rows/s | peak worker RSS growth |\n|---|---|---|")
+        L.append("| 1 id | %s | %s |" % (one.fmt(f_rate), g1.fmt(f_mb)))
+        L.append("| 10 ids | %s | %s |" % (ten.fmt(f_rate), g10.fmt(f_mb)))
+        L.append("\nRatio 10 ids ÷ 1 id (rows/s): %s.\n" % f_ratio(r))
+        L.append(incomplete_note(rh))
+        if r is not None:
+            targets.append(("(h) replay rows/s, 10 ids ÷ 1 id ≥ 0.7×", f_ratio(r),
+                            verdict(r >= 0.7, "" if r >= 0.7 else "%.2f below" % (0.7 - r))))
+
     # ---- plots
     with tempfile.TemporaryDirectory() as tmp:
         if rc_:
@@ -563,7 +612,7 @@ def main():
 
     # ---- summary first
     head = L[:]
-    S = ["## Targets of issue 6\n", "| target | measured (median) | verdict |", "|---|---|---|"]
+    S = ["## Targets (issues 6 and 13)\n", "| target | measured (median) | verdict |", "|---|---|---|"]
     for t, v, ok in targets:
         S.append("| %s | %s | %s |" % (t, v, ok))
     S.append("")
