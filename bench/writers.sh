@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# What an event costs its writer (issue 11): commits/s and rows/s of concurrent pgbench writers
+# against three `events` tables side by side, in one PostgreSQL 15 cluster with fsync on and
+# default durability (synchronous_commit on, full_page_writes on, wal_level replica):
+#
+#   plain     the original service's table, no trigger
+#   original  the same table with the original's trigger:
+#             AFTER INSERT ... FOR EACH ROW pg_notify('new_events', row_to_json(NEW)::text)
+#   ours      postgresql/schema.sql
+#
+# Each table lives in its own database (the same cluster, so the same WAL and the same NOTIFY
+# queue) with 2 idle sessions LISTENing on new_events. Writers: 8 pgbench clients, each
+# transaction one INSERT of 1, 10 or 100 rows (the original's insert statement, several VALUES
+# rows). The tables are measured alternately (order reversed every other repetition); the report
+# gives medians with min-max, ratios ours / original of the medians, and pg_stat_user_tables of
+# each table after all runs.
+#
+#   bench/writers.sh [--quick]       (make bench-writers; also the last section of make bench)
+#
+# Environment: WRITERS_REPS (default 5, quick 2), WRITERS_SECONDS per run (default 10, quick 4),
+# WRITERS_CLIENTS (8), WRITERS_SIZES ("1 10 100"), BENCH_OUT (default bench/), BENCH_KEEP=1.
+# Writes the section between the "writers" markers of $BENCH_OUT/results.md (the rest is kept)
+# and $BENCH_OUT/results-writers.jsonl.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${BENCH_OUT:-$ROOT/bench}
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+QUICK=0
+for arg in "$@"; do
+    case $arg in
+        --quick) QUICK=1 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) echo "bench/writers.sh: unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+if [[ $QUICK == 1 ]]; then
+    REPS=${WRITERS_REPS:-2}; SECONDS_PER_RUN=${WRITERS_SECONDS:-4}
+else
+    REPS=${WRITERS_REPS:-5}; SECONDS_PER_RUN=${WRITERS_SECONDS:-10}
+fi
+CLIENTS=${WRITERS_CLIENTS:-8}
+SIZES=${WRITERS_SIZES:-"1 10 100"}
+COMMAND=${BENCH_COMMAND:-"bench/writers.sh $*"}
+TABLES="plain original ours"
+
+log() { printf '[writers %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+[[ -x $PG_BIN/pgbench ]] || die "$PG_BIN/pgbench not found (apt-get install postgresql-15)"
+
+TMP=$(mktemp -d /tmp/epwriters.XXXXXX)
+chmod 755 "$TMP"
+PGDATA_DIR=$TMP/pg
+LISTENERS=()
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${LISTENERS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    "$ROOT/scripts/pgctl.sh" stop "$PGDATA_DIR" >/dev/null 2>&1 || true
+    if [[ ${BENCH_KEEP:-0} == 1 ]]; then log "kept $TMP"; else rm -rf "$TMP"; fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+PGPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
+log "PostgreSQL on port $PGPORT (fsync on, default durability)"
+"$ROOT/scripts/pgctl.sh" start "$PGDATA_DIR" "$PGPORT" >/dev/null
+psql_db() { # db [psql args]
+    local db=$1; shift
+    psql -X -q -v ON_ERROR_STOP=1 -h "$PGDATA_DIR" -p "$PGPORT" -U postgres -d "$db" "$@"
+}
+# pgctl.sh tunes its clusters for tests (fsync off): back to PostgreSQL's defaults here.
+psql_db postgres <<'EOF'
+ALTER SYSTEM SET fsync = on;
+ALTER SYSTEM SET synchronous_commit = on;
+ALTER SYSTEM SET full_page_writes = on;
+ALTER SYSTEM SET wal_level = replica;
+ALTER SYSTEM SET max_wal_senders = 10;
+ALTER SYSTEM SET checkpoint_timeout = '5min';
+EOF
+"$ROOT/scripts/pgctl.sh" stop "$PGDATA_DIR"
+"$ROOT/scripts/pgctl.sh" start "$PGDATA_DIR" "$PGPORT" >/dev/null
+[[ $(psql_db postgres -At -c "select current_setting('fsync') || current_setting('synchronous_commit') || current_setting('wal_level')") == onon*replica ]] \
+    || die "durability settings did not apply"
+
+ORIGINAL_TABLE='
+CREATE TABLE events (
+    id         BIGSERIAL PRIMARY KEY,
+    type       varchar   NOT NULL,
+    timestamp  timestamp NOT NULL,
+    subscriber varchar   NOT NULL,
+    payload    jsonb     NOT NULL
+);
+CREATE INDEX events_subscriber_idx ON events (subscriber);'
+for t in $TABLES; do
+    psql_db postgres -c "CREATE DATABASE $t OWNER event_piper"
+done
+psql_db plain -c "SET client_min_messages = warning" -c "$ORIGINAL_TABLE"
+psql_db original -c "SET client_min_messages = warning" -c "$ORIGINAL_TABLE" -c "
+CREATE FUNCTION notify_event() RETURNS trigger LANGUAGE plpgsql AS \$\$
+BEGIN
+    PERFORM pg_notify('new_events', row_to_json(NEW)::text);
+    RETURN NULL;
+END;
+\$\$;
+CREATE TRIGGER events_notify AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION notify_event();"
+psql_db ours --single-transaction -c "SET client_min_messages = warning" \
+    -f "$ROOT/postgresql/schema.sql" >/dev/null
+for t in $TABLES; do psql_db "$t" -c "GRANT ALL ON ALL TABLES IN SCHEMA public TO event_piper; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO event_piper"; done
+
+# Two idle listeners per database: psql sessions that poll every 50 ms, so notifications are
+# consumed (a listener that never reads would hold the queue's tail).
+for t in $TABLES; do
+    for _ in 1 2; do
+        { echo "LISTEN new_events;"; while :; do echo "SELECT;"; sleep 0.05; done; } \
+            | psql -X -q -h "$PGDATA_DIR" -p "$PGPORT" -U postgres -d "$t" >/dev/null 2>&1 &
+        LISTENERS+=($!)
+    done
+done
+sleep 0.5
+listening=$(psql_db postgres -At -c "select count(*) from pg_stat_activity where query like 'SELECT;%' or query like 'LISTEN%'")
+(( listening >= 6 )) || die "expected 6 listening sessions, found $listening"
+
+# The original's insert statement, n rows per statement (one transaction each).
+write_script() { # rows file
+    local n=$1 i
+    {
+        echo '\set s random(1, 1000)'
+        printf 'insert into events (type, timestamp, subscriber, payload) values\n'
+        for ((i = 1; i <= n; i++)); do
+            printf "  ('order_paid', now(), 'user-' || (:s + %d), '{\"order\": %d, \"status\": \"paid\", \"amount\": 99.5, \"currency\": \"EUR\"}')%s\n" \
+                "$i" "$i" "$([[ $i == "$n" ]] && echo ';' || echo ',')"
+        done
+    } >"$2"
+}
+
+JSONL=$TMP/results-writers.jsonl
+: >"$JSONL"
+STARTED=$(date +%s)
+for rep in $(seq 1 "$REPS"); do
+    order=$TABLES
+    (( rep % 2 == 0 )) && order="ours original plain"
+    for n in $SIZES; do
+        write_script "$n" "$TMP/insert$n.sql"
+        for t in $order; do
+            out=$("$PG_BIN/pgbench" -n -c "$CLIENTS" -j 2 -T "$SECONDS_PER_RUN" \
+                -f "$TMP/insert$n.sql" -h "$PGDATA_DIR" -p "$PGPORT" -U event_piper "$t" 2>&1) \
+                || { echo "$out" >&2; die "pgbench failed ($t, $n rows)"; }
+            tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -1)
+            [[ -n $tps ]] || { echo "$out" >&2; die "no tps in pgbench output"; }
+            log "rep $rep, $n-row transactions, $t: $tps commits/s"
+            printf '{"rep":%d,"rows":%d,"table":"%s","tps":%s}\n' "$rep" "$n" "$t" "$tps" >>"$JSONL"
+        done
+    done
+done
+ELAPSED=$(( $(date +%s) - STARTED ))
+
+STATS=$TMP/stats.txt
+for t in $TABLES; do
+    psql_db "$t" -At -F ' ' -c "select '$t', n_tup_ins, n_tup_upd, n_tup_hot_upd, n_dead_tup,
+        autovacuum_count, pg_total_relation_size('events'), pg_relation_size('events')
+        from pg_stat_user_tables where relname = 'events'"
+done >"$STATS"
+# The narrow side tables of ours, if any.
+psql_db ours -At -F ' ' -c "select relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_dead_tup,
+    autovacuum_count, pg_total_relation_size(relid), pg_relation_size(relid)
+    from pg_stat_user_tables where relname <> 'events'" >>"$STATS"
+
+mkdir -p "$OUT"
+cp "$JSONL" "$OUT/results-writers.jsonl"
+python3 "$ROOT/bench/report_writers.py" "$JSONL" "$STATS" "$OUT/results.md" \
+    "$COMMAND" "$REPS" "$SECONDS_PER_RUN" "$CLIENTS" "$ELAPSED" \
+    "$("$PG_BIN/postgres" --version | awk '{print $3}')" \
+    "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- postgresql 2>/dev/null || echo '+dirty')"
+log "done in ${ELAPSED}s: $OUT/results.md (writers section)"
