@@ -5,11 +5,35 @@
 -- Delivery order is commit order, not id order. A BIGSERIAL id is taken at INSERT, but
 -- transactions commit in any order: a reader that saw id 6 and resumes "after 6" would never see
 -- id 5 if 5 committed later. So each row also gets a `position`, assigned at COMMIT by a deferred
--- constraint trigger that first takes a transaction-level advisory lock. The lock is held until
--- the transaction is visible, so positions become visible strictly in increasing order: once a
--- reader sees position p, no position below p can appear later. NOTIFY already serialises
--- notifying commits on a global lock, so the extra serialisation costs little.
--- The SSE `id:` field and Last-Event-ID are positions. With one writer at a time, position equals id.
+-- constraint trigger, such that positions become visible strictly in increasing order: once a
+-- reader sees position p, no position below p can appear later.
+--
+-- How, cheaply (issue 11). The trigger runs once per transaction, not once per row: its WHEN
+-- clause notes each inserted id in a transaction-local setting and queues only the first row;
+-- at commit that one firing
+--   1. reserves one contiguous range of positions for all of the transaction's rows (a few
+--      microseconds under a session-level advisory lock) and takes a transaction-level advisory
+--      lock named after the last position of the range, which it holds until it is visible;
+--   2. writes the positions with one UPDATE and queues the notifications, built from the rows as
+--      committed (UPDATE ... RETURNING), in position order;
+--   3. waits for the lock named after the position just below its range: the transaction that
+--      reserved it is then visible (or rolled back), and so, by induction, is every smaller one.
+-- Only step 3 and the commit itself are serialised, in position order. NOTIFY already serialises
+-- notifying commits (a cluster-wide lock held through the commit record's flush), so the chain
+-- adds no new bottleneck, and the work of steps 1-2 runs in parallel with other commits.
+-- Rolled-back transactions release their locks without a visible row; a reserved position whose
+-- row was deleted again by its own transaction stays unused (positions may have gaps).
+-- The SSE `id:` field and Last-Event-ID are positions. With one writer at a time, position equals
+-- id; the original service's rows keep position = id (see the migration below).
+
+-- Rows of the original service's table (no position column yet) keep their ids as positions, so
+-- its clients resume with the Last-Event-ID they hold. Decided before the column exists.
+SELECT set_config('event_piper.from_original',
+                  CASE WHEN to_regclass('events') IS NOT NULL
+                        AND NOT EXISTS (SELECT 1 FROM pg_attribute
+                                         WHERE attrelid = to_regclass('events')
+                                           AND attname = 'position' AND NOT attisdropped)
+                       THEN 'on' ELSE 'off' END, true);
 
 CREATE TABLE IF NOT EXISTS events (
     id         BIGSERIAL PRIMARY KEY,
@@ -25,23 +49,36 @@ CREATE TABLE IF NOT EXISTS events (
     CONSTRAINT events_type_single_line CHECK (type !~ '[\r\n]')
 );
 
--- Tables created by the original service or an older schema get the new columns.
+-- Tables created by the original service or an older schema get the new columns. The first ALTER
+-- waits for the writers in flight and holds the others back until this transaction commits.
 ALTER TABLE events ADD COLUMN IF NOT EXISTS position bigint UNIQUE;
 ALTER TABLE events ADD COLUMN IF NOT EXISTS committed_at timestamptz;
 
 CREATE SEQUENCE IF NOT EXISTS events_position_seq OWNED BY events.position;
 
--- Rows written before this schema (the original service's table) get positions in id order,
--- under the same lock as the trigger below, and the single-line type check.
+-- Rows without a position: the original service's rows get position = id, and new positions
+-- continue above every id it ever handed out. Rows committed while the trigger was missing (an
+-- older schema, a disabled trigger) get positions above the newest one, in id order. No writer is
+-- in flight here (the ALTER TABLE above holds them back), so nothing else assigns positions.
 DO $$
 DECLARE
     r record;
+    above bigint;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_single_line') THEN
         ALTER TABLE events ADD CONSTRAINT events_type_single_line CHECK (type !~ '[\r\n]');
     END IF;
-    IF EXISTS (SELECT 1 FROM events WHERE position IS NULL) THEN
-        PERFORM pg_advisory_xact_lock(7402652111030151173);
+    IF current_setting('event_piper.from_original') = 'on' THEN
+        UPDATE events SET position = id, committed_at = clock_timestamp() WHERE position IS NULL;
+        SELECT greatest(max(id), (SELECT CASE WHEN is_called THEN last_value END
+                                    FROM events_id_seq))
+          INTO above FROM events;
+        IF above IS NOT NULL THEN
+            PERFORM setval('events_position_seq', above);
+            PERFORM pg_notify(coalesce(nullif(current_setting('event_piper.channel', true), ''),
+                                       'new_events'), 'p ' || above);
+        END IF;
+    ELSIF EXISTS (SELECT 1 FROM events WHERE position IS NULL) THEN
         FOR r IN SELECT id FROM events WHERE position IS NULL ORDER BY id LOOP
             UPDATE events SET position = nextval('events_position_seq'),
                               committed_at = clock_timestamp()
@@ -61,8 +98,53 @@ CREATE INDEX IF NOT EXISTS events_subscriber_position_idx ON events (subscriber,
 -- The original's index on subscriber alone is covered by the one above.
 DROP INDEX IF EXISTS events_subscriber_idx;
 
--- Runs at COMMIT (deferred), once per inserted row.
---
+-- Committed rows that never got a position (the trigger was disabled or dropped for a while):
+-- they reach no client until schema.sql is applied again. Counted from the NULL end of the
+-- position index (an index-only range scan, no table scan), so it can run every few seconds.
+CREATE OR REPLACE FUNCTION event_piper_unpositioned_count() RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT count(*) FROM events WHERE position IS NULL
+$$;
+
+-- The advisory locks, in their own key spaces: the session-level lock that makes a range
+-- reservation atomic (the same bigint key older schemas used), and the two-int4 locks
+-- (1885958245, low 32 bits of a position) that order commits.
+CREATE OR REPLACE FUNCTION event_piper_position_lock_key(pos bigint) RETURNS int
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ((pos % 4294967296) - 2147483648)::int
+$$;
+
+-- The WHEN clause of the trigger, at INSERT time, once per row: notes the row's id in the
+-- transaction-local setting event_piper.ids and answers true only for the transaction's first
+-- row, so that one firing at commit handles them all. Past 16 kB of ids (about 2,000 rows) it
+-- stops growing the list (each append copies it) and queues the rows themselves instead, counted
+-- in event_piper.extra. Settings made inside a savepoint are undone with it, like its rows.
+CREATE OR REPLACE FUNCTION event_piper_note_insert(row_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids text := current_setting('event_piper.ids', true);
+BEGIN
+    IF ids IS NULL OR ids = '' THEN
+        IF coalesce(current_setting('event_piper.last', true), '') <> '' THEN
+            -- This transaction's rows were positioned already (SET CONSTRAINTS ... IMMEDIATE):
+            -- a later row could only be ordered after writers that wait for this transaction.
+            RAISE EXCEPTION 'event_piper: events inserted after the transaction''s deferred '
+                'constraints were checked (SET CONSTRAINTS ... IMMEDIATE) cannot be ordered; '
+                'insert them before, or in another transaction';
+        END IF;
+        PERFORM set_config('event_piper.ids', row_id::text, true);
+        RETURN true;
+    ELSIF octet_length(ids) < 16000 THEN
+        PERFORM set_config('event_piper.ids', ids || ',' || row_id, true);
+        RETURN false;
+    END IF;
+    PERFORM set_config('event_piper.extra',
+                       (coalesce(nullif(current_setting('event_piper.extra', true), ''), '0')::int
+                        + 1)::text, true);
+    RETURN true;
+END;
+$$;
+
 -- Notification payload (one line of header, then raw bytes), parsed by src/notification.cpp:
 --   "e <position> <subscriber bytes> <type bytes>\n<subscriber><type><payload as jsonb text>"
 --     the whole event, when it fits in NOTIFY's 8000-byte limit;
@@ -71,39 +153,98 @@ DROP INDEX IF EXISTS events_subscriber_idx;
 --   "p <position>"
 --     a bare position, for subscribers too long to name in a notification.
 -- The table is the truth: a notification is a hint that something was committed.
+CREATE OR REPLACE FUNCTION event_piper_message(pos bigint, sub text, typ text, body text)
+RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN octet_length(sub) + octet_length(typ) + octet_length(body) + length(pos::text)
+             + length(octet_length(sub)::text) + length(octet_length(typ)::text) + 5 < 7999
+            THEN 'e ' || pos || ' ' || octet_length(sub) || ' ' || octet_length(typ) || E'\n'
+                 || sub || typ || body
+        WHEN octet_length(sub) < 7900 THEN 'r ' || pos || ' ' || octet_length(sub) || E'\n' || sub
+        ELSE 'p ' || pos
+    END
+$$;
+
+-- Runs at COMMIT (deferred): once for the transaction's first row, then once for each row past
+-- the id list's size (see event_piper_note_insert).
 CREATE OR REPLACE FUNCTION events_commit_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    pos  bigint;
-    sub  text;
-    typ  text;
-    body text;
-    msg  text;
+    ids   bigint[];
+    total bigint;
+    pos_first bigint;
+    pos_next  bigint;
+    left_ int;
+    held  boolean := false;
     -- The channel: `new_events` unless the setting event_piper.channel names another one
     -- (ALTER DATABASE ... SET event_piper.channel = '...'), to match event_piper_channel.
     chan text := coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events');
 BEGIN
-    -- Serialise committing writers until each is visible: positions become visible in order.
-    PERFORM pg_advisory_xact_lock(7402652111030151173);
-    pos := nextval('events_position_seq');
-    -- The notification is built from the row as it is committed (RETURNING), never from NEW:
-    -- NEW is the INSERT's image, and the transaction may have changed the row since (another
-    -- subscriber, type or payload). Replay reads the committed row; live delivery must match it.
-    UPDATE events SET position = pos, committed_at = clock_timestamp() WHERE id = NEW.id
-        RETURNING subscriber, type, payload::text INTO sub, typ, body;
-    IF NOT FOUND THEN
-        RETURN NULL; -- deleted again by its own transaction
+    IF coalesce(current_setting('event_piper.next', true), '') = '' THEN
+        -- The first firing: the transaction's rows are the noted ids plus the queued extras.
+        ids := string_to_array(current_setting('event_piper.ids'), ',')::bigint[];
+        left_ := coalesce(nullif(current_setting('event_piper.extra', true), ''), '0')::int;
+        total := cardinality(ids) + left_;
+        -- 1. Reserve [pos_first, pos_first + total - 1]; name the commit-order lock after its end.
+        BEGIN
+            PERFORM pg_advisory_lock(7402652111030151173);
+            held := true;
+            pos_first := nextval('events_position_seq');
+            IF total > 1 THEN
+                PERFORM setval('events_position_seq', pos_first + total - 1);
+            END IF;
+            PERFORM pg_advisory_xact_lock(1885958245,
+                                          event_piper_position_lock_key(pos_first + total - 1));
+            PERFORM pg_advisory_unlock(7402652111030151173);
+        EXCEPTION WHEN OTHERS OR query_canceled THEN
+            IF held THEN
+                PERFORM pg_advisory_unlock(7402652111030151173);
+            END IF;
+            RAISE;
+        END;
+        -- 2. Positions in id order, notifications from the rows as committed (a row may have
+        --    been changed since its INSERT; one deleted again has no row and no position).
+        WITH mine AS (
+                 SELECT id, pos_first + row_number() OVER (ORDER BY id) - 1 AS pos
+                   FROM events WHERE id = ANY (ids)),
+             upd AS (
+                 UPDATE events e SET position = mine.pos, committed_at = clock_timestamp()
+                   FROM mine WHERE e.id = mine.id
+                 RETURNING e.position, e.subscriber, e.type, e.payload::text AS body)
+        SELECT coalesce(max(n.position), pos_first - 1) + 1 INTO pos_next
+          FROM (SELECT position, pg_notify(chan, event_piper_message(position, subscriber,
+                                                                     type, body))
+                  FROM upd ORDER BY position) n;
+        PERFORM set_config('event_piper.first', pos_first::text, true);
+        PERFORM set_config('event_piper.last', (pos_first + total - 1)::text, true);
+    ELSE
+        -- A row past the id list: the next position of the reserved range.
+        pos_next := current_setting('event_piper.next')::bigint;
+        left_ := current_setting('event_piper.extra')::int;
+        WITH upd AS (
+                 UPDATE events SET position = pos_next, committed_at = clock_timestamp()
+                  WHERE id = NEW.id
+                 RETURNING position, subscriber, type, payload::text AS body)
+        SELECT pos_next + count(pg_notify(chan, event_piper_message(position, subscriber, type,
+                                                                 body)))
+          INTO pos_next FROM upd;
+        left_ := left_ - 1;
+        pos_first := current_setting('event_piper.first')::bigint;
     END IF;
-    msg := 'e ' || pos || ' ' || octet_length(sub) || ' ' || octet_length(typ)
-           || E'\n' || sub || typ || body;
-    IF octet_length(msg) >= 7999 THEN
-        IF octet_length(sub) < 7900 THEN
-            msg := 'r ' || pos || ' ' || octet_length(sub) || E'\n' || sub;
-        ELSE
-            msg := 'p ' || pos;
-        END IF;
+    IF left_ > 0 THEN
+        PERFORM set_config('event_piper.next', pos_next::text, true);
+        PERFORM set_config('event_piper.extra', left_::text, true);
+        RETURN NULL;
     END IF;
-    PERFORM pg_notify(chan, msg);
+    -- 3. The last firing: wait until every smaller position is visible or rolled back. The
+    --    transaction that reserved pos_first - 1 holds this lock until it is visible.
+    PERFORM pg_advisory_xact_lock_shared(1885958245,
+                                         event_piper_position_lock_key(pos_first - 1));
+    -- Done: a later round (SET CONSTRAINTS ... IMMEDIATE, then more inserts) is refused by
+    -- event_piper_note_insert, because event_piper.last stays set.
+    PERFORM set_config('event_piper.ids', '', true);
+    PERFORM set_config('event_piper.next', '', true);
+    PERFORM set_config('event_piper.extra', '', true);
     RETURN NULL;
 END;
 $$;
@@ -113,4 +254,5 @@ DROP TRIGGER IF EXISTS events_commit_notify ON events;
 CREATE CONSTRAINT TRIGGER events_commit_notify
     AFTER INSERT ON events
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION events_commit_notify();
+    FOR EACH ROW WHEN (event_piper_note_insert(NEW.id))
+    EXECUTE FUNCTION events_commit_notify();
