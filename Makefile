@@ -8,8 +8,8 @@ export PORT
 SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
-        test test-asan test-deb deb format clean bench bench-quick clients docker-build docker-run \
-        test-docker
+        test test-asan test-deb deb format clean bench bench-quick bench-writers clients \
+        docker-build docker-run test-docker
 
 all: build
 
@@ -165,6 +165,10 @@ bench-quick: deps-bench
 	$(BENCH_CHECK)
 	@scripts/build.sh
 	bench/run.sh --quick
+
+# Only the writer section (what an event costs the database; PostgreSQL only, no nginx).
+bench-writers: deps
+	BENCH_COMMAND="make bench-writers" bench/writers.sh
 
 ## Container deployment (docker/, README "Docker"), with docker if a Docker daemon answers, else
 # podman (scripts/deps.sh docker installs it; docker/containers.conf sets it up for this machine).

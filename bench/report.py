@@ -626,7 +626,15 @@ def main():
             L.append(f.read())
     L.append("\nRaw figures: `bench/results.jsonl` (one JSON object per client run), "
              "parameters: `bench/results-meta.json`.\n")
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
+    # Keep the writer section of bench/writers.sh (report_writers.py owns it).
+    path = os.path.join(out_dir, "results.md")
+    begin, end = "<!-- writers:begin", "<!-- writers:end -->"
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if begin in old and end in old:
+            L.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n")
+    with open(path, "w") as f:
         f.write("\n".join(L))
 
 

@@ -3,6 +3,8 @@
 #
 #   bench/run.sh            full run: every measurement repeated 5 times (about 10-15 minutes)
 #   bench/run.sh --quick    fewer repetitions and shorter runs (under 5 minutes)
+#   bench/run.sh --writers  only the writer section (bench/writers.sh: what an event costs the
+#                           database, issue 11); the full run ends with it, the quick run skips it
 #
 # Starts its own PostgreSQL (scripts/pgctl.sh, temp folder), nginx with this module and a second
 # nginx with Debian's nchan (same /usr/sbin/nginx binary, same worker settings), each on a free
@@ -35,7 +37,8 @@ QUICK=0
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --writers) exec "$BENCH/writers.sh" ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -563,3 +566,8 @@ cp "$JSONL" "$OUT/results.jsonl"
 cp "$TMP/meta.json" "$OUT/results-meta.json"
 python3 "$BENCH/report.py" "$OUT/results-meta.json" "$OUT/results.jsonl" "$OUT"
 log "done in ${ELAPSED}s: $OUT/results.md"
+
+# The writer section (its own PostgreSQL with fsync on; nginx is not involved).
+if [[ $QUICK == 0 && ${BENCH_WRITERS:-1} == 1 ]]; then
+    BENCH_COMMAND="$COMMAND" "$BENCH/writers.sh"
+fi
