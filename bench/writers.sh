@@ -15,10 +15,11 @@
 # gives medians with min-max, ratios ours / original of the medians, and pg_stat_user_tables of
 # each table after all runs.
 #
-#   bench/writers.sh [--quick]       (make bench-writers; also the last section of make bench)
+#   bench/writers.sh [--quick]   (make bench-writers; also the last section of make bench)
 #
 # Environment: WRITERS_REPS (default 5, quick 2), WRITERS_SECONDS per run (default 10, quick 4),
-# WRITERS_CLIENTS (8), WRITERS_SIZES ("1 10 100"), BENCH_OUT (default bench/), BENCH_KEEP=1.
+# WRITERS_CLIENTS (8), WRITERS_SIZES ("1 10 100"), WRITERS_SCHEMA (the schema of "ours", default
+# postgresql/schema.sql: for experiments), BENCH_OUT (default bench/), BENCH_KEEP=1.
 # Writes the section between the "writers" markers of $BENCH_OUT/results.md (the rest is kept)
 # and $BENCH_OUT/results-writers.jsonl.
 set -euo pipefail
@@ -30,7 +31,7 @@ QUICK=0
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench/writers.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -106,7 +107,7 @@ END;
 \$\$;
 CREATE TRIGGER events_notify AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION notify_event();"
 psql_db ours --single-transaction -c "SET client_min_messages = warning" \
-    -f "$ROOT/postgresql/schema.sql" >/dev/null
+    -f "${WRITERS_SCHEMA:-$ROOT/postgresql/schema.sql}" >/dev/null
 for t in $TABLES; do psql_db "$t" -c "GRANT ALL ON ALL TABLES IN SCHEMA public TO event_piper; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO event_piper"; done
 
 # Two idle listeners per database: psql sessions that poll every 50 ms, so notifications are
