@@ -68,4 +68,45 @@ bool parse_notification(std::string_view text, Notification &out) {
     }
 }
 
+bool parse_notifications(std::string_view text, std::vector<Notification> &out) {
+    out.clear();
+    if (text.size() < 2 || text[0] != 'b' || text[1] != '\n') {
+        Notification n;
+        if (!parse_notification(text, n)) {
+            return false;
+        }
+        out.push_back(n);
+        return true;
+    }
+    const char *p = text.data() + 2;
+    const char *end = text.data() + text.size();
+    while (p < end) {
+        Notification n;
+        size_t sublen = 0;
+        size_t typelen = 0;
+        size_t paylen = 0;
+        if (!read_number(p, end, ' ', n.position) || !read_number(p, end, ' ', sublen) ||
+            !read_number(p, end, ' ', typelen) || !read_number(p, end, '\n', paylen) ||
+            n.position <= 0 || (!out.empty() && n.position <= out.back().position) || paylen == 0) {
+            out.clear();
+            return false;
+        }
+        size_t rest = static_cast<size_t>(end - p);
+        if (sublen > rest || typelen > rest - sublen || paylen > rest - sublen - typelen) {
+            out.clear();
+            return false;
+        }
+        n.kind = Notification::Kind::Event;
+        n.subscriber = std::string_view(p, sublen);
+        n.type = std::string_view(p + sublen, typelen);
+        n.payload = std::string_view(p + sublen + typelen, paylen);
+        p += sublen + typelen + paylen;
+        out.push_back(n);
+    }
+    if (out.empty()) {
+        return false;
+    }
+    return true;
+}
+
 } // namespace event_piper

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 namespace event_piper {
 
@@ -22,5 +23,12 @@ struct Notification {
 
 // Returns false for anything malformed (the caller logs it and treats it as a bare hint).
 bool parse_notification(std::string_view text, Notification &out);
+
+// A notification holds one event ("e", "r" or "p" above) or, since issue 11, several: the events
+// of one transaction that fit in one notification, in increasing positions,
+//   "b\n" then, per event, "<pos> <sublen> <typelen> <paylen>\n<subscriber><type><payload>".
+// Fills `out` (cleared first) with every event, in order; returns false, with `out` empty, if
+// any part is malformed. Views point into `text`.
+bool parse_notifications(std::string_view text, std::vector<Notification> &out);
 
 } // namespace event_piper

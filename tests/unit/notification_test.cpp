@@ -47,3 +47,58 @@ TEST(Notification, RejectsMalformed) {
         EXPECT_FALSE(parse_notification(bad, n)) << bad;
     }
 }
+
+TEST(Notifications, OneEventFormatsStillParse) {
+    std::vector<Notification> v;
+    ASSERT_TRUE(parse_notifications("e 12 4 6\ntotoinsert{}", v));
+    ASSERT_EQ(v.size(), 1u);
+    EXPECT_EQ(v[0].kind, Notification::Kind::Event);
+    EXPECT_EQ(v[0].payload, "{}");
+    ASSERT_TRUE(parse_notifications("r 99 4\ntoto", v));
+    ASSERT_EQ(v.size(), 1u);
+    EXPECT_EQ(v[0].kind, Notification::Kind::Reference);
+    ASSERT_TRUE(parse_notifications("p 7", v));
+    ASSERT_EQ(v.size(), 1u);
+    EXPECT_EQ(v[0].position, 7);
+    EXPECT_FALSE(parse_notifications("{\"id\": 1}", v)); // the original service's row_to_json
+    EXPECT_TRUE(v.empty());
+}
+
+TEST(Notifications, SeveralEventsOfOneTransaction) {
+    std::vector<Notification> v;
+    std::string text = "b\n"
+                       "41 4 6 10\ntotoinsert{\"foo\": 1}"
+                       "42 5 1 2\na \nb\"t[]"
+                       "44 4 6 10\ntitiinsert{\"foo\": 3}";
+    ASSERT_TRUE(parse_notifications(text, v));
+    ASSERT_EQ(v.size(), 3u);
+    EXPECT_EQ(v[0].kind, Notification::Kind::Event);
+    EXPECT_EQ(v[0].position, 41);
+    EXPECT_EQ(v[0].subscriber, "toto");
+    EXPECT_EQ(v[0].type, "insert");
+    EXPECT_EQ(v[0].payload, "{\"foo\": 1}");
+    EXPECT_EQ(v[1].position, 42);
+    EXPECT_EQ(v[1].subscriber, "a \nb\"");
+    EXPECT_EQ(v[1].type, "t");
+    EXPECT_EQ(v[1].payload, "[]");
+    EXPECT_EQ(v[2].position, 44);
+    EXPECT_EQ(v[2].subscriber, "titi");
+    EXPECT_EQ(v[2].payload, "{\"foo\": 3}");
+}
+
+TEST(Notifications, MalformedBatchesDeliverNothing) {
+    std::vector<Notification> v;
+    for (const char *bad : {
+             "b\n",                                           // no event
+             "b\n1 4 6 2\ntotoinsert{}2",                     // trailing bytes
+             "b\n1 4 6 3\ntotoinsert{}",                      // payload shorter than announced
+             "b\n1 4 6 0\ntotoinsert",                        // empty payload
+             "b\n2 4 6 2\ntotoinsert{}1 4 6 2\ntotoinsert{}", // positions not increasing
+             "b\n0 4 6 2\ntotoinsert{}",                      // position 0
+             "b\n1 4 6\ntotoinsert{}",                        // header too short
+             "b 1 4 6 2\ntotoinsert{}",                       // not a batch header
+         }) {
+        EXPECT_FALSE(parse_notifications(bad, v)) << bad;
+        EXPECT_TRUE(v.empty()) << bad;
+    }
+}
