@@ -58,8 +58,7 @@ void Hub::deliver(Stream &s, int64_t position, std::string_view frame) {
 }
 
 void Hub::on_notification(std::string_view payload) {
-    Notification n;
-    if (!parse_notification(payload, n)) {
+    if (!parse_notifications(payload, batch_)) {
         if (!warned_foreign_) { // once: another trigger on the channel would flood the log
             log_.write(LogLevel::Warn,
                        "event_piper: ignoring notifications not written by postgresql/schema.sql's "
@@ -69,6 +68,12 @@ void Hub::on_notification(std::string_view payload) {
         }
         return;
     }
+    for (const Notification &n : batch_) {
+        on_event_notification(n);
+    }
+}
+
+void Hub::on_event_notification(const Notification &n) {
     note_position(n.position);
     ++stats_.notifications;
     stats_.last_notification_ms = clock_.now_ms();

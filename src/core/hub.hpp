@@ -5,12 +5,14 @@
 #pragma once
 
 #include "listener.hpp"
+#include "notification.hpp"
 #include "registry.hpp"
 #include "replay_queue.hpp"
 #include "status.hpp"
 #include "stream.hpp"
 
 #include <string>
+#include <vector>
 
 namespace event_piper {
 
@@ -55,13 +57,15 @@ public:
 
 private:
     void deliver(Stream &s, int64_t position, std::string_view frame);
+    void on_event_notification(const Notification &n);
 
     Clock &clock_;
     Log &log_;
     Registry<Stream> registry_;
     ReplayQueue replay_;
     WorkerStats stats_;
-    std::string frame_; // one serialisation per event, shared by all its streams
+    std::string frame_;               // one serialisation per event, shared by all its streams
+    std::vector<Notification> batch_; // the events of the notification being handled
     int64_t newest_ = -1;
     uint64_t epoch_ = 0;
     uint64_t waiting_since_ms_ = 0;

@@ -95,6 +95,24 @@ TEST_F(HubTest, AnEventReachesEveryStreamOfItsConsumerAndNoOther) {
     EXPECT_EQ(hub.stats().last_notification_ms, clock.now);
 }
 
+TEST_F(HubTest, ABatchOfOneTransactionReachesEachConsumerInPositionOrder) {
+    hub.on_listener_ready(1, 0, 0);
+    FakeOwner other;
+    auto a = stream("alice"), b = stream("bob", -1, &other);
+    hub.open(*a);
+    hub.open(*b);
+    hub.on_notification("b\n"
+                        "1 5 1 2\nalicet{}"
+                        "2 3 1 8\nbobt{\"x\": 2}"
+                        "3 5 1 8\nalicet{\"x\": 3}"
+                        "4 6 1 2\nnobodyt{}");
+    EXPECT_EQ(drain(*a), frame(1) + frame(3, "{\"x\":3}"));
+    EXPECT_EQ(drain(*b), frame(2, "{\"x\":2}"));
+    EXPECT_EQ(hub.stats().notifications, 4u); // counted per event
+    EXPECT_EQ(hub.stats().notifications_dropped, 1u);
+    EXPECT_EQ(hub.newest(), 4);
+}
+
 TEST_F(HubTest, AnEventForNobodyHereIsCountedAsDropped) {
     hub.on_listener_ready(1, 0, 0);
     hub.on_notification(event(1, "nobody", "{}"));
