@@ -15,7 +15,7 @@
 --      microseconds under a session-level advisory lock) and takes a transaction-level advisory
 --      lock named after the last position of the range, which it holds until it is visible;
 --   2. writes the positions with one UPDATE and queues the notifications, built from the rows as
---      committed (UPDATE ... RETURNING), in position order;
+--      committed (UPDATE ... RETURNING), in position order, several events per notification;
 --   3. waits for the lock named after the position just below its range: the transaction that
 --      reserved it is then visible (or rolled back), and so, by induction, is every smaller one.
 -- Only step 3 and the commit itself are serialised, in position order. NOTIFY already serialises
@@ -145,13 +145,16 @@ BEGIN
 END;
 $$;
 
--- Notification payload (one line of header, then raw bytes), parsed by src/notification.cpp:
+-- Notification payload (one line of header, then raw bytes), parsed by src/core/notification.cpp:
 --   "e <position> <subscriber bytes> <type bytes>\n<subscriber><type><payload as jsonb text>"
 --     the whole event, when it fits in NOTIFY's 8000-byte limit;
 --   "r <position> <subscriber bytes>\n<subscriber>"
 --     a reference: the event is too large to notify, readers fetch it from the table;
 --   "p <position>"
---     a bare position, for subscribers too long to name in a notification.
+--     a bare position, for subscribers too long to name in a notification;
+--   "b\n" then "<position> <subscriber bytes> <type bytes> <payload bytes>\n<subscriber><type>
+--   <payload>" per event (since issue 11; modules before it ignore these)
+--     several events of one transaction, in position order, as many as fit in 7,999 bytes.
 -- The table is the truth: a notification is a hint that something was committed.
 CREATE OR REPLACE FUNCTION event_piper_message(pos bigint, sub text, typ text, body text)
 RETURNS text LANGUAGE sql IMMUTABLE AS $$
@@ -176,6 +179,11 @@ DECLARE
     pos_next  bigint;
     left_ int;
     held  boolean := false;
+    r     record;
+    size  int;
+    rec   text;
+    buf   text := '';
+    lone  text; -- the notification of the batch's only event, in the one-event format
     -- The channel: `new_events` unless the setting event_piper.channel names another one
     -- (ALTER DATABASE ... SET event_piper.channel = '...'), to match event_piper_channel.
     chan text := coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events');
@@ -203,18 +211,42 @@ BEGIN
             RAISE;
         END;
         -- 2. Positions in id order, notifications from the rows as committed (a row may have
-        --    been changed since its INSERT; one deleted again has no row and no position).
-        WITH mine AS (
-                 SELECT id, pos_first + row_number() OVER (ORDER BY id) - 1 AS pos
-                   FROM events WHERE id = ANY (ids)),
-             upd AS (
-                 UPDATE events e SET position = mine.pos, committed_at = clock_timestamp()
-                   FROM mine WHERE e.id = mine.id
-                 RETURNING e.position, e.subscriber, e.type, e.payload::text AS body)
-        SELECT coalesce(max(n.position), pos_first - 1) + 1 INTO pos_next
-          FROM (SELECT position, pg_notify(chan, event_piper_message(position, subscriber,
-                                                                     type, body))
-                  FROM upd ORDER BY position) n;
+        --    been changed since its INSERT; one deleted again has no row and no position). As
+        --    few notifications as fit: a batch "b\n<event><event>..." of up to 7,999 bytes, or
+        --    "e ..." for a lone event, "r ..."/"p ..." for one too large to notify.
+        pos_next := pos_first;
+        FOR r IN WITH mine AS (
+                     SELECT id, pos_first + row_number() OVER (ORDER BY id) - 1 AS pos
+                       FROM events WHERE id = ANY (ids)),
+                 upd AS (
+                     UPDATE events e SET position = mine.pos, committed_at = clock_timestamp()
+                       FROM mine WHERE e.id = mine.id
+                     RETURNING e.position, e.subscriber::text AS sub, e.type::text AS typ,
+                               e.payload::text AS body)
+                 SELECT * FROM upd ORDER BY position LOOP
+            pos_next := r.position + 1;
+            size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
+            IF size <= 7900 THEN
+                rec := r.position || ' ' || octet_length(r.sub) || ' ' || octet_length(r.typ)
+                       || ' ' || octet_length(r.body) || E'\n' || r.sub || r.typ || r.body;
+            END IF;
+            -- Flush the batch when this event does not fit in it (or goes alone): in order.
+            IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997) THEN
+                PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone
+                                             ELSE E'b\n' || buf END);
+                buf := '';
+            END IF;
+            IF size > 7900 THEN
+                PERFORM pg_notify(chan, event_piper_message(r.position, r.sub, r.typ, r.body));
+                CONTINUE;
+            END IF;
+            lone := CASE WHEN buf = '' THEN event_piper_message(r.position, r.sub, r.typ, r.body)
+                    END;
+            buf := buf || rec;
+        END LOOP;
+        IF buf <> '' THEN
+            PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone ELSE E'b\n' || buf END);
+        END IF;
         PERFORM set_config('event_piper.first', pos_first::text, true);
         PERFORM set_config('event_piper.last', (pos_first + total - 1)::text, true);
     ELSE
