@@ -116,33 +116,27 @@ $$;
 
 -- The WHEN clause of the trigger, at INSERT time, once per row: notes the row's id in the
 -- transaction-local setting event_piper.ids and answers true only for the transaction's first
--- row, so that one firing at commit handles them all. Past 16 kB of ids (about 2,000 rows) it
--- stops growing the list (each append copies it) and queues the rows themselves instead, counted
--- in event_piper.extra. Settings made inside a savepoint are undone with it, like its rows.
+-- row, so that one firing at commit handles them all. Each append copies the list, so a list of
+-- 2,000 bytes (about 250 ids) is set aside as event_piper.ids_<k> and a new one begun: the cost
+-- per row stays small and constant in transactions of any size (measured: no slower than an
+-- empty PL/pgSQL WHEN function). Plain SQL, so that it is inlined into the WHEN clause; the
+-- arguments of || are evaluated left to right. Settings made inside a savepoint are undone with
+-- it, like its rows.
 CREATE OR REPLACE FUNCTION event_piper_note_insert(row_id bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
-DECLARE
-    ids text := current_setting('event_piper.ids', true);
-BEGIN
-    IF ids IS NULL OR ids = '' THEN
-        IF coalesce(current_setting('event_piper.last', true), '') <> '' THEN
-            -- This transaction's rows were positioned already (SET CONSTRAINTS ... IMMEDIATE):
-            -- a later row could only be ordered after writers that wait for this transaction.
-            RAISE EXCEPTION 'event_piper: events inserted after the transaction''s deferred '
-                'constraints were checked (SET CONSTRAINTS ... IMMEDIATE) cannot be ordered; '
-                'insert them before, or in another transaction';
-        END IF;
-        PERFORM set_config('event_piper.ids', row_id::text, true);
-        RETURN true;
-    ELSIF octet_length(ids) < 16000 THEN
-        PERFORM set_config('event_piper.ids', ids || ',' || row_id, true);
-        RETURN false;
-    END IF;
-    PERFORM set_config('event_piper.extra',
-                       (coalesce(nullif(current_setting('event_piper.extra', true), ''), '0')::int
-                        + 1)::text, true);
-    RETURN true;
-END;
+LANGUAGE sql VOLATILE AS $$
+    SELECT CASE
+        WHEN coalesce(current_setting('event_piper.ids', true), '') = ''
+            THEN set_config('event_piper.ids', row_id::text, true) <> ''
+        WHEN octet_length(current_setting('event_piper.ids')) < 2000
+            THEN set_config('event_piper.ids', current_setting('event_piper.ids') || ',' || row_id,
+                            true) = ''
+        ELSE set_config('event_piper.ids_'
+                        || set_config('event_piper.chunks',
+                                      (coalesce(nullif(current_setting('event_piper.chunks', true),
+                                                       ''), '0')::int + 1)::text, true),
+                        current_setting('event_piper.ids'), true)
+             || set_config('event_piper.ids', row_id::text, true) = ''
+    END
 $$;
 
 -- Notification payload (one line of header, then raw bytes), parsed by src/core/notification.cpp:
@@ -168,115 +162,93 @@ RETURNS text LANGUAGE sql IMMUTABLE AS $$
     END
 $$;
 
--- Runs at COMMIT (deferred): once for the transaction's first row, then once for each row past
--- the id list's size (see event_piper_note_insert).
+-- Runs at COMMIT (deferred), once per transaction (see event_piper_note_insert).
 CREATE OR REPLACE FUNCTION events_commit_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    ids   bigint[];
-    total bigint;
+    ids       bigint[];
     pos_first bigint;
-    pos_next  bigint;
-    left_ int;
-    held  boolean := false;
-    r     record;
-    size  int;
-    rec   text;
-    buf   text := '';
-    lone  text; -- the notification of the batch's only event, in the one-event format
+    pos_last  bigint;
+    held      boolean := false;
+    r         record;
+    size      int;
+    rec       text;
+    buf       text := '';
+    lone      text; -- the notification of the batch's only event, in the one-event format
     -- The channel: `new_events` unless the setting event_piper.channel names another one
     -- (ALTER DATABASE ... SET event_piper.channel = '...'), to match event_piper_channel.
     chan text := coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events');
 BEGIN
-    IF coalesce(current_setting('event_piper.next', true), '') = '' THEN
-        -- The first firing: the transaction's rows are the noted ids plus the queued extras.
-        ids := string_to_array(current_setting('event_piper.ids'), ',')::bigint[];
-        left_ := coalesce(nullif(current_setting('event_piper.extra', true), ''), '0')::int;
-        total := cardinality(ids) + left_;
-        -- 1. Reserve [pos_first, pos_first + total - 1]; name the commit-order lock after its end.
-        BEGIN
-            PERFORM pg_advisory_lock(7402652111030151173);
-            held := true;
-            pos_first := nextval('events_position_seq');
-            IF total > 1 THEN
-                PERFORM setval('events_position_seq', pos_first + total - 1);
-            END IF;
-            PERFORM pg_advisory_xact_lock(1885958245,
-                                          event_piper_position_lock_key(pos_first + total - 1));
-            PERFORM pg_advisory_unlock(7402652111030151173);
-        EXCEPTION WHEN OTHERS OR query_canceled THEN
-            IF held THEN
-                PERFORM pg_advisory_unlock(7402652111030151173);
-            END IF;
-            RAISE;
-        END;
-        -- 2. Positions in id order, notifications from the rows as committed (a row may have
-        --    been changed since its INSERT; one deleted again has no row and no position). As
-        --    few notifications as fit: a batch "b\n<event><event>..." of up to 7,999 bytes, or
-        --    "e ..." for a lone event, "r ..."/"p ..." for one too large to notify.
-        pos_next := pos_first;
-        FOR r IN WITH mine AS (
-                     SELECT id, pos_first + row_number() OVER (ORDER BY id) - 1 AS pos
-                       FROM events WHERE id = ANY (ids)),
-                 upd AS (
-                     UPDATE events e SET position = mine.pos, committed_at = clock_timestamp()
-                       FROM mine WHERE e.id = mine.id
-                     RETURNING e.position, e.subscriber::text AS sub, e.type::text AS typ,
-                               e.payload::text AS body)
-                 SELECT * FROM upd ORDER BY position LOOP
-            pos_next := r.position + 1;
-            size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
-            IF size <= 7900 THEN
-                rec := r.position || ' ' || octet_length(r.sub) || ' ' || octet_length(r.typ)
-                       || ' ' || octet_length(r.body) || E'\n' || r.sub || r.typ || r.body;
-            END IF;
-            -- Flush the batch when this event does not fit in it (or goes alone): in order.
-            IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997) THEN
-                PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone
-                                             ELSE E'b\n' || buf END);
-                buf := '';
-            END IF;
-            IF size > 7900 THEN
-                PERFORM pg_notify(chan, event_piper_message(r.position, r.sub, r.typ, r.body));
-                CONTINUE;
-            END IF;
-            lone := CASE WHEN buf = '' THEN event_piper_message(r.position, r.sub, r.typ, r.body)
-                    END;
-            buf := buf || rec;
-        END LOOP;
-        IF buf <> '' THEN
-            PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone ELSE E'b\n' || buf END);
+    IF coalesce(current_setting('event_piper.last', true), '') <> '' THEN
+        -- This transaction's rows were positioned already (SET CONSTRAINTS ... IMMEDIATE): later
+        -- rows could only be ordered after writers that now wait for this transaction.
+        RAISE EXCEPTION 'event_piper: events inserted after the transaction''s deferred '
+            'constraints were checked (SET CONSTRAINTS ... IMMEDIATE) cannot be ordered; '
+            'insert them before, or in another transaction';
+    END IF;
+    -- The transaction's rows: the noted ids, with the lists set aside.
+    SELECT string_to_array(coalesce(string_agg(current_setting('event_piper.ids_' || k), ',')
+                                    || ',', '') || current_setting('event_piper.ids'),
+                           ',')::bigint[]
+      INTO ids
+      FROM generate_series(1, coalesce(nullif(current_setting('event_piper.chunks', true), ''),
+                                       '0')::int) AS k;
+    -- 1. Reserve [pos_first, pos_last]; name the commit-order lock after its end.
+    BEGIN
+        PERFORM pg_advisory_lock(7402652111030151173);
+        held := true;
+        pos_first := nextval('events_position_seq');
+        pos_last := pos_first + cardinality(ids) - 1;
+        IF pos_last > pos_first THEN
+            PERFORM setval('events_position_seq', pos_last);
         END IF;
-        PERFORM set_config('event_piper.first', pos_first::text, true);
-        PERFORM set_config('event_piper.last', (pos_first + total - 1)::text, true);
-    ELSE
-        -- A row past the id list: the next position of the reserved range.
-        pos_next := current_setting('event_piper.next')::bigint;
-        left_ := current_setting('event_piper.extra')::int;
-        WITH upd AS (
-                 UPDATE events SET position = pos_next, committed_at = clock_timestamp()
-                  WHERE id = NEW.id
-                 RETURNING position, subscriber, type, payload::text AS body)
-        SELECT pos_next + count(pg_notify(chan, event_piper_message(position, subscriber, type,
-                                                                 body)))
-          INTO pos_next FROM upd;
-        left_ := left_ - 1;
-        pos_first := current_setting('event_piper.first')::bigint;
+        PERFORM pg_advisory_xact_lock(1885958245, event_piper_position_lock_key(pos_last));
+        PERFORM pg_advisory_unlock(7402652111030151173);
+    EXCEPTION WHEN OTHERS OR query_canceled THEN
+        IF held THEN
+            PERFORM pg_advisory_unlock(7402652111030151173);
+        END IF;
+        RAISE;
+    END;
+    -- 2. Positions in id order, notifications from the rows as committed (a row may have been
+    --    changed since its INSERT; one deleted again has no row and leaves its position unused).
+    --    As few notifications as fit: a batch "b\n<event><event>..." of up to 7,999 bytes, or
+    --    "e ..." for a lone event, "r ..."/"p ..." for one too large to notify.
+    FOR r IN WITH mine AS (
+                 SELECT id, pos_first + row_number() OVER (ORDER BY id) - 1 AS pos
+                   FROM events WHERE id = ANY (ids)),
+             upd AS (
+                 UPDATE events e SET position = mine.pos, committed_at = clock_timestamp()
+                   FROM mine WHERE e.id = mine.id
+                 RETURNING e.position, e.subscriber::text AS sub, e.type::text AS typ,
+                           e.payload::text AS body)
+             SELECT * FROM upd ORDER BY position LOOP
+        size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
+        IF size <= 7900 THEN
+            rec := r.position || ' ' || octet_length(r.sub) || ' ' || octet_length(r.typ)
+                   || ' ' || octet_length(r.body) || E'\n' || r.sub || r.typ || r.body;
+        END IF;
+        -- Flush the batch when this event does not fit in it (or goes alone): in order.
+        IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997) THEN
+            PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone ELSE E'b\n' || buf END);
+            buf := '';
+        END IF;
+        IF size > 7900 THEN
+            PERFORM pg_notify(chan, event_piper_message(r.position, r.sub, r.typ, r.body));
+            CONTINUE;
+        END IF;
+        lone := CASE WHEN buf = '' THEN event_piper_message(r.position, r.sub, r.typ, r.body) END;
+        buf := buf || rec;
+    END LOOP;
+    IF buf <> '' THEN
+        PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone ELSE E'b\n' || buf END);
     END IF;
-    IF left_ > 0 THEN
-        PERFORM set_config('event_piper.next', pos_next::text, true);
-        PERFORM set_config('event_piper.extra', left_::text, true);
-        RETURN NULL;
-    END IF;
-    -- 3. The last firing: wait until every smaller position is visible or rolled back. The
-    --    transaction that reserved pos_first - 1 holds this lock until it is visible.
-    PERFORM pg_advisory_xact_lock_shared(1885958245,
-                                         event_piper_position_lock_key(pos_first - 1));
-    -- Done: a later round (SET CONSTRAINTS ... IMMEDIATE, then more inserts) is refused by
-    -- event_piper_note_insert, because event_piper.last stays set.
-    PERFORM set_config('event_piper.ids', '', true);
-    PERFORM set_config('event_piper.next', '', true);
-    PERFORM set_config('event_piper.extra', '', true);
+    -- 3. Wait until every smaller position is visible or rolled back: the transaction that
+    --    reserved pos_first - 1 holds this lock until it is visible.
+    PERFORM pg_advisory_xact_lock_shared(1885958245, event_piper_position_lock_key(pos_first - 1));
+    -- Done. A later round (SET CONSTRAINTS ... IMMEDIATE, then more inserts) is refused above.
+    PERFORM set_config('event_piper.ids', '', true), set_config('event_piper.chunks', '', true),
+            set_config('event_piper.last', pos_last::text, true);
     RETURN NULL;
 END;
 $$;
