@@ -118,25 +118,30 @@ $$;
 -- transaction-local setting event_piper.ids and answers true only for the transaction's first
 -- row, so that one firing at commit handles them all. Each append copies the list, so a list of
 -- 2,000 bytes (about 250 ids) is set aside as event_piper.ids_<k> and a new one begun: the cost
--- per row stays small and constant in transactions of any size (measured: no slower than an
--- empty PL/pgSQL WHEN function). Plain SQL, so that it is inlined into the WHEN clause; the
--- arguments of || are evaluated left to right. Settings made inside a savepoint are undone with
--- it, like its rows.
+-- per row stays small and constant in transactions of any size. (PL/pgSQL keeps its compiled
+-- form per session; a SQL function in a trigger's WHEN clause would be parsed and planned again
+-- for every INSERT statement.) Settings made inside a savepoint are undone with it, like its
+-- rows.
 CREATE OR REPLACE FUNCTION event_piper_note_insert(row_id bigint) RETURNS boolean
-LANGUAGE sql VOLATILE AS $$
-    SELECT CASE
-        WHEN coalesce(current_setting('event_piper.ids', true), '') = ''
-            THEN set_config('event_piper.ids', row_id::text, true) <> ''
-        WHEN octet_length(current_setting('event_piper.ids')) < 2000
-            THEN set_config('event_piper.ids', current_setting('event_piper.ids') || ',' || row_id,
-                            true) = ''
-        ELSE set_config('event_piper.ids_'
-                        || set_config('event_piper.chunks',
-                                      (coalesce(nullif(current_setting('event_piper.chunks', true),
-                                                       ''), '0')::int + 1)::text, true),
-                        current_setting('event_piper.ids'), true)
-             || set_config('event_piper.ids', row_id::text, true) = ''
-    END
+LANGUAGE plpgsql AS $$
+DECLARE
+    ids text := current_setting('event_piper.ids', true);
+    k   int;
+    t   text; -- set_config's answer (an assignment is cheaper than PERFORM)
+BEGIN
+    IF ids IS NULL OR ids = '' THEN
+        t := set_config('event_piper.ids', row_id::text, true);
+        RETURN true;
+    ELSIF octet_length(ids) < 2000 THEN
+        t := set_config('event_piper.ids', ids || ',' || row_id, true);
+        RETURN false;
+    END IF;
+    k := coalesce(nullif(current_setting('event_piper.chunks', true), ''), '0')::int + 1;
+    t := set_config('event_piper.ids_' || k, ids, true);
+    t := set_config('event_piper.chunks', k::text, true);
+    t := set_config('event_piper.ids', row_id::text, true);
+    RETURN false;
+END;
 $$;
 
 -- Notification payload (one line of header, then raw bytes), parsed by src/core/notification.cpp:
@@ -150,8 +155,10 @@ $$;
 --   <payload>" per event (since issue 11; modules before it ignore these)
 --     several events of one transaction, in position order, as many as fit in 7,999 bytes.
 -- The table is the truth: a notification is a hint that something was committed.
+-- STABLE, not IMMUTABLE: `text || bigint` is stable, and a SQL function is inlined (instead of
+-- being parsed and planned again at every call) only if its body is no more volatile than it.
 CREATE OR REPLACE FUNCTION event_piper_message(pos bigint, sub text, typ text, body text)
-RETURNS text LANGUAGE sql IMMUTABLE AS $$
+RETURNS text LANGUAGE sql STABLE AS $$
     SELECT CASE
         WHEN octet_length(sub) + octet_length(typ) + octet_length(body) + length(pos::text)
              + length(octet_length(sub)::text) + length(octet_length(typ)::text) + 5 < 7999
@@ -175,6 +182,9 @@ DECLARE
     rec       text;
     buf       text := '';
     lone      text; -- the notification of the batch's only event, in the one-event format
+    sub1      text;
+    typ1      text;
+    body1     text;
     -- The channel: `new_events` unless the setting event_piper.channel names another one
     -- (ALTER DATABASE ... SET event_piper.channel = '...'), to match event_piper_channel.
     chan text := coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events');
@@ -187,12 +197,14 @@ BEGIN
             'insert them before, or in another transaction';
     END IF;
     -- The transaction's rows: the noted ids, with the lists set aside.
-    SELECT string_to_array(coalesce(string_agg(current_setting('event_piper.ids_' || k), ',')
-                                    || ',', '') || current_setting('event_piper.ids'),
-                           ',')::bigint[]
-      INTO ids
-      FROM generate_series(1, coalesce(nullif(current_setting('event_piper.chunks', true), ''),
-                                       '0')::int) AS k;
+    IF coalesce(current_setting('event_piper.chunks', true), '') = '' THEN
+        ids := string_to_array(current_setting('event_piper.ids'), ',')::bigint[];
+    ELSE
+        SELECT string_to_array(string_agg(current_setting('event_piper.ids_' || k), ',')
+                               || ',' || current_setting('event_piper.ids'), ',')::bigint[]
+          INTO ids
+          FROM generate_series(1, current_setting('event_piper.chunks')::int) AS k;
+    END IF;
     -- 1. Reserve [pos_first, pos_last]; name the commit-order lock after its end.
     BEGIN
         PERFORM pg_advisory_lock(7402652111030151173);
@@ -214,34 +226,45 @@ BEGIN
     --    changed since its INSERT; one deleted again has no row and leaves its position unused).
     --    As few notifications as fit: a batch "b\n<event><event>..." of up to 7,999 bytes, or
     --    "e ..." for a lone event, "r ..."/"p ..." for one too large to notify.
-    FOR r IN WITH mine AS (
-                 SELECT id, pos_first + row_number() OVER (ORDER BY id) - 1 AS pos
-                   FROM events WHERE id = ANY (ids)),
-             upd AS (
-                 UPDATE events e SET position = mine.pos, committed_at = clock_timestamp()
-                   FROM mine WHERE e.id = mine.id
-                 RETURNING e.position, e.subscriber::text AS sub, e.type::text AS typ,
-                           e.payload::text AS body)
-             SELECT * FROM upd ORDER BY position LOOP
-        size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
-        IF size <= 7900 THEN
-            rec := r.position || ' ' || octet_length(r.sub) || ' ' || octet_length(r.typ)
-                   || ' ' || octet_length(r.body) || E'\n' || r.sub || r.typ || r.body;
+    IF cardinality(ids) = 1 THEN -- the common case, without the batch machinery
+        UPDATE events SET position = pos_first, committed_at = clock_timestamp()
+         WHERE id = ids[1]
+        RETURNING subscriber, type, payload::text INTO sub1, typ1, body1;
+        IF FOUND THEN
+            PERFORM pg_notify(chan, event_piper_message(pos_first, sub1, typ1, body1));
         END IF;
-        -- Flush the batch when this event does not fit in it (or goes alone): in order.
-        IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997) THEN
+    ELSE
+        FOR r IN WITH mine AS (
+                     SELECT id, pos_first + row_number() OVER (ORDER BY id) - 1 AS pos
+                       FROM events WHERE id = ANY (ids)),
+                 upd AS (
+                     UPDATE events e SET position = mine.pos, committed_at = clock_timestamp()
+                       FROM mine WHERE e.id = mine.id
+                     RETURNING e.position, e.subscriber::text AS sub, e.type::text AS typ,
+                               e.payload::text AS body)
+                 SELECT * FROM upd ORDER BY position LOOP
+            size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
+            IF size <= 7900 THEN
+                rec := r.position || ' ' || octet_length(r.sub) || ' ' || octet_length(r.typ)
+                       || ' ' || octet_length(r.body) || E'\n' || r.sub || r.typ || r.body;
+            END IF;
+            -- Flush the batch when this event does not fit in it (or goes alone): in order.
+            IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997) THEN
+                PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone
+                                             ELSE E'b\n' || buf END);
+                buf := '';
+            END IF;
+            IF size > 7900 THEN
+                PERFORM pg_notify(chan, event_piper_message(r.position, r.sub, r.typ, r.body));
+                CONTINUE;
+            END IF;
+            lone := CASE WHEN buf = ''
+                         THEN event_piper_message(r.position, r.sub, r.typ, r.body) END;
+            buf := buf || rec;
+        END LOOP;
+        IF buf <> '' THEN
             PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone ELSE E'b\n' || buf END);
-            buf := '';
         END IF;
-        IF size > 7900 THEN
-            PERFORM pg_notify(chan, event_piper_message(r.position, r.sub, r.typ, r.body));
-            CONTINUE;
-        END IF;
-        lone := CASE WHEN buf = '' THEN event_piper_message(r.position, r.sub, r.typ, r.body) END;
-        buf := buf || rec;
-    END LOOP;
-    IF buf <> '' THEN
-        PERFORM pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone ELSE E'b\n' || buf END);
     END IF;
     -- 3. Wait until every smaller position is visible or rolled back: the transaction that
     --    reserved pos_first - 1 holds this lock until it is visible.
