@@ -1,4 +1,5 @@
-"""Issue 11, points 3 and 4: moving a database to postgresql/schema.sql keeps every position.
+"""Issue 11, points 3 and 4: moving a database to postgresql/schema.sql keeps every position;
+and the once-per-transaction trigger with transactions larger than one id list.
 
 - A database with the schema before issue 11 (tests/integration/schema_before_issue11.sql: one
   advisory lock and one UPDATE per row), rows whose positions differ from their ids, gets
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 
-from harness import HEARTBEAT, EventPiperTestCase, Nginx, T, compact_json, frame, lit
+from harness import HEARTBEAT, EventPiperTestCase, Nginx, PgError, T, compact_json, frame, lit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA = os.path.join(HERE, "..", "..", "postgresql", "schema.sql")
@@ -196,3 +197,47 @@ class SchemaUpgrade(EventPiperTestCase):
             "select id, payload::text from events where id > 5 order by id"))
         self.assertEqual(bytes(c.body).replace(HEARTBEAT, b""), expected)
         self.assertEqual(c.event_ids(), [6, 8, 9, 10, 12])
+
+
+class OncePerTransaction(EventPiperTestCase):
+
+    def test_a_large_transaction_gets_one_range_of_positions_in_id_order_and_arrives_live(self):
+        ngx = self.start_nginx()
+        c = self.stream(ngx, "big", settle=0)
+        w = self.pg.connect()
+        self.addCleanup(w.close)
+        many = ("insert into events (type, timestamp, subscriber, payload) "
+                "select 'insert', now(), 'big', jsonb_build_object('n', g) "
+                "from generate_series(%d, %d) as g")
+        # 900 rows in 3 statements (the trigger notes ids in lists of about 250), 300 rolled
+        # back to a savepoint, then one more: ids 1-900 and 1201, positions 1-901.
+        w.query("begin")
+        for start in (1, 301, 601):
+            w.query(many % (start, start + 299))
+        w.query("savepoint s")
+        w.query(many % (901, 1200))
+        w.query("rollback to savepoint s")
+        w.query(INSERT % (lit("big"), lit('{"n": "last"}')))
+        w.query("commit")
+        rows = self.pg.sql("select id, position, payload::text from events order by id")
+        self.assertEqual([(int(i), int(p)) for i, p, _ in rows],
+                         [(n, n) for n in range(1, 901)] + [(1201, 901)])
+        c.wait_events(901, timeout=T(30))
+        c.read_for(0.3)
+        self.assertEqual(bytes(c.body).replace(HEARTBEAT, b""),
+                         b"".join(frame(int(p), data=compact_json(d)) for _, p, d in rows))
+
+    def test_events_inserted_after_set_constraints_immediate_are_refused(self):
+        w = self.pg.connect()
+        self.addCleanup(w.close)
+        w.query("begin")
+        w.query(INSERT % (lit("toto"), lit('{"n": 1}')))
+        w.query("set constraints all immediate")  # positions this transaction's rows now
+        with self.assertRaises(PgError) as e:
+            w.query(INSERT % (lit("toto"), lit('{"n": 2}')))
+        self.assertIn("SET CONSTRAINTS ... IMMEDIATE", str(e.exception))
+        w.query("commit")  # answers ROLLBACK
+        self.assertEqual(self.pg.sql("select count(*) from events"), [("0",)])
+        self.pg.insert("toto")  # the next writer is not held back
+        self.assertEqual(self.pg.sql("select count(*) from events where position is not null"),
+                         [("1",)])
