@@ -75,7 +75,9 @@ def main():
             name, fmt(int(ins)), fmt(int(upd)), fmt(int(hot)), fmt(int(dead)), av,
             int(total) / 1048576, int(heap) / 1048576))
     L.append("")
-    L.append("Raw figures: `bench/results-writers.jsonl` (pgbench tps per run).")
+    L.append("Raw figures: `bench/results-writers.jsonl` (pgbench tps per run). Profiles and "
+             "back-to-back experiments behind these figures (fixed cost per transaction, lock "
+             "chain against one lock, positions in a side table): `bench/findings.md`.")
     L.append(END)
     section = "\n".join(L) + "\n"
 

@@ -37,7 +37,7 @@ QUICK=0
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
-        --writers) exec "$BENCH/writers.sh" ;;
+        --writers) BENCH_COMMAND=${BENCH_COMMAND:-"bench/run.sh --writers"} exec "$BENCH/writers.sh" ;;
         -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $arg" >&2; exit 2 ;;
     esac

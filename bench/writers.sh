@@ -42,7 +42,7 @@ else
 fi
 CLIENTS=${WRITERS_CLIENTS:-8}
 SIZES=${WRITERS_SIZES:-"1 10 100"}
-COMMAND=${BENCH_COMMAND:-"bench/writers.sh $*"}
+COMMAND=${BENCH_COMMAND:-"bench/writers.sh${*:+ $*}"}
 TABLES="plain original ours"
 
 log() { printf '[writers %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
