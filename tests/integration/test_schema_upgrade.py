@@ -9,7 +9,7 @@ and the once-per-transaction trigger with transactions larger than one id list.
   new positions continue above the largest id it handed out, and a client of the original that
   resumes with `Last-Event-ID: <events.id>` gets exactly the rows after it.
 
-Each test works in a database of its own on the shared cluster, created and dropped by the test.
+The upgrade tests work in databases of their own on the run's cluster, created and dropped here.
 """
 
 import os
@@ -17,7 +17,22 @@ import subprocess
 import threading
 import time
 
-from harness import HEARTBEAT, EventPiperTestCase, Nginx, PgError, T, compact_json, frame, lit
+import psycopg2
+import pytest
+
+import harness
+from harness import HEARTBEAT, T, compact_json, frame
+
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events { event_piper; }
+        location = /status { event_piper_status; }
+    }
+}
+"""
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA = os.path.join(HERE, "..", "..", "postgresql", "schema.sql")
@@ -45,42 +60,50 @@ INSERT = ("insert into events (type, timestamp, subscriber, payload) "
           "values ('insert', now(), %s, %s)")
 
 
-class Database:
-    """A database of its own on the shared cluster, owned by event_piper."""
+class Database(harness.Postgres):
+    """A database of its own on the run's cluster, owned by event_piper; `conninfo` and
+    `connect()` name it, so harness.Nginx and the helpers of harness.Postgres work on it."""
 
     def __init__(self, pg, name):
-        self.pg, self.name = pg, name
-        pg.superuser_sql("drop database if exists %s" % name)
+        super().__init__(pg.datadir, pg.port)
+        self.cluster, self.name, self.running = pg, name, True
+        pg.superuser_sql("drop database if exists %s" % name)  # names: constants of this file
         pg.superuser_sql("create database %s owner event_piper" % name)
-        self.conn = self.connect()
 
     @property
-    def conninfo(self):  # for harness.Nginx
-        return self.pg.conninfo.replace("dbname=event_piper", "dbname=" + self.name)
+    def conninfo(self):
+        return self.cluster.conninfo.replace("dbname=event_piper", "dbname=" + self.name)
 
-    def connect(self):
-        return self.pg.connect(database=self.name)
-
-    def wait_listening(self, workers, timeout):  # for harness.Nginx
-        self.pg.wait_listening(workers, timeout=timeout)
-
-    def sql(self, query):
-        return self.conn.query(query)
+    def connect(self, database=None, **kw):
+        return super().connect(database=database or self.name, **kw)
 
     def apply(self, path):
         """psql --single-transaction -f path, the documented way to apply schema.sql."""
         r = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
-                            "-h", self.pg.datadir, "-p", str(self.pg.port), "-U", "event_piper",
+                            "-h", self.datadir, "-p", str(self.port), "-U", "event_piper",
                             "-d", self.name, "-c", "SET client_min_messages = warning",
                             "-f", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
         assert r.returncode == 0, r.stdout
 
     def drop(self):
-        self.conn.close()
-        self.pg.superuser_sql("select pg_terminate_backend(pid) from pg_stat_activity "
-                              "where datname = '%s' and pid <> pg_backend_pid()" % self.name)
-        self.pg.superuser_sql("drop database if exists %s" % self.name)
+        if self._conn is not None:
+            self._conn.close()
+        self.cluster.superuser_sql("select pg_terminate_backend(pid) from pg_stat_activity "
+                                   "where datname = %s", (self.name,))
+        self.cluster.superuser_sql("drop database if exists %s" % self.name)
+
+
+@pytest.fixture
+def database(pg, request):
+    made = []
+
+    def make(name):
+        made.append(Database(pg, name))
+        return made[-1]
+    yield make
+    for d in made:
+        d.drop()
 
 
 class Writers:
@@ -96,19 +119,19 @@ class Writers:
             t.start()
 
     def _run(self, n):
-        conn = self.db.connect()
+        conn = self.db.connect(autocommit=False)
         try:
             k = 0
             while not self._stop.is_set():
                 k += 1
                 rows = 1 + k % 3
-                conn.query("begin")
-                for i in range(rows):
-                    conn.query(INSERT % (lit("w%d" % n), lit('{"k": %d, "i": %d}' % (k, i))))
+                with conn.cursor() as cur:
+                    for i in range(rows):
+                        cur.execute(INSERT, ("w%d" % n, '{"k": %d, "i": %d}' % (k, i)))
                 if k % 5 == 0:
-                    conn.query("rollback")
+                    conn.rollback()
                 else:
-                    conn.query("commit")
+                    conn.commit()
                     self.committed += rows
         except Exception as e:
             self.errors.append(e)
@@ -121,123 +144,116 @@ class Writers:
             t.join()
 
 
-class SchemaUpgrade(EventPiperTestCase):
+def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(database):
+    db = database("upgrade_from_before_issue11")
+    db.apply(SCHEMA_BEFORE)
+    # Positions that differ from ids: A takes id 2 and commits after B (id 3), and a gap.
+    a, b = db.connect(autocommit=False), db.connect()
+    try:
+        db.run(b, INSERT, ("toto", '{"n": 1}'))
+        db.run(a, INSERT, ("toto", '{"n": 2}'))
+        db.run(b, INSERT, ("toto", '{"n": 3}'))
+        a.commit()
+        b.autocommit = False
+        db.run(b, INSERT, ("toto", '{"n": "rolled back"}'))
+        b.rollback()
+        b.autocommit = True
+        db.run(b, INSERT, ("toto", '{"n": 5}'))
+    finally:
+        a.close()
+        b.close()
+    before = db.sql("select id, position from events order by id")
+    assert before == [(1, 1), (2, 3), (3, 2), (5, 4)]
 
-    def database(self, name):
-        db = Database(self.pg, name)
-        self.addCleanup(db.drop)
-        return db
-
-    def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(self):
-        db = self.database("upgrade_from_before_issue11")
-        db.apply(SCHEMA_BEFORE)
-        # Positions that differ from ids: A takes id 2 and commits after B (id 3), and a gap.
-        a, b = db.connect(), db.connect()
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        b.query(INSERT % (lit("toto"), lit('{"n": 1}')))
-        a.query("begin")
-        a.query(INSERT % (lit("toto"), lit('{"n": 2}')))
-        b.query(INSERT % (lit("toto"), lit('{"n": 3}')))
-        a.query("commit")
-        b.query("begin")
-        b.query(INSERT % (lit("toto"), lit('{"n": "rolled back"}')))
-        b.query("rollback")
-        b.query(INSERT % (lit("toto"), lit('{"n": 5}')))
-        before = db.sql("select id, position from events order by id")
-        self.assertEqual(before, [("1", "1"), ("2", "3"), ("3", "2"), ("5", "4")])
-
-        writers = Writers(db)
-        time.sleep(0.3)
-        for _ in range(3):
-            db.apply(SCHEMA)
-            time.sleep(0.2)
-        writers.stop()
-        self.assertEqual(writers.errors, [])
-
-        self.assertEqual(db.sql("select id, position from events where id <= 5 order by id"),
-                         before, "positions of rows committed before the upgrade")
-        total, positioned, distinct, lowest_new = db.sql(
-            "select count(*), count(position), count(distinct position), "
-            "min(position) filter (where id > 5) from events")[0]
-        self.assertEqual(int(total), 4 + writers.committed)
-        self.assertEqual((positioned, distinct), (total, total), "every row has its own position")
-        self.assertGreater(int(lowest_new), 4, "new positions continue above the old ones")
-        self.assertIn("event_piper_note_insert", db.sql(
-            "select pg_get_triggerdef(oid) from pg_trigger "
-            "where tgname = 'events_commit_notify'")[0][0])
-        self.assertEqual(db.sql("select event_piper_unpositioned_count()"), [("0",)])
-
-    def test_the_original_services_rows_keep_their_ids_and_its_clients_resume(self):
-        db = self.database("migrate_from_original")
-        db.sql(ORIGINAL_SCHEMA)
-        for n in range(1, 11):
-            db.sql(INSERT % (lit("toto"), lit('{"n": %d}' % n)))
-        db.sql("delete from events where id in (3, 4, 7)")  # gaps in the ids
-        db.sql("begin")
-        db.sql(INSERT % (lit("toto"), lit('{"n": "rolled back"}')))  # takes id 11
-        db.sql("rollback")
-
+    writers = Writers(db)
+    time.sleep(0.3)
+    for _ in range(3):
         db.apply(SCHEMA)
-        self.assertEqual(db.sql("select id, position from events order by id"),
-                         [(str(i), str(i)) for i in (1, 2, 5, 6, 8, 9, 10)])
-        db.sql(INSERT % (lit("toto"), lit('{"n": "after"}')))
-        self.assertEqual(db.sql("select id, position from events where id > 10"),
-                         [("12", "12")], "new positions continue above the largest id handed out")
+        time.sleep(0.2)
+    writers.stop()
+    assert writers.errors == []
 
-        # A client of the original service that last saw events.id 5.
-        ngx = Nginx(self.tmp, pg=db)
-        self._nginxes.append(ngx)
-        self.addCleanup(self._finish_nginx, ngx)
-        ngx.start()
-        c = self.stream(ngx, "toto", last_event_id="5", settle=0)
-        c.wait_events(5, timeout=T(15))
-        c.read_for(0.3)
-        expected = b"".join(frame(int(i), data=compact_json(p)) for i, p in db.sql(
-            "select id, payload::text from events where id > 5 order by id"))
-        self.assertEqual(bytes(c.body).replace(HEARTBEAT, b""), expected)
-        self.assertEqual(c.event_ids(), [6, 8, 9, 10, 12])
+    assert db.sql("select id, position from events where id <= 5 order by id") == before, \
+        "positions of rows committed before the upgrade"
+    total, positioned, distinct, lowest_new = db.sql(
+        "select count(*), count(position), count(distinct position), "
+        "min(position) filter (where id > 5) from events")[0]
+    assert total == 4 + writers.committed
+    assert (positioned, distinct) == (total, total), "every row has its own position"
+    assert lowest_new > 4, "new positions continue above the old ones"
+    assert "event_piper_note_insert" in db.scalar(
+        "select pg_get_triggerdef(oid) from pg_trigger where tgname = 'events_commit_notify'")
+    assert db.scalar("select event_piper_unpositioned_count()") == 0
 
 
-class OncePerTransaction(EventPiperTestCase):
+def test_the_original_services_rows_keep_their_ids_and_its_clients_resume(
+        database, nginx, clients):
+    db = database("migrate_from_original")
+    db.sql(ORIGINAL_SCHEMA)
+    for n in range(1, 11):
+        db.sql(INSERT, ("toto", '{"n": %d}' % n))
+    db.sql("delete from events where id in (3, 4, 7)")  # gaps in the ids
+    conn = db.connect(autocommit=False)
+    db.run(conn, INSERT, ("toto", '{"n": "rolled back"}'))  # takes id 11
+    conn.rollback()
+    conn.close()
 
-    def test_a_large_transaction_gets_one_range_of_positions_in_id_order_and_arrives_live(self):
-        ngx = self.start_nginx()
-        c = self.stream(ngx, "big", settle=0)
-        w = self.pg.connect()
-        self.addCleanup(w.close)
-        many = ("insert into events (type, timestamp, subscriber, payload) "
-                "select 'insert', now(), 'big', jsonb_build_object('n', g) "
-                "from generate_series(%d, %d) as g")
-        # 900 rows in 3 statements (the trigger notes ids in lists of about 250), 300 rolled
-        # back to a savepoint, then one more: ids 1-900 and 1201, positions 1-901.
-        w.query("begin")
+    db.apply(SCHEMA)
+    assert db.sql("select id, position from events order by id") == \
+        [(i, i) for i in (1, 2, 5, 6, 8, 9, 10)]
+    db.sql(INSERT, ("toto", '{"n": "after"}'))
+    assert db.sql("select id, position from events where id > 10") == [(12, 12)], \
+        "new positions continue above the largest id handed out"
+
+    # A client of the original service that last saw events.id 5.
+    ngx = nginx.start(db)
+    c = clients.stream(ngx, "toto", last_event_id="5", settle=0)
+    c.wait_events(5, timeout=T(15))
+    c.read_for(0.3)
+    expected = b"".join(frame(i, data=compact_json(p)) for i, p in db.sql(
+        "select id, payload::text from events where id > 5 order by id"))
+    assert bytes(c.body).replace(HEARTBEAT, b"") == expected
+    assert c.event_ids() == [6, 8, 9, 10, 12]
+
+
+def test_a_large_transaction_gets_one_range_of_positions_in_id_order_and_arrives_live(
+        db, nginx, clients):
+    ngx = nginx.start(db)
+    c = clients.stream(ngx, "big", settle=0)
+    many = ("insert into events (type, timestamp, subscriber, payload) "
+            "select 'insert', now(), 'big', jsonb_build_object('n', g) "
+            "from generate_series(%s, %s) as g")
+    # 900 rows in 3 statements (the trigger notes ids in lists of about 250), 300 rolled back to
+    # a savepoint, then one more: ids 1-900 and 1201, positions 1-901.
+    w = db.connect(autocommit=False)
+    try:
         for start in (1, 301, 601):
-            w.query(many % (start, start + 299))
-        w.query("savepoint s")
-        w.query(many % (901, 1200))
-        w.query("rollback to savepoint s")
-        w.query(INSERT % (lit("big"), lit('{"n": "last"}')))
-        w.query("commit")
-        rows = self.pg.sql("select id, position, payload::text from events order by id")
-        self.assertEqual([(int(i), int(p)) for i, p, _ in rows],
-                         [(n, n) for n in range(1, 901)] + [(1201, 901)])
-        c.wait_events(901, timeout=T(30))
-        c.read_for(0.3)
-        self.assertEqual(bytes(c.body).replace(HEARTBEAT, b""),
-                         b"".join(frame(int(p), data=compact_json(d)) for _, p, d in rows))
+            db.run(w, many, (start, start + 299))
+        db.run(w, "savepoint s")
+        db.run(w, many, (901, 1200))
+        db.run(w, "rollback to savepoint s")
+        db.run(w, INSERT, ("big", '{"n": "last"}'))
+        w.commit()
+    finally:
+        w.close()
+    rows = db.sql("select id, position, payload::text from events order by id")
+    assert [(i, p) for i, p, _ in rows] == [(n, n) for n in range(1, 901)] + [(1201, 901)]
+    c.wait_events(901, timeout=T(30))
+    c.read_for(0.3)
+    assert bytes(c.body).replace(HEARTBEAT, b"") == \
+        b"".join(frame(p, data=compact_json(d)) for _, p, d in rows)
 
-    def test_events_inserted_after_set_constraints_immediate_are_refused(self):
-        w = self.pg.connect()
-        self.addCleanup(w.close)
-        w.query("begin")
-        w.query(INSERT % (lit("toto"), lit('{"n": 1}')))
-        w.query("set constraints all immediate")  # positions this transaction's rows now
-        with self.assertRaises(PgError) as e:
-            w.query(INSERT % (lit("toto"), lit('{"n": 2}')))
-        self.assertIn("SET CONSTRAINTS ... IMMEDIATE", str(e.exception))
-        w.query("commit")  # answers ROLLBACK
-        self.assertEqual(self.pg.sql("select count(*) from events"), [("0",)])
-        self.pg.insert("toto")  # the next writer is not held back
-        self.assertEqual(self.pg.sql("select count(*) from events where position is not null"),
-                         [("1",)])
+
+def test_events_inserted_after_set_constraints_immediate_are_refused(db):
+    w = db.connect(autocommit=False)
+    try:
+        db.run(w, INSERT, ("toto", '{"n": 1}'))
+        db.run(w, "set constraints all immediate")  # positions this transaction's rows now
+        with pytest.raises(psycopg2.Error, match=r"SET CONSTRAINTS \.\.\. IMMEDIATE"):
+            db.run(w, INSERT, ("toto", '{"n": 2}'))
+        w.rollback()
+    finally:
+        w.close()
+    assert db.scalar("select count(*) from events") == 0
+    db.insert("toto")  # the next writer is not held back
+    assert db.scalar("select count(*) from events where position is not null") == 1
