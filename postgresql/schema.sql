@@ -150,7 +150,10 @@ $$;
 --   "r <position> <subscriber bytes>\n<subscriber>"
 --     a reference: the event is too large to notify, readers fetch it from the table;
 --   "p <position>"
---     a bare position, for subscribers too long to name in a notification;
+--     a bare position (rows given positions by this script). A row whose subscriber is too long
+--     to name in a notification (7,900 bytes or more) is not notified at all: no request can
+--     name such a consumer (ids are at most 256 bytes), and a bare position would send every
+--     stream to the table for nothing (issue 9, item 8);
 --   "b\n" then "<position> <subscriber bytes> <type bytes> <payload bytes>\n<subscriber><type>
 --   <payload>" per event (since issue 11; modules before it ignore these)
 --     several events of one transaction, in position order, as many as fit in 7,999 bytes.
@@ -230,7 +233,7 @@ BEGIN
         UPDATE events SET position = pos_first, committed_at = clock_timestamp()
          WHERE id = ids[1]
         RETURNING subscriber, type, payload::text INTO sub1, typ1, body1;
-        IF FOUND THEN
+        IF FOUND AND octet_length(sub1) < 7900 THEN
             PERFORM pg_notify(chan, event_piper_message(pos_first, sub1, typ1, body1));
         END IF;
     ELSE
@@ -255,7 +258,10 @@ BEGIN
                 buf := '';
             END IF;
             IF size > 7900 THEN
-                PERFORM pg_notify(chan, event_piper_message(r.position, r.sub, r.typ, r.body));
+                IF octet_length(r.sub) < 7900 THEN
+                    PERFORM pg_notify(chan, event_piper_message(r.position, r.sub, r.typ,
+                                                                r.body));
+                END IF;
                 CONTINUE;
             END IF;
             lone := CASE WHEN buf = ''
