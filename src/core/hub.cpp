@@ -2,6 +2,7 @@
 #include "hub.hpp"
 
 #include "notification.hpp"
+#include "relay.hpp"
 #include "sse_frame.hpp"
 
 namespace event_piper {
@@ -10,6 +11,9 @@ Hub::Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory)
     : clock_(clock), log_(log), replay_(replay_retry, *this, log, replay_memory) {}
 
 void Hub::open(Stream &s) {
+    if (interest_ != nullptr) {
+        interest_->add(s.consumer()); // before the stream's first query
+    }
     if (s.last_position() < 0) {
         if (newest_ >= 0) {
             // A live-only stream starts at the newest position this worker knows.
@@ -28,6 +32,9 @@ void Hub::open(Stream &s) {
 void Hub::close(Stream &s) {
     registry_.remove(s.consumer(), &s);
     replay_.cancel(s);
+    if (interest_ != nullptr) {
+        interest_->remove(s.consumer());
+    }
 }
 
 void Hub::end_all() {
