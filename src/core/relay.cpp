@@ -35,12 +35,25 @@ void RelaySender::on_listener_ready(uint64_t, int64_t newest, int64_t start_for_
     epoch_ = peers_.new_epoch();
     peers_.publish(true, epoch_, newest, start_for_waiting);
     local_.on_listener_ready(epochs_.take(), newest, start_for_waiting);
+    ping();
 }
 
 void RelaySender::on_listener_lost() {
     peers_.publish(false, epoch_, local_.newest(), local_.newest());
+    ping();
     epoch_ = 0;
     local_.on_listener_lost();
+}
+
+void RelaySender::ping() {
+    // A bare header: "look at shared memory now" (else the receivers' next check does).
+    std::string header(relay_header, '\0');
+    std::memcpy(&header[0], &epoch_, sizeof epoch_);
+    for (size_t peer = 0; peer < peers_.size(); ++peer) {
+        if (peers_.wants(peer, RelayPeers::any_stream)) {
+            peers_.send(peer, header);
+        }
+    }
 }
 
 uint64_t RelaySender::waiting_since_ms() const {
@@ -115,7 +128,11 @@ void RelayReceiver::on_datagram(std::string_view datagram, const RelayView &view
     if (stopped_) {
         return;
     }
-    if (datagram.size() <= relay_header) {
+    if (datagram.size() == relay_header) {
+        sync(view); // the holder's session began or ended
+        return;
+    }
+    if (datagram.size() < relay_header) {
         if (!warned_malformed_) {
             log_.write(LogLevel::Warn, "event_piper: ignoring a malformed relay datagram");
             warned_malformed_ = true;

@@ -100,6 +100,7 @@ public:
 
 private:
     void forward(size_t bit, std::string_view payload);
+    void ping();
 
     Hub &local_;
     RelayPeers &peers_;
@@ -116,7 +117,8 @@ public:
     RelayReceiver(Hub &local, EpochSource &epochs, Log &log)
         : local_(local), epochs_(epochs), log_(log) {}
 
-    // One datagram from the holder; `view` is shared memory read now.
+    // One datagram from the holder; `view` is shared memory read now. A bare header asks for
+    // a sync().
     void on_datagram(std::string_view datagram, const RelayView &view);
     // Periodically and after each drain of the socket.
     void sync(const RelayView &view);

@@ -164,6 +164,8 @@ TEST(RelaySenderTest, ForwardsOnlyToWorkersThatWantTheConsumerAndNumbersPerWorke
     sender.on_notification(event(9, "bob"));
     sender.on_notification(event(10, "alice"));
     sender.on_notification("p 11"); // a bare position goes to every worker with a stream
+    peers.peers[0].got.erase(peers.peers[0].got.begin()); // the session's ping
+    peers.peers[2].got.erase(peers.peers[2].got.begin());
     EXPECT_EQ(peers.peers[0].got.size(), 3u);
     EXPECT_TRUE(peers.peers[1].got.empty()); // no stream for either: never woken
     EXPECT_EQ(peers.peers[2].got.size(), 2u);
@@ -317,6 +319,15 @@ TEST_F(ReceiverTest, ADatagramOfADeadSessionDoesNotMakeStreamsLive) {
     w.receiver.on_datagram(datagram(101, 5, event(3, "alice")), peers.view(0));
     EXPECT_FALSE(w.receiver.ready());
     EXPECT_FALSE(w.hub.listening());
+}
+
+TEST_F(ReceiverTest, TheHoldersPingAtANewSessionMakesItReadyAtOnce) {
+    deliver(); // the ping of the session begun in SetUp
+    EXPECT_TRUE(w.receiver.ready());
+    sender.on_listener_lost();
+    deliver();
+    EXPECT_FALSE(w.receiver.ready());
+    EXPECT_EQ(w.receiver.received(), 0u);
 }
 
 TEST_F(ReceiverTest, MalformedDatagramsAreIgnoredAndLoggedOnce) {
