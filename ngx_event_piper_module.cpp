@@ -62,6 +62,8 @@ void *create_loc_conf(ngx_conf_t *cf) noexcept {
     }
     lcf->consumer = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
     lcf->consumer_decode = NGX_CONF_UNSET;
+    lcf->groups = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
+    lcf->groups_decode = NGX_CONF_UNSET;
     lcf->last_event_id = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
     lcf->heartbeat = NGX_CONF_UNSET_MSEC;
     lcf->retry = NGX_CONF_UNSET_MSEC;
@@ -102,6 +104,12 @@ char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
         conf->consumer_decode = 0;
     }
     ngx_conf_merge_value(conf->consumer_decode, prev->consumer_decode, 0);
+    if (conf->groups == NGX_CONF_UNSET_PTR) {
+        conf->groups = prev->groups == NGX_CONF_UNSET_PTR ? nullptr : prev->groups;
+        conf->groups_header = prev->groups_header;
+        conf->groups_decode = prev->groups_decode;
+    }
+    ngx_conf_merge_value(conf->groups_decode, prev->groups_decode, 0);
     if (conf->last_event_id == nullptr) {
         conf->last_event_id = compile_default(cf, "$http_last_event_id");
     }
@@ -160,14 +168,12 @@ char *set_channel(ngx_conf_t *cf, ngx_command_t *, void *conf) noexcept {
     return NGX_CONF_OK;
 }
 
-// `event_piper_consumer <value> [urldecode];`
-char *set_consumer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
-    auto *lcf = static_cast<LocConf *>(conf);
-    if (lcf->consumer != NGX_CONF_UNSET_PTR) {
-        return const_cast<char *>("is duplicate");
-    }
+// An id value: `<value> [urldecode]`, compiled; `header` names the request header the value is,
+// when it is exactly one `$http_...` variable (that header must then appear at most once).
+char *compile_id_value(ngx_conf_t *cf, ngx_command_t *cmd, ngx_http_complex_value_t **value,
+                       ngx_str_t *header, ngx_flag_t *decode) {
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
-    lcf->consumer_decode = 0;
+    *decode = 0;
     if (cf->args->nelts == 3) {
         if (args[2].len != 9 || ngx_strncmp(args[2].data, "urldecode", 9) != 0) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -176,7 +182,7 @@ char *set_consumer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
                                &args[2], &cmd->name);
             return static_cast<char *>(NGX_CONF_ERROR);
         }
-        lcf->consumer_decode = 1;
+        *decode = 1;
     }
     auto *cv = static_cast<ngx_http_complex_value_t *>(
         ngx_pcalloc(cf->pool, sizeof(ngx_http_complex_value_t)));
@@ -191,13 +197,30 @@ char *set_consumer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     if (ngx_http_compile_complex_value(&ccv) != NGX_OK) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
-    lcf->consumer = cv;
-    // A value that is one request header: the request must carry that header at most once.
-    std::string_view header = event_piper::header_of_variable(
+    *value = cv;
+    std::string_view name = event_piper::header_of_variable(
         std::string_view(reinterpret_cast<char *>(args[1].data), args[1].len));
-    lcf->consumer_header.data = reinterpret_cast<u_char *>(const_cast<char *>(header.data()));
-    lcf->consumer_header.len = header.size();
+    header->data = reinterpret_cast<u_char *>(const_cast<char *>(name.data()));
+    header->len = name.size();
     return NGX_CONF_OK;
+}
+
+// `event_piper_consumer <value> [urldecode];`
+char *set_consumer(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->consumer != NGX_CONF_UNSET_PTR) {
+        return const_cast<char *>("is duplicate");
+    }
+    return compile_id_value(cf, cmd, &lcf->consumer, &lcf->consumer_header, &lcf->consumer_decode);
+}
+
+// `event_piper_consumer_groups <value> [urldecode];`: more ids, comma-separated.
+char *set_groups(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->groups != NGX_CONF_UNSET_PTR) {
+        return const_cast<char *>("is duplicate");
+    }
+    return compile_id_value(cf, cmd, &lcf->groups, &lcf->groups_header, &lcf->groups_decode);
 }
 
 ngx_int_t stream_handler(ngx_http_request_t *r) noexcept;
@@ -359,6 +382,9 @@ ngx_command_t commands[] = {
     {ngx_string("event_piper_consumer"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE12, set_consumer,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
+    {ngx_string("event_piper_consumer_groups"),
+     NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE12, set_groups,
+     NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_last_event_id"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1,
      ngx_http_set_complex_value_slot, NGX_HTTP_LOC_CONF_OFFSET, offsetof(LocConf, last_event_id),
@@ -461,6 +487,16 @@ ngx_int_t send_text(ngx_http_request_t *r, ngx_uint_t status, std::string_view t
     return ngx_http_output_filter(r, &out);
 }
 
+// A copy in the request pool, for a body that must outlive the handler (send_text does not copy).
+std::string_view pool_copy(ngx_http_request_t *r, const std::string &text) {
+    auto *copy = static_cast<char *>(ngx_pnalloc(r->pool, text.size()));
+    if (copy == nullptr) {
+        return "out of memory\n";
+    }
+    ngx_memcpy(copy, text.data(), text.size());
+    return std::string_view(copy, text.size());
+}
+
 bool add_header(ngx_http_request_t *r, const char *name, const char *value) {
     auto *h = static_cast<ngx_table_elt_t *>(ngx_list_push(&r->headers_out.headers));
     if (h == nullptr) {
@@ -515,7 +551,8 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
 
     // Two identity headers: a gateway that appends its header after the client's would be
     // silently overridden by the client. Refuse rather than guess.
-    if (lcf->consumer_header.len > 0 && count_header(r, lcf->consumer_header) > 1) {
+    if ((lcf->consumer_header.len > 0 && count_header(r, lcf->consumer_header) > 1) ||
+        (lcf->groups_header.len > 0 && count_header(r, lcf->groups_header) > 1)) {
         return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
                          "more than one consumer id header in the request\n");
     }
@@ -537,6 +574,17 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
         ngx_uint_t status = check == event_piper::ConsumerCheck::Missing ? NGX_HTTP_UNAUTHORIZED
                                                                          : NGX_HTTP_BAD_REQUEST;
         return send_text(r, status, "text/plain", event_piper::consumer_error_text(check));
+    }
+    ngx_str_t groups = ngx_null_string;
+    if (lcf->groups != nullptr && ngx_http_complex_value(r, lcf->groups, &groups) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    std::string error;
+    std::vector<std::string> ids = event_piper::consumer_ids(
+        std::move(consumer_id), std::string_view(reinterpret_cast<char *>(groups.data), groups.len),
+        lcf->groups_decode, error);
+    if (ids.empty()) {
+        return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain", pool_copy(r, error));
     }
 
     ngx_str_t last;
@@ -590,7 +638,7 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
     if (mem == nullptr || cln == nullptr) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    auto *s = new (mem) HttpStream(worker->hub(), r, *lcf, std::move(consumer_id), last_position);
+    auto *s = new (mem) HttpStream(worker->hub(), r, *lcf, std::move(ids), last_position);
     cln->handler = HttpStream::cleanup_handler;
     cln->data = s;
     ngx_http_set_ctx(r, s, ngx_event_piper_module);
@@ -680,15 +728,10 @@ ngx_int_t status_handler(ngx_http_request_t *r) noexcept {
                           format.len == 10 && ngx_strncmp(format.data, "prometheus", 10) == 0;
         std::string body = prometheus ? event_piper::render_status_prometheus(workers, now_ms)
                                       : event_piper::render_status_json(workers, now_ms);
-        auto *copy = static_cast<u_char *>(ngx_pnalloc(r->pool, body.size()));
-        if (copy == nullptr) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-        ngx_memcpy(copy, body.data(), body.size());
         r->headers_out.last_modified_time = -1;
         return send_text(r, NGX_HTTP_OK,
                          prometheus ? "text/plain; version=0.0.4" : "application/json",
-                         std::string_view(reinterpret_cast<char *>(copy), body.size()));
+                         pool_copy(r, body));
     } catch (const std::exception &e) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "event_piper: status failed: %s",
                       e.what());

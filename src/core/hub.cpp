@@ -12,7 +12,9 @@ Hub::Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory)
 
 void Hub::open(Stream &s) {
     if (interest_ != nullptr) {
-        interest_->add(s.consumer()); // before the stream's first query
+        for (const std::string &id : s.consumers()) {
+            interest_->add(id); // before the stream's first query
+        }
     }
     if (s.last_position() < 0) {
         if (newest_ >= 0) {
@@ -26,14 +28,20 @@ void Hub::open(Stream &s) {
             waiting_since_ms_ = clock_.now_ms();
         }
     }
-    registry_.add(s.consumer(), &s);
+    for (const std::string &id : s.consumers()) {
+        registry_.add(id, &s);
+    }
 }
 
 void Hub::close(Stream &s) {
-    registry_.remove(s.consumer(), &s);
+    for (const std::string &id : s.consumers()) {
+        registry_.remove(id, &s);
+    }
     replay_.cancel(s);
     if (interest_ != nullptr) {
-        interest_->remove(s.consumer());
+        for (const std::string &id : s.consumers()) {
+            interest_->remove(id);
+        }
     }
 }
 

@@ -59,7 +59,17 @@ void Listener::read_newest() {
                1, params);
 }
 
+// The check's round trip. Rows without a position are found from the NULL end of the unique
+// index on position: an index range scan, cheap enough to run every few seconds.
+const char *const check_sql = "SELECT count(*) FROM events WHERE position IS NULL";
+
 void Listener::on_link_result(DbLink &, const QueryResult &result) {
+    if (result.ok() && phase_ == Phase::Checking) {
+        if (result.rows() == 1) {
+            note_unpositioned(result.number(0, 0));
+        }
+        return;
+    }
     if (result.ok()) {
         if (phase_ == Phase::ReadingNewest && result.rows() == 1 && result.columns() >= 3) {
             newest_ = result.number(0, 0);
@@ -95,7 +105,6 @@ void Listener::on_link_idle(DbLink &) {
         return;
     case Phase::Checking:
         phase_ = Phase::Live; // the server answered: the link is alive
-        heard_since_check_ = false;
         if (settings_.check_ms != 0) {
             check_.arm(settings_.check_ms);
         }
@@ -115,7 +124,6 @@ void Listener::go_live() {
     }
     last_error_.clear();
     ever_live_ = true;
-    heard_since_check_ = false;
     if (settings_.check_ms != 0) {
         check_.arm(settings_.check_ms);
     }
@@ -124,14 +132,9 @@ void Listener::go_live() {
 
 void Listener::on_check_timer() {
     if (phase_ == Phase::Live) {
-        if (heard_since_check_) {
-            heard_since_check_ = false; // notifications arrived: the link works
-            check_.arm(settings_.check_ms);
-            return;
-        }
         phase_ = Phase::Checking;
         check_.arm(settings_.timeout_ms);
-        link_.send("SELECT 1", 0, nullptr); // failure: on_link_lost has run
+        link_.send(check_sql, 0, nullptr); // failure: on_link_lost has run
         return;
     }
     if (phase_ == Phase::Checking) {
@@ -174,8 +177,23 @@ void Listener::lose(std::string_view why) {
 }
 
 void Listener::on_link_notify(DbLink &, std::string_view payload) {
-    heard_since_check_ = true;
     events_.on_notification(payload);
+}
+
+void Listener::note_unpositioned(int64_t rows) {
+    if (rows != unpositioned_) {
+        if (rows > 0) {
+            log_.write(LogLevel::Warn,
+                       "event_piper: " + to_text(static_cast<uint64_t>(rows)) +
+                           " committed rows of table events have no position (was the trigger "
+                           "events_commit_notify disabled or dropped?): no client can receive "
+                           "them; apply postgresql/schema.sql again to give them positions");
+        } else {
+            log_.write(LogLevel::Notice, "event_piper: every row of table events has a position "
+                                         "again");
+        }
+    }
+    unpositioned_ = rows;
 }
 
 } // namespace event_piper

@@ -1,5 +1,6 @@
 // The LISTEN connection's state machine: connect, LISTEN, read the newest position, then hand
-// notifications on; check a silent connection with a timed round trip; reconnect with backoff.
+// notifications on; check the connection with a timed round trip now and then (which also counts
+// committed rows that never got a position); reconnect with backoff.
 // Each successful LISTEN has a new epoch: a stream that read the table during another epoch (or
 // none) may have missed notifications and must read again before it goes live.
 #pragma once
@@ -30,7 +31,7 @@ public:
 
     struct Settings {
         std::string channel;     // a plain identifier (checked by the configuration)
-        uint64_t check_ms = 0;   // silence before a round trip checks the link (0: never)
+        uint64_t check_ms = 0;   // period of the round trip that checks the link (0: never)
         uint64_t timeout_ms = 0; // how long that round trip may take
     };
 
@@ -49,6 +50,9 @@ public:
     // The database's event_piper.channel setting differs from ours: the trigger notifies another
     // channel and live delivery cannot work (only catch-up from the table would).
     bool channel_mismatch() const { return channel_mismatch_; }
+    // Committed rows without a position (the trigger was disabled or dropped): no client can
+    // receive them until schema.sql is applied again. Counted by every check round trip.
+    int64_t unpositioned_rows() const { return unpositioned_; }
 
     void on_link_ready(DbLink &link) override;
     void on_link_result(DbLink &link, const QueryResult &result) override;
@@ -60,6 +64,7 @@ private:
     void lose(std::string_view why);
     void read_newest();
     void go_live();
+    void note_unpositioned(int64_t rows);
 
     DbLink &link_;
     Timer &retry_;
@@ -76,7 +81,7 @@ private:
     int64_t newest_ = 0;
     int64_t start_for_waiting_ = 0;
     std::string last_error_; // logged once per distinct reason
-    bool heard_since_check_ = false;
+    int64_t unpositioned_ = 0;
     bool ever_live_ = false;
     bool channel_mismatch_ = false;
     bool closed_ = false;

@@ -1,6 +1,8 @@
-// Consumer id -> the streams of this worker that consume it. Fan-out is safe against the
-// callback removing (or adding) streams: removal during iteration leaves a hole that is
-// compacted when the outermost iteration ends.
+// Consumer id -> the streams of this worker that consume it. A stream with several ids is in
+// the group of each (S::consumers(), its first id being its primary one): an event has one
+// subscriber, so it reaches such a stream once; `for_each_all` and `streams()` count it once.
+// Fan-out is safe against the callback removing (or adding) streams: removal during iteration
+// leaves a hole that is compacted when the outermost iteration ends.
 #pragma once
 
 #include <algorithm>
@@ -24,7 +26,9 @@ public:
             it = groups_.emplace(key, std::move(group)).first;
         }
         it->second->members.push_back(stream);
-        ++streams_;
+        if (primary(consumer, stream)) {
+            ++streams_;
+        }
     }
 
     void remove(std::string_view consumer, S *stream) {
@@ -37,7 +41,9 @@ public:
         if (pos == group.members.end()) {
             return;
         }
-        --streams_;
+        if (primary(consumer, stream)) {
+            --streams_;
+        }
         if (group.iterating > 0 || iterating_all_ > 0) {
             *pos = nullptr;
             group.holes = true;
@@ -72,7 +78,7 @@ public:
         return true;
     }
 
-    // Calls f(S&) for every stream of every consumer.
+    // Calls f(S&) once for every stream (in the group of its primary id).
     template <typename F> void for_each_all(F &&f) {
         {
             Guard guard(iterating_all_); // also undone if f (or the vector) throws
@@ -84,7 +90,8 @@ public:
             for (Group *group : groups) {
                 size_t n = group->members.size();
                 for (size_t i = 0; i < n; ++i) {
-                    if (S *s = group->members[i]) {
+                    S *s = group->members[i];
+                    if (s != nullptr && primary(group->name, s)) {
                         f(*s);
                     }
                 }
@@ -107,10 +114,14 @@ public:
         }
     }
 
-    size_t consumers() const { return groups_.size(); }
-    size_t streams() const { return streams_; }
+    size_t consumers() const { return groups_.size(); } // distinct ids
+    size_t streams() const { return streams_; }         // distinct streams
 
 private:
+    static bool primary(std::string_view consumer, const S *stream) {
+        return stream->consumers().front() == consumer;
+    }
+
     // Marks an iteration in progress for its scope: removals leave holes meanwhile.
     class Guard {
     public:

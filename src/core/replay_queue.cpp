@@ -9,16 +9,24 @@
 
 namespace event_piper {
 
-const char *const ReplayQueue::batch_sql =
-    "SELECT b.position, b.type, b.body, b.fetched, m.newest"
-    " FROM (SELECT coalesce(max(position), 0) AS newest FROM events) AS m"
-    " LEFT JOIN LATERAL ("
-    "  SELECT position, type, body, count(*) OVER () AS fetched,"
-    "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
-    "  FROM (SELECT position, type, payload::text AS body FROM events"
-    "   WHERE subscriber = $1 AND position > $2 ORDER BY position LIMIT $3) AS batch"
-    " ) AS b ON b.before < $4"
-    " ORDER BY b.position";
+std::string ReplayQueue::batch_sql(size_t ids) {
+    std::string branches;
+    for (size_t i = 0; i < ids; ++i) {
+        branches += i == 0 ? "  (" : "  UNION ALL (";
+        branches += "SELECT position, type, payload FROM events WHERE subscriber = $" +
+                    std::to_string(i + 4) + " AND position > $1 ORDER BY position LIMIT $2)";
+    }
+    return "SELECT b.position, b.type, b.body, b.fetched, m.newest"
+           " FROM (SELECT coalesce(max(position), 0) AS newest FROM events) AS m"
+           " LEFT JOIN LATERAL ("
+           "  SELECT position, type, body, count(*) OVER () AS fetched,"
+           "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
+           "  FROM (SELECT position, type, payload::text AS body FROM (" +
+           branches +
+           "  ) AS ids ORDER BY position LIMIT $2) AS batch"
+           " ) AS b ON b.before < $3"
+           " ORDER BY b.position";
+}
 
 namespace {
 
@@ -136,7 +144,7 @@ void ReplayQueue::dispatch() {
         // Every stream waiting for exactly the same rows rides along.
         for (auto it = queue_.begin(); it != queue_.end();) {
             Stream *o = *it;
-            if (o->consumer() == s->consumer() && o->last_position() == s->last_position() &&
+            if (o->consumers() == s->consumers() && o->last_position() == s->last_position() &&
                 o->batch_rows() == s->batch_rows() && o->batch_bytes() == s->batch_bytes()) {
                 idle->streams.push_back(o);
                 queued_.erase(o);
@@ -148,13 +156,25 @@ void ReplayQueue::dispatch() {
         Number last(s->last_position());
         Number rows(static_cast<int64_t>(s->batch_rows()));
         Number bytes(static_cast<int64_t>(s->batch_bytes()));
-        const char *params[4] = {s->consumer().c_str(), last.text, rows.text, bytes.text};
+        const std::vector<std::string> &ids = s->consumers();
+        params_.assign({last.text, rows.text, bytes.text});
+        for (const std::string &id : ids) {
+            params_.push_back(id.c_str());
+        }
+        if (sql_.size() < ids.size()) {
+            sql_.resize(ids.size());
+        }
+        if (sql_[ids.size() - 1].empty()) {
+            sql_[ids.size() - 1] = batch_sql(ids.size());
+        }
         uint64_t epoch = events_.listener_epoch();
         for (Stream *o : idle->streams) {
             o->begin_query(epoch);
         }
         ++queries_;
-        idle->link->send(batch_sql, 4, params); // failure: on_link_lost has re-queued them
+        // Failure: on_link_lost has re-queued them.
+        idle->link->send(sql_[ids.size() - 1].c_str(), static_cast<int>(params_.size()),
+                         params_.data());
     }
 }
 

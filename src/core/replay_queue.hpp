@@ -29,12 +29,15 @@ protected:
 
 class ReplayQueue : public DbLinkOwner {
 public:
-    // One keyset batch: at most $3 rows, and no more rows than fit in about $4 bytes (at least
-    // one), so that a batch of large payloads cannot balloon the worker. `fetched` tells a batch
-    // cut by the byte cap (more rows follow) from a short batch (the end of the history).
-    // `newest` is the newest committed position; with no row left, the query still answers one
-    // row of NULLs carrying it.
-    static const char *const batch_sql;
+    // One keyset batch for a stream of `ids` consumer ids: $1 the last position, $2 the rows,
+    // $3 the bytes, $4... the ids. One index range scan per id (ORDER BY position LIMIT $2 on
+    // (subscriber, position)), merged by position and cut at $2 rows: never a sort of a
+    // consumer's history. No more rows than fit in about $3 bytes (at least one), so that a
+    // batch of large payloads cannot balloon the worker. `fetched` tells a batch cut by the byte
+    // cap (more rows follow) from a short batch (the end of the history). `newest` is the
+    // newest committed position; with no row left, the query still answers one row of NULLs
+    // carrying it.
+    static std::string batch_sql(size_t ids);
 
     // `retry` fires on_retry_timer. `memory_budget`: bytes of served batches that clients have
     // not taken yet, beyond which no batch is sent (0: no limit).
@@ -86,7 +89,9 @@ private:
     Log &log_;
     std::deque<Stream *> queue_;
     std::unordered_set<Stream *> queued_;
-    std::string frames_;                           // a batch, framed once for all its streams
+    std::vector<std::string> sql_;     // batch_sql(n) at [n - 1], built when first needed
+    std::vector<const char *> params_; // of the query being sent
+    std::string frames_;               // a batch, framed once for all its streams
     std::vector<std::pair<int64_t, size_t>> ends_; // each frame's position and end in frames_
     size_t budget_;
     size_t held_ = 0; // sum of the streams' replay_held()

@@ -155,6 +155,63 @@ bool header_matches_variable(std::string_view name, std::string_view variable) {
     return true;
 }
 
+std::vector<std::string> consumer_ids(std::string consumer, std::string_view list, bool decode,
+                                      std::string &error) {
+    std::vector<std::string> ids;
+    ids.push_back(std::move(consumer));
+    if (list.empty()) {
+        return ids;
+    }
+    auto blank = [](char c) { return c == ' ' || c == '\t'; };
+    size_t start = 0;
+    while (start <= list.size()) {
+        size_t comma = list.find(',', start);
+        size_t end = comma == std::string_view::npos ? list.size() : comma;
+        std::string_view item = list.substr(start, end - start);
+        while (!item.empty() && blank(item.front())) {
+            item.remove_prefix(1);
+        }
+        while (!item.empty() && blank(item.back())) {
+            item.remove_suffix(1);
+        }
+        std::string id(item);
+        if (decode) {
+            auto decoded = percent_decode(item);
+            if (!decoded) {
+                error = "consumer id list has a bad %-escape\n";
+                return {};
+            }
+            id = std::move(*decoded);
+        }
+        if (id.empty()) {
+            error = "consumer id list has an empty id\n";
+            return {};
+        }
+        ConsumerCheck check = check_consumer(id);
+        if (check != ConsumerCheck::Ok) {
+            error = "in the consumer id list: ";
+            error.append(consumer_error_text(check));
+            return {};
+        }
+        bool seen = false;
+        for (const std::string &known : ids) {
+            seen = seen || known == id;
+        }
+        if (!seen) {
+            if (ids.size() == max_stream_consumers) {
+                error = "more than 64 consumer ids in one stream\n";
+                return {};
+            }
+            ids.push_back(std::move(id));
+        }
+        if (comma == std::string_view::npos) {
+            break;
+        }
+        start = comma + 1;
+    }
+    return ids;
+}
+
 std::optional<int64_t> parse_last_event_id(std::string_view text) {
     if (text.empty() || text.size() > 19) {
         return std::nullopt;

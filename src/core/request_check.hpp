@@ -5,10 +5,15 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace event_piper {
 
 constexpr size_t max_consumer_length = 256;
+// Ids one stream may carry (its consumer plus the list). The replay query has one index range
+// scan per id, merged: 64 keeps that plan and the statement small, and covers a user, their
+// teams and a few broadcast ids.
+constexpr size_t max_stream_consumers = 64;
 
 enum class ConsumerCheck { Ok, Missing, TooLong, ControlCharacter, NotUtf8 };
 
@@ -27,6 +32,13 @@ std::string_view header_of_variable(std::string_view value);
 // Whether header `name` ("X-Consumer-Id") is the one a `$http_<variable>` reads: nginx lowercases
 // the name and turns '-' into '_'.
 bool header_matches_variable(std::string_view name, std::string_view variable);
+
+// The ids of one stream: `consumer` (already checked) followed by the items of `list`, a
+// comma-separated value such as "team-7, everyone" (blanks around items ignored; each item
+// %-decoded when `decode`, so "%2C" is a comma inside an id). Duplicates are dropped. An empty
+// `list` adds nothing. On error, `error` is a one-line reason and the result is empty.
+std::vector<std::string> consumer_ids(std::string consumer, std::string_view list, bool decode,
+                                      std::string &error);
 
 // A non-negative decimal integer that fits in int64, nothing else (no sign, no spaces).
 std::optional<int64_t> parse_last_event_id(std::string_view text);

@@ -60,6 +60,9 @@ const Field fields[] = {
     {"relay_catchups", "event_piper_relay_catchups_total", "counter",
      "Times the worker's streams re-read the table after a forwarding loss.",
      &WorkerStats::relay_catchups},
+    {"unpositioned_rows", "event_piper_unpositioned_rows", "gauge",
+     "Committed rows of events without a position: no client receives them.",
+     &WorkerStats::unpositioned_rows},
 };
 
 void append_number(std::string &out, unsigned long long v) {

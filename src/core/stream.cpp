@@ -7,8 +7,9 @@
 
 namespace event_piper {
 
-Stream::Stream(std::string consumer, int64_t last_position, Limits limits, StreamOwner *owner)
-    : consumer_(std::move(consumer)), owner_(owner), last_(last_position),
+Stream::Stream(std::vector<std::string> consumers, int64_t last_position, Limits limits,
+               StreamOwner *owner)
+    : consumers_(std::move(consumers)), owner_(owner), last_(last_position),
       handed_last_(last_position), limits_(limits), waiting_for_listener_(last_position < 0) {}
 
 bool Stream::on_event(int64_t position, std::string_view frame) {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace event_piper {
 
@@ -32,10 +33,15 @@ public:
 
     // last_position < 0: the client gave no Last-Event-ID and the worker does not yet know the
     // newest position; the stream takes it when the listener is ready (see on_listener_ready).
-    Stream(std::string consumer, int64_t last_position, Limits limits,
+    // `consumers`: the ids whose events the stream carries (at least one; the first is its
+    // primary id, used in logs).
+    Stream(std::vector<std::string> consumers, int64_t last_position, Limits limits,
            StreamOwner *owner = nullptr);
+    Stream(std::string consumer, int64_t last_position, Limits limits, StreamOwner *owner = nullptr)
+        : Stream(std::vector<std::string>{std::move(consumer)}, last_position, limits, owner) {}
 
-    const std::string &consumer() const { return consumer_; }
+    const std::string &consumer() const { return consumers_.front(); }
+    const std::vector<std::string> &consumers() const { return consumers_; }
     Mode mode() const { return mode_; }
     int64_t last_position() const { return last_; }
     bool query_in_flight() const { return query_in_flight_; }
@@ -116,7 +122,7 @@ public:
     size_t pending_events() const { return pending_events_; }
 
 private:
-    std::string consumer_;
+    std::vector<std::string> consumers_;
     StreamOwner *owner_;
     std::string pending_;
     int64_t last_;        // position of the last event queued (pending or handed to the socket)

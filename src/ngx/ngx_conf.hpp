@@ -28,6 +28,9 @@ struct LocConf {
     ngx_http_complex_value_t *consumer;
     ngx_str_t consumer_header;  // the header a bare `$http_...` consumer value reads ("" if not)
     ngx_flag_t consumer_decode; // `event_piper_consumer ... urldecode`: decode %XX first
+    ngx_http_complex_value_t *groups; // more ids, comma-separated (nullptr: none)
+    ngx_str_t groups_header;          // as consumer_header, for the groups value
+    ngx_flag_t groups_decode;
     ngx_http_complex_value_t *last_event_id;
     ngx_msec_t heartbeat; // 0: off
     ngx_msec_t retry;     // 0: unset

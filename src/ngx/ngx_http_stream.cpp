@@ -22,9 +22,9 @@ Stream::Limits limits_of(const LocConf &conf) {
 
 } // namespace
 
-HttpStream::HttpStream(Hub &hub, ngx_http_request_t *r, const LocConf &conf, std::string consumer,
-                       int64_t last_position)
-    : stream_(std::move(consumer), last_position, limits_of(conf), this), hub_(&hub), r_(r),
+HttpStream::HttpStream(Hub &hub, ngx_http_request_t *r, const LocConf &conf,
+                       std::vector<std::string> consumers, int64_t last_position)
+    : stream_(std::move(consumers), last_position, limits_of(conf), this), hub_(&hub), r_(r),
       heartbeat_(conf.heartbeat), retry_(conf.retry), last_write_(ngx_current_msec) {
     ngx_memzero(&heartbeat_ev_, sizeof(heartbeat_ev_));
     heartbeat_ev_.handler = heartbeat_handler;
@@ -42,8 +42,8 @@ void HttpStream::start() {
     hub_->open(stream_);
     started_ = true;
     ngx_log_error(NGX_LOG_INFO, r_->connection->log, 0,
-                  "event_piper: stream opened for consumer \"%s\" after position %L",
-                  stream_.consumer().c_str(), stream_.last_position());
+                  "event_piper: stream opened for consumer \"%s\" (%uz ids) after position %L",
+                  stream_.consumer().c_str(), stream_.consumers().size(), stream_.last_position());
     arm_heartbeat();
     flush();
 }

@@ -15,13 +15,14 @@ extern "C" {
 #include "ngx_conf.hpp"
 
 #include <string>
+#include <vector>
 
 namespace event_piper {
 
 class HttpStream final : public StreamOwner {
 public:
-    HttpStream(Hub &hub, ngx_http_request_t *r, const LocConf &conf, std::string consumer,
-               int64_t last_position);
+    HttpStream(Hub &hub, ngx_http_request_t *r, const LocConf &conf,
+               std::vector<std::string> consumers, int64_t last_position);
     ~HttpStream() { detach(); }
     HttpStream(const HttpStream &) = delete;
     HttpStream &operator=(const HttpStream &) = delete;

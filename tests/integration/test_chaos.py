@@ -11,7 +11,10 @@ is reloaded once, and the worker holding the instance's one LISTEN connection (i
 `event_piper_listener shared`, the default) is killed with -9 twice: the master respawns it and
 another worker takes the listener.
 
-At the end every client must hold exactly the committed events of its consumer, as the table has
+Twelve more clients carry several ids each (issue 13: `X-Consumer-Groups`, overlapping sets of the
+same consumers), and must hold the events of all their ids merged in position order.
+
+At the end every client must hold exactly the committed events of its ids, as the table has
 them (`select position, type, payload ... where subscriber = ... order by position`), byte for
 byte: 0 lost, 0 duplicated, 0 out of order. The counts are printed.
 """
@@ -49,6 +52,7 @@ http {
             event_piper_retry 1s;
             event_piper_replay_batch 50;
             event_piper_stream_buffer 16k;
+            event_piper_consumer_groups $http_x_consumer_groups;
         }
         location = /status { event_piper_status; }
         location = /manage/health { event_piper_health; }
@@ -59,6 +63,10 @@ http {
 CONSUMERS = ["c%02d" % i for i in range(10)] + ["o'neil; --", "caf\u00e9 \u2603"]
 NOBODY = "nobody-listens"          # events nobody subscribes to
 CLIENTS_PER_CONSUMER = 5
+# Multiplexed clients (issue 13): a consumer plus groups, overlapping one another.
+MULTIPLEXED = [("c00", ["c01", "c02"]), ("c02", ["c03", "o'neil; --"]),
+               ("c05", ["c06", "c07", "c00"]), ("caf\u00e9 \u2603", ["c09", "c08", "c01"])]
+CLIENTS_PER_MULTIPLEXED = 3
 WRITERS = 8
 SEED = int(os.environ.get("EVENT_PIPER_CHAOS_SEED", "0")) or int(time.time())
 
@@ -79,8 +87,9 @@ def say(msg):
 class ChaosClient:
     """An EventSource-like client: reconnects with the last complete frame's id."""
 
-    def __init__(self, idx, consumer, port, rnd):
+    def __init__(self, idx, consumer, port, rnd, groups=()):
         self.idx, self.consumer, self.port, self.rnd = idx, consumer, port, rnd
+        self.ids = [consumer] + list(groups)
         self.got = []            # [(id, raw frame)] over every connection, in arrival order
         self.conn = None
         self.seen = 0            # events of self.conn already moved to self.got
@@ -105,8 +114,11 @@ class ChaosClient:
         try:
             c = HttpClient(self.port, keep_raw=False, connect_timeout=5,
                            rcvbuf=8192 if self.slow else None)
-            c.request("GET", "/events", [("X-Consumer-Id", self.consumer.encode("utf-8")),
-                                         ("Last-Event-ID", str(self.last_id))])
+            headers = [("X-Consumer-Id", self.consumer.encode("utf-8")),
+                       ("Last-Event-ID", str(self.last_id))]
+            if len(self.ids) > 1:
+                headers.append(("X-Consumer-Groups", ",".join(self.ids[1:]).encode("utf-8")))
+            c.request("GET", "/events", headers)
             c.sock.setblocking(False)
         except OSError:
             self.connect_errors += 1
@@ -232,6 +244,9 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
     clients = [ChaosClient(i, CONSUMERS[i % len(CONSUMERS)], ngx.port,
                            random.Random(SEED * 1000 + i))
                for i in range(CLIENTS_PER_CONSUMER * len(CONSUMERS))]
+    for consumer, groups in MULTIPLEXED * CLIENTS_PER_MULTIPLEXED:
+        i = len(clients)
+        clients.append(ChaosClient(i, consumer, ngx.port, random.Random(SEED * 1000 + i), groups))
     request.addfinalizer(lambda: [c.close(0) for c in clients])
 
     # Disruptions run in their own thread: the client loop keeps reading meanwhile.
@@ -345,7 +360,11 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
     for sub, pos, typ, payload in rows:
         if sub in final:
             final[sub].append((int(pos), frame(int(pos), typ, compact_json(payload))))
-    targets = {k: (v[-1][0] if v else 0) for k, v in final.items()}
+
+
+    def expected_for(cl):  # the events of all its ids, merged in position order
+        return sorted((e for k in cl.ids for e in final[k]), key=lambda e: e[0])
+    targets = {cl.idx: (expected_for(cl)[-1][0] if expected_for(cl) else 0) for cl in clients}
 
     # Drain: no more random disconnects; every client catches up to its consumer's newest.
     chaos = False
@@ -358,7 +377,7 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
     drain_deadline = time.monotonic() + T(60)
     t_drain = time.monotonic()
     while time.monotonic() < drain_deadline:
-        if all(cl.last_id >= targets[cl.consumer] for cl in clients):
+        if all(cl.last_id >= targets[cl.idx] for cl in clients):
             break
         pump(time.monotonic() + 0.25)
     pump(time.monotonic() + 0.5)  # anything extra would arrive now
@@ -403,7 +422,7 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
     bad_clients = []
     shutdown_503 = 0
     for cl in clients:
-        r = check_client(cl, final[cl.consumer])
+        r = check_client(cl, expected_for(cl))
         for k in totals:
             totals[k] += r[k]
         # A request that lands on an old worker during the reload gets a 503 (see
@@ -423,10 +442,11 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
            ", ".join(u.split(" ", 1)[1] for u in unknown[:4]), len(errors)))
     say("table: %d rows committed out of id order, %d payloads over 8000 bytes"
         % (out_of_id_order, big))
-    say("clients: %d over %d consumers; %d connections, %d random disconnects, %d responses "
+    say("clients: %d over %d consumers (%d of them with several ids); %d connections, %d random disconnects, %d responses "
         "ended by the server, %d cut, %d connect errors, %d '503 shutting down' answers; "
         "writing %.1fs, drain %.1fs"
-        % (len(clients), len(CONSUMERS), sum(c.connects for c in clients),
+        % (len(clients), len(CONSUMERS), sum(len(c.ids) > 1 for c in clients),
+           sum(c.connects for c in clients),
            sum(c.drops for c in clients), sum(c.server_ends for c in clients),
            sum(c.abrupt_ends for c in clients), sum(c.connect_errors for c in clients),
            shutdown_503, writing_s, drain_s))

@@ -238,6 +238,31 @@ def test_a_channel_the_database_does_not_notify_is_reported(db, nginx, clients):
     assert ngx2.log_count("event_piper_channel is") == 0
 
 
+def test_rows_that_never_got_a_position_are_reported_and_repaired_by_the_schema(db, nginx,
+                                                                                 clients):
+    """Item 5: the trigger disabled for a while: 80 committed rows without a position. The
+    listener's check counts them: a warning in the error log and `unpositioned_rows` in status;
+    applying schema.sql again gives them positions and they reach the live stream."""
+    ngx = nginx.start(db, workers=1, http={"event_piper_listener_timeout": "3s"})
+    wait_all_listening(ngx)
+    c = clients.stream(ngx, "toto")
+    db.superuser_sql("alter table events disable trigger events_commit_notify")
+    try:
+        db.insert_many("toto", 80)
+    finally:
+        db.superuser_sql("alter table events enable trigger events_commit_notify")
+    ngx.wait_log("80 committed rows of table events have no position", 1, T(10))
+    wait_until(lambda: status(ngx)["unpositioned_rows"] == 80, T(5), what="status count")
+    assert without_heartbeats(c.body) == b""
+    rc, out = db.psql("", "--single-transaction", "-f",
+                      os.path.join(REPO, "postgresql", "schema.sql"))
+    assert rc == 0, out
+    c.wait_events(80, T(20))
+    assert c.event_ids() == [p for p in db.positions("toto")]
+    ngx.wait_log("every row of table events has a position again", 1, T(10))
+    wait_until(lambda: status(ngx)["unpositioned_rows"] == 0, T(5), what="status count 0")
+
+
 # --------------------------------------------------------------------------------------------
 # Query storms and memory
 # --------------------------------------------------------------------------------------------

@@ -499,6 +499,29 @@ class BrowserEventSource(RealClientTestCase):
         expected = self.run_reconnect_story(ngx, session, 9)
         self.assert_requests(ngx, ngx.port, expected)
 
+    def test_page_with_a_user_and_a_broadcast_id_in_query_arguments(self):
+        """Issue 13: `new EventSource('/events?consumer=' + user + '&groups=everyone')` with
+        `event_piper_consumer $arg_consumer urldecode; event_piper_consumer_groups $arg_groups
+        urldecode;` receives the user's events and the broadcasts, merged in order."""
+        ngx = self.start_nginx(
+            location=[("event_piper_consumer", "$arg_consumer urldecode"),
+                      ("event_piper_consumer_groups", "$arg_groups urldecode")],
+            extra_locations=self.page_location())
+        self.start_browser()
+        src = "/events?consumer=%s&groups=everyone" % urllib.parse.quote("alice@example.com")
+        session = self.browser.open(self.page_url(ngx.port, src, 4))
+        self.wait_dom(session, lambda s: "open readyState=1" in s["log"], T(30), "the page's open")
+        insert(self.pg, "alice@example.com", 1)
+        insert(self.pg, "everyone", 2)
+        insert(self.pg, "bob", 3)
+        insert(self.pg, "everyone", 4, type="update")
+        insert(self.pg, "alice@example.com", 5)
+        state = self.wait_dom(session, lambda s: s["done"] == "yes", T(20), "4 events")
+        rows = self.pg.sql("select position, type, payload::text from events where subscriber "
+                           "in ('alice@example.com', 'everyone') order by position")
+        self.assertEqual([tuple(e) for e in state["events"]],
+                         [(str(p), t, compact_json(d)) for p, t, d in rows])
+
     def cors_nginx(self, allowed_origin, consumer="$arg_consumer", credentials=False):
         """The stream on the harness's server (origin B) with the CORS setup of docs/setups.md;
         the page on a second server (origin A). Only origins listed in the map get an

@@ -173,7 +173,7 @@ TEST_F(ListenerTest, ASilentLinkIsCheckedAndAFrozenOneIsReplaced) {
     EXPECT_EQ(check.fire(), 20000u);
     listener.on_check_timer();
     EXPECT_EQ(listener.phase(), Listener::Phase::Checking);
-    EXPECT_EQ(link.sent.back(), "SELECT 1");
+    EXPECT_EQ(link.sent.back(), "SELECT count(*) FROM events WHERE position IS NULL");
     EXPECT_EQ(check.fire(), 20000u); // no answer in time
     listener.on_check_timer();
     EXPECT_EQ(link.state(), DbLink::State::Down);
@@ -183,22 +183,36 @@ TEST_F(ListenerTest, ASilentLinkIsCheckedAndAFrozenOneIsReplaced) {
     EXPECT_TRUE(retry.armed());
 }
 
-TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndNotificationsSkipTheCheck) {
+TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     bring_up();
     check.fire();
     listener.on_check_timer();
-    listener.on_link_result(link, FakeResult({{std::string("1")}}));
+    listener.on_link_result(link, FakeResult({{std::string("0")}}));
     link.idle(listener);
     EXPECT_EQ(listener.phase(), Listener::Phase::Live);
     EXPECT_EQ(listener.epoch(), 1u);
-    EXPECT_TRUE(check.armed());
-    size_t sent = link.sent.size();
-    listener.on_link_notify(link, "p 50");
+    EXPECT_EQ(check.armed_ms, 20000u); // the next round trip
+    EXPECT_EQ(listener.unpositioned_rows(), 0);
+    EXPECT_EQ(log.count("have no position"), 0u);
+    // The trigger was disabled for a while: 80 committed rows have no position.
     check.fire();
-    listener.on_check_timer(); // heard something since the last check: no round trip
-    EXPECT_EQ(link.sent.size(), sent);
-    EXPECT_EQ(listener.phase(), Listener::Phase::Live);
-    EXPECT_TRUE(check.armed());
+    listener.on_check_timer();
+    listener.on_link_result(link, FakeResult({{std::string("80")}}));
+    link.idle(listener);
+    EXPECT_EQ(listener.unpositioned_rows(), 80);
+    EXPECT_EQ(log.count("80 committed rows of table events have no position"), 1u);
+    check.fire();
+    listener.on_check_timer();
+    listener.on_link_result(link, FakeResult({{std::string("80")}}));
+    link.idle(listener);
+    EXPECT_EQ(log.count("have no position"), 1u); // said once, not every round trip
+    // schema.sql applied again: positions given.
+    check.fire();
+    listener.on_check_timer();
+    listener.on_link_result(link, FakeResult({{std::string("0")}}));
+    link.idle(listener);
+    EXPECT_EQ(listener.unpositioned_rows(), 0);
+    EXPECT_EQ(log.count("every row of table events has a position again"), 1u);
 }
 
 TEST_F(ListenerTest, AChannelMismatchIsReportedOnce) {

@@ -11,6 +11,12 @@ namespace {
 struct Fake {
     std::string consumer;
     int received = 0;
+    std::vector<std::string> more = {};
+    std::vector<std::string> consumers() const {
+        std::vector<std::string> ids{consumer};
+        ids.insert(ids.end(), more.begin(), more.end());
+        return ids;
+    }
 };
 } // namespace
 
@@ -101,4 +107,29 @@ TEST(Registry, RemoveUnknownIsHarmless) {
     Fake other{"a"};
     reg.remove("a", &other);
     EXPECT_EQ(reg.streams(), 1u);
+}
+
+TEST(Registry, AStreamWithSeveralIdsIsReachedByEachAndCountedOnce) {
+    Registry<Fake> reg;
+    Fake multi{"alice", 0, {"team", "everyone"}}, bob{"bob", 0, {"everyone"}};
+    for (Fake *f : {&multi, &bob}) {
+        for (const std::string &id : f->consumers()) {
+            reg.add(id, f);
+        }
+    }
+    EXPECT_EQ(reg.streams(), 2u);
+    EXPECT_EQ(reg.consumers(), 4u); // alice, team, everyone, bob: once per id
+    reg.for_each("everyone", [](Fake &f) { ++f.received; });
+    EXPECT_EQ(multi.received, 1);
+    EXPECT_EQ(bob.received, 1);
+    reg.for_each("team", [](Fake &f) { ++f.received; });
+    EXPECT_EQ(multi.received, 2);
+    int visits = 0;
+    reg.for_each_all([&](Fake &) { ++visits; });
+    EXPECT_EQ(visits, 2);
+    for (const std::string &id : multi.consumers()) {
+        reg.remove(id, &multi);
+    }
+    EXPECT_EQ(reg.streams(), 1u);
+    EXPECT_EQ(reg.consumers(), 2u);
 }

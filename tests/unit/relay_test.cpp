@@ -146,6 +146,12 @@ TEST(InterestMapTest, TheHubPublishesItsConsumersBeforeTheFirstQuery) {
     EXPECT_EQ(bits.bits.count(consumer_bit("alice")), 1u);
     w.hub.close(*s);
     EXPECT_TRUE(bits.bits.empty());
+    // A stream of several ids (issue 13) wants each of them.
+    Stream multi(std::vector<std::string>{"alice", "bob"}, 0, Stream::Limits{}, &w.owner);
+    w.hub.open(multi);
+    EXPECT_EQ(bits.bits, (std::set<size_t>{consumer_bit("alice"), consumer_bit("bob")}));
+    w.hub.close(multi);
+    EXPECT_TRUE(bits.bits.empty());
 }
 
 TEST(RelaySenderTest, ForwardsOnlyToWorkersThatWantTheConsumerAndNumbersPerWorker) {

@@ -88,13 +88,13 @@ TEST_F(ReplayQueueTest, OpensLinksOnDemandAndServesFirstComeFirstServed) {
     EXPECT_EQ(b.connects, 1);
     EXPECT_EQ(queue.queued(), 3u);
     a.connected(queue);
-    EXPECT_EQ(a.last_params, (std::vector<std::string>{"alice", "0", "3", "262144"}));
+    EXPECT_EQ(a.last_params, (std::vector<std::string>{"0", "3", "262144", "alice"}));
     b.connected(queue);
-    EXPECT_EQ(b.last_params[0], "bob");
+    EXPECT_EQ(b.last_params[3], "bob");
     EXPECT_EQ(queue.queued(), 1u);
     EXPECT_EQ(queue.queries(), 2u);
     answer(a, batch({}, 0, 9)); // alice has nothing: carol is next, on the freed link
-    EXPECT_EQ(a.last_params[0], "carol");
+    EXPECT_EQ(a.last_params[3], "carol");
     EXPECT_EQ(queue.queued(), 0u);
 }
 
@@ -108,7 +108,7 @@ TEST_F(ReplayQueueTest, AShortBatchGoesLiveAFullOneAsksAgain) {
     EXPECT_TRUE(s->wants_query(true));
     EXPECT_EQ(owner.wakes, 1);
     queue.request(*s);
-    EXPECT_EQ(a.last_params[1], "3");
+    EXPECT_EQ(a.last_params[0], "3");
     answer(a, batch({5}, 1, 9));
     EXPECT_EQ(s->mode(), Stream::Mode::Live);
     EXPECT_EQ(drain(*s), frames({5}));
@@ -148,8 +148,8 @@ TEST_F(ReplayQueueTest, ALinkLostMidBatchRequeuesTheStreamFirstAndBacksOff) {
     EXPECT_EQ(log.count("replay connection failed: server closed the connection"), 1u);
     // b was connecting for bob; it comes up and serves the oldest waiter first.
     b.connected(queue);
-    EXPECT_EQ(b.last_params[0], "alice");
-    EXPECT_EQ(b.last_params[1], "1"); // from the row already queued: nothing twice
+    EXPECT_EQ(b.last_params[3], "alice");
+    EXPECT_EQ(b.last_params[0], "1"); // from the row already queued: nothing twice
     EXPECT_EQ(log.count("replay connection is back"), 1u);
 }
 
@@ -252,13 +252,13 @@ TEST_F(ReplayQueueTest, StreamsWaitingForTheSameRowsShareOneQuery) {
     EXPECT_EQ(queue.queries(), 1u);
     EXPECT_EQ(queue.queued(), 2u);
     b.connected(queue); // alice at 3
-    EXPECT_EQ(b.last_params, (std::vector<std::string>{"alice", "3", "3", "262144"}));
+    EXPECT_EQ(b.last_params, (std::vector<std::string>{"3", "3", "262144", "alice"}));
     answer(a, batch({8}, 1, 8));
     for (auto &t : tabs) {
         EXPECT_EQ(drain(*t), frames({8}));
         EXPECT_EQ(t->mode(), Stream::Mode::Live);
     }
-    EXPECT_EQ(a.last_params[0], "bob"); // then bob on the freed link
+    EXPECT_EQ(a.last_params[3], "bob"); // then bob on the freed link
     EXPECT_EQ(queue.queries(), 3u);
 }
 
@@ -307,7 +307,7 @@ TEST_F(ReplayQueueTest, BatchesThatClientsHaveNotTakenHoldTheBudget) {
     small.release(*s1); // her client took it
     EXPECT_EQ(small.held_bytes(), 0u);
     EXPECT_EQ(c.sent.size(), 2u);
-    EXPECT_EQ(c.last_params[0], "bob");
+    EXPECT_EQ(c.last_params[3], "bob");
     small.cancel(*s2); // a closed stream gives its share back too
     EXPECT_EQ(small.held_bytes(), 0u);
 }
@@ -336,6 +336,41 @@ TEST_F(ReplayQueueTest, ASharedBatchGoesToAsManyStreamsAsTheBudgetHolds) {
     drain(*s1);
     small.release(*s1);
     EXPECT_EQ(small.queries(), 2u);
-    EXPECT_EQ(c.last_params[0], "heavy");
-    EXPECT_EQ(c.last_params[1], "0");
+    EXPECT_EQ(c.last_params[3], "heavy");
+    EXPECT_EQ(c.last_params[0], "0");
+}
+
+TEST_F(ReplayQueueTest, AStreamOfSeveralIdsAsksWithEachIdAndSharesOnlyWithTheSameSet) {
+    Stream::Limits limits;
+    Stream multi({"alice", "team", "everyone"}, 4, limits, &owner);
+    Stream same({"alice", "team", "everyone"}, 4, limits, &owner);
+    Stream other(std::vector<std::string>{"alice", "team"}, 4, limits, &owner);
+    queue.request(multi);
+    queue.request(same);
+    queue.request(other);
+    a.connected(queue);
+    EXPECT_EQ(a.last_params,
+              (std::vector<std::string>{"4", "500", "262144", "alice", "team", "everyone"}));
+    EXPECT_NE(a.sent.back().find("subscriber = $6"), std::string::npos);
+    EXPECT_EQ(queue.queued(), 1u); // `same` rode along; `other` waits for its own query
+    answer(a, batch({5, 9}, 2, 9));
+    EXPECT_EQ(drain(multi), frames({5, 9}));
+    EXPECT_EQ(drain(same), frames({5, 9}));
+    EXPECT_EQ(a.last_params, (std::vector<std::string>{"4", "500", "262144", "alice", "team"}));
+}
+
+TEST(ReplayQueueSql, OneIndexRangeScanPerIdMergedByPosition) {
+    std::string one = ReplayQueue::batch_sql(1);
+    EXPECT_NE(one.find("WHERE subscriber = $4 AND position > $1 ORDER BY position LIMIT $2"),
+              std::string::npos);
+    EXPECT_EQ(one.find("UNION ALL"), std::string::npos);
+    std::string three = ReplayQueue::batch_sql(3);
+    for (const char *id : {"$4", "$5", "$6"}) {
+        EXPECT_NE(three.find(std::string("subscriber = ") + id +
+                             " AND position > $1 ORDER BY "
+                             "position LIMIT $2)"),
+                  std::string::npos);
+    }
+    EXPECT_EQ(three.find("$7"), std::string::npos);
+    EXPECT_NE(three.find(") AS ids ORDER BY position LIMIT $2"), std::string::npos);
 }

@@ -79,3 +79,44 @@ TEST(Consumer, HeaderOfVariable) {
     EXPECT_FALSE(header_matches_variable("X-Consumer-Ids", "x_consumer_id"));
     EXPECT_FALSE(header_matches_variable("X-Consumer", "x_consumer_id"));
 }
+
+TEST(ConsumerIds, TheConsumerAloneWhenThereIsNoList) {
+    std::string error;
+    EXPECT_EQ(consumer_ids("toto", "", false, error), std::vector<std::string>{"toto"});
+    // The consumer itself may hold the separator: it is never split.
+    EXPECT_EQ(consumer_ids("a,b", "", false, error), std::vector<std::string>{"a,b"});
+}
+
+TEST(ConsumerIds, ListItemsTrimmedDecodedAndDeduplicated) {
+    std::string error;
+    EXPECT_EQ(consumer_ids("alice", "team-7, everyone", false, error),
+              (std::vector<std::string>{"alice", "team-7", "everyone"}));
+    EXPECT_EQ(consumer_ids("alice", " everyone ,alice,\teveryone", false, error),
+              (std::vector<std::string>{"alice", "everyone"}));
+    EXPECT_EQ(consumer_ids("alice", "a%2Cb,c%40d", true, error),
+              (std::vector<std::string>{"alice", "a,b", "c@d"}));
+    EXPECT_EQ(consumer_ids("alice", "a%2Cb", false, error),
+              (std::vector<std::string>{"alice", "a%2Cb"}));
+}
+
+TEST(ConsumerIds, RefusesEmptyBadAndTooManyIds) {
+    std::string error;
+    for (std::string_view list : {"a,,b", "a,", ",a", " , ", "a, ,b"}) {
+        error.clear();
+        EXPECT_TRUE(consumer_ids("alice", list, false, error).empty()) << list;
+        EXPECT_EQ(error, "consumer id list has an empty id\n");
+    }
+    EXPECT_TRUE(consumer_ids("alice", "ok,bad\x01", false, error).empty());
+    EXPECT_EQ(error, "in the consumer id list: consumer id contains control characters\n");
+    EXPECT_TRUE(consumer_ids("alice", "%ff", true, error).empty());
+    EXPECT_EQ(error, "in the consumer id list: consumer id is not valid UTF-8\n");
+    EXPECT_TRUE(consumer_ids("alice", "%zz", true, error).empty());
+    EXPECT_TRUE(consumer_ids("alice", std::string(257, 'x'), false, error).empty());
+    std::string list;
+    for (int i = 1; i < 64; ++i) {
+        list += (i > 1 ? "," : "") + std::to_string(i);
+    }
+    EXPECT_EQ(consumer_ids("alice", list, false, error).size(), 64u); // at the limit
+    EXPECT_TRUE(consumer_ids("alice", list + ",64", false, error).empty());
+    EXPECT_EQ(error, "more than 64 consumer ids in one stream\n");
+}

@@ -38,7 +38,7 @@ const char *const counters[] = {"streams",          "consumers",           "stre
                                 "replay_queued",    "notifications",       "notifications_dropped",
                                 "stream_overflows", "listener_reconnects", "channel_mismatch",
                                 "listener_holder",  "relay_forwarded",     "relay_dropped",
-                                "relay_catchups"};
+                                "relay_catchups",   "unpositioned_rows"};
 const int counter_count = sizeof counters / sizeof counters[0];
 
 std::vector<WorkerStats> two_workers() {
