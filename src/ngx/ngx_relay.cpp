@@ -18,6 +18,19 @@ namespace {
 constexpr ngx_msec_t tick_ms = 500;
 constexpr size_t max_datagram = 65536; // NOTIFY payloads are under 8000 bytes
 
+// The holder word: pid and status slot together, so that one compare-and-swap claims both and
+// a follower never pairs a new holder with the previous holder's socket.
+ngx_atomic_uint_t holder_word(ngx_pid_t pid, size_t slot) {
+    return (static_cast<ngx_atomic_uint_t>(pid) << 8) | slot;
+}
+ngx_atomic_uint_t holder_pid(ngx_atomic_uint_t word) {
+    return word >> 8;
+}
+size_t holder_slot(ngx_atomic_uint_t word) {
+    return static_cast<size_t>(word & 0xff);
+}
+static_assert(status_slots <= 256, "the holder word keeps the slot in 8 bits");
+
 } // namespace
 
 std::unique_ptr<NgxRelay> NgxRelay::create(ngx_log_t *log, ngx_shm_zone_t *zone, StatusSlot *slot,
@@ -94,11 +107,10 @@ void NgxRelay::start() {
 
 void NgxRelay::release() {
     tick_timer_.cancel();
-    auto me = static_cast<ngx_atomic_uint_t>(ngx_pid);
     if (holder_) {
-        holder_ = false;
-        zone_->board.live = 0; // first: nobody counts on this worker's listener any more
-        ngx_atomic_cmp_set(&zone_->board.holder, me, 0);
+        holder_ = false; // first: this worker publishes and forwards nothing any more
+        zone_->board.live = 0;
+        ngx_atomic_cmp_set(&zone_->board.holder, holder_word(ngx_pid, index()), 0);
     }
     if (fd_ < 0) {
         return; // released already
@@ -118,7 +130,7 @@ RelayView NgxRelay::view(bool check_holder) const {
     const RelayBoard &b = zone_->board;
     RelayView v;
     ngx_atomic_uint_t holder = b.holder;
-    v.live = b.live == 1 && holder != 0 && (!check_holder || process_alive(holder));
+    v.live = b.live == 1 && holder != 0 && (!check_holder || process_alive(holder_pid(holder)));
     v.epoch = b.epoch;
     v.newest = b.newest;
     v.start_for_waiting = b.start_for_waiting;
@@ -131,11 +143,10 @@ void NgxRelay::tick() {
     RelayBoard &b = zone_->board;
     if (!holder_ && fd_ >= 0) {
         ngx_atomic_uint_t holder = b.holder;
-        auto me = static_cast<ngx_atomic_uint_t>(ngx_pid);
-        if ((holder == 0 || !process_alive(holder)) && ngx_atomic_cmp_set(&b.holder, holder, me)) {
+        if ((holder == 0 || !process_alive(holder_pid(holder))) &&
+            ngx_atomic_cmp_set(&b.holder, holder, holder_word(ngx_pid, index()))) {
             // The role is ours: the previous holder's session is over for everyone.
             b.live = 0;
-            b.holder_slot = index();
             holder_ = true;
             receiver_.stop();
             sockaddr unspec{};
@@ -156,7 +167,7 @@ void NgxRelay::follow(ngx_atomic_uint_t holder) {
     if (holder == 0 || holder == following_) {
         return;
     }
-    uint64_t slot = zone_->board.holder_slot;
+    size_t slot = holder_slot(holder);
     if (slot >= status_slots) {
         return;
     }
@@ -199,7 +210,7 @@ void NgxRelay::drain() {
 
 bool NgxRelay::wants(size_t peer, size_t bit) const {
     const StatusSlot &s = zone_->slots[peer];
-    if (&s == slot_ || s.owner == 0 || s.relay.bound != 1) {
+    if (!holder_ || &s == slot_ || s.owner == 0 || s.relay.bound != 1) {
         return false;
     }
     if (bit == any_stream) {
@@ -232,6 +243,9 @@ uint64_t NgxRelay::new_epoch() {
 }
 
 void NgxRelay::publish(bool live, uint64_t epoch, int64_t newest, int64_t start_for_waiting) {
+    if (!holder_) {
+        return; // the role went to another worker: its board now
+    }
     RelayBoard &b = zone_->board;
     b.live = 0;
     b.epoch = epoch;
@@ -241,7 +255,7 @@ void NgxRelay::publish(bool live, uint64_t epoch, int64_t newest, int64_t start_
 }
 
 void NgxRelay::publish_newest(int64_t newest) {
-    if (newest > zone_->board.newest.load(std::memory_order_relaxed)) {
+    if (holder_ && newest > zone_->board.newest.load(std::memory_order_relaxed)) {
         zone_->board.newest.store(newest, std::memory_order_relaxed);
     }
 }
@@ -282,7 +296,7 @@ bool instance_listening(ngx_shm_zone_t *zone) {
     }
     const RelayBoard &b = static_cast<StatusZone *>(zone->data)->board;
     ngx_atomic_uint_t holder = b.holder;
-    return b.live == 1 && holder != 0 && process_alive(holder);
+    return b.live == 1 && holder != 0 && process_alive(holder_pid(holder));
 }
 
 } // namespace event_piper

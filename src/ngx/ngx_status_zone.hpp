@@ -29,11 +29,10 @@ struct RelaySlot {
 // The instance's listener role.
 struct RelayBoard {
     std::atomic<uint64_t> instance; // random at zone creation: names the instance's sockets
-    ngx_atomic_t holder;            // pid of the worker holding the listener (0: none)
-    std::atomic<uint64_t> holder_slot;
-    std::atomic<uint64_t> epochs; // the last epoch handed out
-    std::atomic<uint64_t> epoch;  // the holder's listening session
-    std::atomic<uint64_t> live;   // 1: the holder's listener is listening
+    ngx_atomic_t holder;            // (pid << 8) | slot of the listener's holder (0: none)
+    std::atomic<uint64_t> epochs;   // the last epoch handed out
+    std::atomic<uint64_t> epoch;    // the holder's listening session
+    std::atomic<uint64_t> live;     // 1: the holder's listener is listening
     std::atomic<int64_t> newest;
     std::atomic<int64_t> start_for_waiting;
 };

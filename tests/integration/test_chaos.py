@@ -467,7 +467,7 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
         say("status unavailable: %r" % e)
 
     assert errors == [], "writer errors"
-    assert len(log) == 3, "not every disruption happened: %s" % log
+    assert len(log) == 5, "not every disruption happened: %s" % log
     assert unpositioned == 0, "committed rows without a position"
     assert {m: n for m, n in in_table.items()} == committed, \
         "the table and the writers disagree on what was committed"
