@@ -492,7 +492,7 @@ test_g() {
     for rep in $(seq 1 "$REPS"); do
         for n in $(order_for_rep "$rep" 16 64); do
             variant=shared; (( n == 64 )) && variant=per_worker
-            python3 "$BENCH/idle_listeners.py" "$CONNINFO" "$n" &
+            /usr/bin/python3 "$BENCH/idle_listeners.py" "$CONNINFO" "$n" &
             IDLE_PID=$!
             for i in $(seq 1 200); do
                 (( $(psql_su -At -c "select count(*) from pg_stat_activity where application_name = 'bench_idle_listener' and state = 'idle' and query like 'LISTEN%'") >= n )) && break

@@ -39,6 +39,7 @@ void RelaySender::on_listener_ready(uint64_t, int64_t newest, int64_t start_for_
 }
 
 void RelaySender::on_listener_lost() {
+    flush(); // what this session heard goes out with its epoch
     peers_.publish(false, epoch_, local_.newest(), local_.newest());
     ping();
     epoch_ = 0;
@@ -72,32 +73,60 @@ void RelaySender::on_notification(std::string_view payload) {
 }
 
 void RelaySender::forward(size_t bit, std::string_view payload) {
-    bool built = false;
     for (size_t peer = 0; peer < peers_.size(); ++peer) {
-        if (!peers_.wants(peer, bit)) {
-            continue;
-        }
-        if (!built) { // built once, only if some worker wants it
-            datagram_.assign(relay_header, '\0');
-            std::memcpy(&datagram_[0], &epoch_, sizeof epoch_);
-            datagram_.append(payload);
-            built = true;
-        }
-        uint64_t seq = peers_.next_seq(peer);
-        std::memcpy(&datagram_[8], &seq, sizeof seq);
-        switch (peers_.send(peer, datagram_)) {
-        case RelayPeers::Sent::Ok:
-            ++forwarded_;
-            break;
-        case RelayPeers::Sent::Lost:
-            // Never wait for a slow worker: it learns of the loss and re-reads the table.
-            ++overruns_;
-            peers_.overrun(peer);
-            break;
-        case RelayPeers::Sent::Gone:
-            break; // no process, no stream to serve
+        if (peers_.wants(peer, bit)) {
+            append(peer, payload);
         }
     }
+}
+
+void RelaySender::append(size_t peer, std::string_view payload) {
+    if (batches_.size() < peers_.size()) {
+        batches_.resize(peers_.size());
+    }
+    Batch &b = batches_[peer];
+    if (b.count > 0 && b.bytes.size() + 4 + payload.size() > relay_batch_bytes) {
+        flush_peer(peer);
+    }
+    if (b.count == 0) {
+        b.bytes.assign(relay_header, '\0');
+        std::memcpy(&b.bytes[0], &epoch_, sizeof epoch_);
+        dirty_.push_back(peer);
+    }
+    auto length = static_cast<uint32_t>(payload.size());
+    b.bytes.append(reinterpret_cast<const char *>(&length), sizeof length);
+    b.bytes.append(payload);
+    ++b.count;
+}
+
+void RelaySender::flush() {
+    for (size_t peer : dirty_) {
+        flush_peer(peer);
+    }
+    dirty_.clear();
+}
+
+void RelaySender::flush_peer(size_t peer) {
+    Batch &b = batches_[peer];
+    if (b.count == 0) {
+        return;
+    }
+    uint64_t seq = peers_.next_seq(peer);
+    std::memcpy(&b.bytes[8], &seq, sizeof seq);
+    switch (peers_.send(peer, b.bytes)) {
+    case RelayPeers::Sent::Ok:
+        forwarded_ += b.count;
+        break;
+    case RelayPeers::Sent::Lost:
+        // Never wait for a slow worker: it learns of the loss and re-reads the table.
+        overruns_ += b.count;
+        peers_.overrun(peer);
+        break;
+    case RelayPeers::Sent::Gone:
+        break; // no process, no stream to serve
+    }
+    b.count = 0;
+    b.bytes.clear();
 }
 
 // --- the other workers ---
@@ -148,7 +177,6 @@ void RelayReceiver::on_datagram(std::string_view datagram, const RelayView &view
     }
     bool in_order = seq == last_seq_ + 1;
     last_seq_ = seq;
-    ++received_;
     if (!(ready() && epoch == relay_epoch_ && in_order)) {
         // Something was missed, or a new session began: through the table again.
         if (view.live && view.epoch == epoch) {
@@ -158,7 +186,27 @@ void RelayReceiver::on_datagram(std::string_view datagram, const RelayView &view
         }
     }
     // Also after a resync: catching-up streams note how far notifications have gone.
-    local_.on_notification(datagram.substr(relay_header));
+    std::string_view rest = datagram.substr(relay_header);
+    while (rest.size() >= 4) {
+        uint32_t length = 0;
+        std::memcpy(&length, rest.data(), sizeof length);
+        if (length > rest.size() - 4) {
+            break;
+        }
+        ++received_;
+        local_.on_notification(rest.substr(4, length));
+        rest.remove_prefix(4 + length);
+    }
+    if (!rest.empty()) { // cut short: what it carried may be lost
+        if (!warned_malformed_) {
+            log_.write(LogLevel::Warn, "event_piper: ignoring a malformed relay datagram");
+            warned_malformed_ = true;
+        }
+        if (ready()) {
+            lose();
+        }
+        sync(view);
+    }
 }
 
 void RelayReceiver::sync(const RelayView &view) {

@@ -18,7 +18,7 @@ namespace event_piper {
 
 // Consumers are published to the holder as bits of a hashed set: a false positive costs one
 // wake-up, a false negative cannot happen.
-constexpr size_t interest_bits = 8192;
+constexpr size_t interest_bits = 65536;
 size_t consumer_bit(std::string_view consumer);
 
 // The shared-memory bits of one worker's interest set.
@@ -82,7 +82,11 @@ struct EpochSource {
     uint64_t take() { return ++last; }
 };
 
-constexpr size_t relay_header = 16; // epoch, sequence number (host order: same machine)
+// A datagram: epoch and sequence number (16 bytes, host order: same machine), then
+// notifications, each as a 4-byte length and its payload. The holder sends a worker one datagram
+// per read of its listening socket (or per relay_batch_bytes), not one per notification.
+constexpr size_t relay_header = 16;
+constexpr size_t relay_batch_bytes = 32768;
 
 // Sits between the holder's Listener and its hub.
 class RelaySender : public ListenerEvents {
@@ -94,19 +98,28 @@ public:
     void on_listener_lost() override;
     void on_notification(std::string_view payload) override;
     uint64_t waiting_since_ms() const override;
+    void on_notifications_done() override { flush(); }
 
     uint64_t forwarded() const { return forwarded_; }
     uint64_t overruns() const { return overruns_; }
 
 private:
+    struct Batch {
+        std::string bytes; // header, then records
+        uint64_t count = 0;
+    };
     void forward(size_t bit, std::string_view payload);
+    void append(size_t peer, std::string_view payload);
+    void flush();
+    void flush_peer(size_t peer);
     void ping();
 
     Hub &local_;
     RelayPeers &peers_;
     EpochSource &epochs_;
-    std::string datagram_;
-    uint64_t epoch_ = 0; // instance-wide session, 0: not listening
+    std::vector<Batch> batches_; // by peer
+    std::vector<size_t> dirty_;  // peers with a batch to send
+    uint64_t epoch_ = 0;         // instance-wide session, 0: not listening
     uint64_t forwarded_ = 0;
     uint64_t overruns_ = 0;
 };

@@ -81,11 +81,16 @@ std::string event(int64_t pos, const std::string &sub) {
     return "e " + std::to_string(pos) + " " + std::to_string(sub.size()) + " 1\n" + sub + "t{}";
 }
 
-std::string datagram(uint64_t epoch, uint64_t seq, const std::string &payload) {
+std::string datagram(uint64_t epoch, uint64_t seq, std::vector<std::string> payloads) {
     std::string d(relay_header, '\0');
     std::memcpy(&d[0], &epoch, 8);
     std::memcpy(&d[8], &seq, 8);
-    return d + payload;
+    for (const auto &p : payloads) {
+        auto length = static_cast<uint32_t>(p.size());
+        d.append(reinterpret_cast<const char *>(&length), 4);
+        d += p;
+    }
+    return d;
 }
 
 // One worker: a hub, its streams and the receiver or sender around it.
@@ -166,19 +171,24 @@ TEST(RelaySenderTest, ForwardsOnlyToWorkersThatWantTheConsumerAndNumbersPerWorke
     EXPECT_EQ(peers.newest, 7);
     EXPECT_TRUE(holder.hub.listening());
 
+    peers.peers[0].got.clear(); // the session's pings
+    peers.peers[2].got.clear();
     sender.on_notification(event(8, "alice"));
     sender.on_notification(event(9, "bob"));
     sender.on_notification(event(10, "alice"));
-    sender.on_notification("p 11"); // a bare position goes to every worker with a stream
-    peers.peers[0].got.erase(peers.peers[0].got.begin()); // the session's ping
-    peers.peers[2].got.erase(peers.peers[2].got.begin());
-    EXPECT_EQ(peers.peers[0].got.size(), 3u);
+    sender.on_notification("p 11");          // a bare position goes to every worker
+    EXPECT_TRUE(peers.peers[0].got.empty()); // one datagram per read of the listener's socket
+    sender.on_notifications_done();
+    EXPECT_EQ(peers.peers[0].got, std::vector<std::string>{datagram(
+                                      101, 1, {event(8, "alice"), event(10, "alice"), "p 11"})});
     EXPECT_TRUE(peers.peers[1].got.empty()); // no stream for either: never woken
-    EXPECT_EQ(peers.peers[2].got.size(), 2u);
-    EXPECT_EQ(peers.peers[0].got[1], datagram(101, 2, event(10, "alice")));
-    EXPECT_EQ(peers.peers[2].got[0], datagram(101, 1, event(9, "bob")));
-    EXPECT_EQ(peers.newest, 11);
-    EXPECT_EQ(sender.forwarded(), 5u);
+    EXPECT_EQ(peers.peers[2].got,
+              std::vector<std::string>{datagram(101, 1, {event(9, "bob"), "p 11"})});
+    sender.on_notification(event(12, "bob"));
+    sender.on_notifications_done();
+    EXPECT_EQ(peers.peers[2].got.back(), datagram(101, 2, {event(12, "bob")}));
+    EXPECT_EQ(peers.newest, 12);
+    EXPECT_EQ(sender.forwarded(), 6u);
 }
 
 TEST(RelaySenderTest, AFullWorkerIsCountedAndSkippedNeverWaitedFor) {
@@ -190,6 +200,7 @@ TEST(RelaySenderTest, AFullWorkerIsCountedAndSkippedNeverWaitedFor) {
     peers.peers[0].answer = RelayPeers::Sent::Lost;
     peers.peers[1].answer = RelayPeers::Sent::Gone;
     sender.on_notification(event(1, "alice"));
+    sender.on_notifications_done();
     EXPECT_EQ(peers.peers[0].overruns, 1u);
     EXPECT_EQ(peers.peers[0].seq, 1u); // numbered: the next datagram shows the gap
     EXPECT_EQ(peers.peers[1].overruns, 0u);
@@ -202,6 +213,7 @@ TEST(RelaySenderTest, NothingIsForwardedOutsideAListeningSessionAndLossIsPublish
     RelaySender sender(holder.hub, peers, holder.epochs);
     peers.peers[0].interest = {consumer_bit("alice")};
     sender.on_notification(event(1, "alice")); // heard while reading the newest position
+    sender.on_notifications_done();
     EXPECT_TRUE(peers.peers[0].got.empty());
     sender.on_listener_ready(1, 1, 1);
     sender.on_listener_lost();
@@ -225,6 +237,11 @@ struct ReceiverTest : ::testing::Test {
         peers.peers[0].interest = {consumer_bit("alice")};
         sender.on_listener_ready(1, 0, 0);
     }
+    // The holder hears one notification (one read of its socket).
+    void notify(const std::string &payload) {
+        sender.on_notification(payload);
+        sender.on_notifications_done();
+    }
     // Hands the receiver what the holder sent it since last time.
     void deliver() {
         for (const auto &d : peers.peers[0].got) {
@@ -246,8 +263,8 @@ TEST_F(ReceiverTest, GoesLiveWhenSharedMemoryShowsALiveHolderThenTakesEvents) {
     EXPECT_TRUE(w.hub.listening());
     w.catch_up(*s);
     ASSERT_EQ(s->mode(), Stream::Mode::Live);
-    sender.on_notification(event(1, "alice"));
-    sender.on_notification(event(2, "alice"));
+    notify(event(1, "alice"));
+    notify(event(2, "alice"));
     deliver();
     EXPECT_NE(drain().find("id: 2"), std::string::npos);
     EXPECT_EQ(s->last_position(), 2);
@@ -258,9 +275,9 @@ TEST_F(ReceiverTest, GoesLiveWhenSharedMemoryShowsALiveHolderThenTakesEvents) {
 TEST_F(ReceiverTest, AGapSendsTheStreamsThroughTheTable) {
     w.receiver.sync(peers.view(0));
     w.catch_up(*s);
-    sender.on_notification(event(1, "alice"));
+    notify(event(1, "alice"));
     peers.peers[0].got.clear(); // lost on the way
-    sender.on_notification(event(2, "alice"));
+    notify(event(2, "alice"));
     deliver();
     EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
     EXPECT_TRUE(s->wants_query(true));
@@ -274,13 +291,13 @@ TEST_F(ReceiverTest, AnOverrunWithoutAFollowingDatagramIsNoticedBySync) {
     w.receiver.sync(peers.view(0));
     w.catch_up(*s);
     peers.peers[0].answer = RelayPeers::Sent::Lost;
-    sender.on_notification(event(1, "alice"));
+    notify(event(1, "alice"));
     w.receiver.sync(peers.view(0)); // after the drain, or by the periodic check
     EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
     EXPECT_EQ(w.receiver.catchups(), 1u);
     peers.peers[0].answer = RelayPeers::Sent::Ok;
     w.catch_up(*s);
-    sender.on_notification(event(2, "alice"));
+    notify(event(2, "alice"));
     deliver(); // in order after the resync: delivered
     EXPECT_EQ(s->last_position(), 2);
     EXPECT_EQ(w.receiver.catchups(), 1u);
@@ -304,10 +321,10 @@ TEST_F(ReceiverTest, TheHolderLosingPostgresParksTheStreamsUntilItIsBack) {
 TEST_F(ReceiverTest, ANewSessionSeenFirstInADatagramResyncsAndAStaleOneIsIgnored) {
     w.receiver.sync(peers.view(0));
     w.catch_up(*s);
-    std::string stale = datagram(101, 1, event(1, "alice"));
+    std::string stale = datagram(101, 1, {event(1, "alice")});
     sender.on_listener_lost();
     sender.on_listener_ready(2, 0, 0); // another holder or session: epoch 102
-    sender.on_notification(event(2, "alice"));
+    notify(event(2, "alice"));
     deliver();
     EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
     EXPECT_EQ(w.receiver.catchups(), 1u);
@@ -320,9 +337,9 @@ TEST_F(ReceiverTest, ANewSessionSeenFirstInADatagramResyncsAndAStaleOneIsIgnored
 TEST_F(ReceiverTest, ADatagramOfADeadSessionDoesNotMakeStreamsLive) {
     w.receiver.sync(peers.view(0));
     w.catch_up(*s);
-    sender.on_notification(event(1, "alice"));
+    notify(event(1, "alice"));
     sender.on_listener_lost(); // sent just before the holder lost PostgreSQL
-    w.receiver.on_datagram(datagram(101, 5, event(3, "alice")), peers.view(0));
+    w.receiver.on_datagram(datagram(101, 5, {event(3, "alice")}), peers.view(0));
     EXPECT_FALSE(w.receiver.ready());
     EXPECT_FALSE(w.hub.listening());
 }
@@ -342,6 +359,13 @@ TEST_F(ReceiverTest, MalformedDatagramsAreIgnoredAndLoggedOnce) {
     w.receiver.on_datagram("short", peers.view(0));
     EXPECT_EQ(w.log.count("malformed relay datagram"), 1u);
     EXPECT_TRUE(w.receiver.ready());
+    w.catch_up(*s);
+    std::string cut = datagram(101, peers.peers[0].seq + 1, {event(1, "alice")});
+    cut.resize(cut.size() - 2); // a record cut short: what it carried may be lost
+    peers.peers[0].seq += 1;
+    w.receiver.on_datagram(cut, peers.view(0));
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
+    EXPECT_TRUE(w.receiver.ready());
 }
 
 TEST_F(ReceiverTest, TakingTheRoleHandsOverToTheWorkersOwnListener) {
@@ -352,4 +376,24 @@ TEST_F(ReceiverTest, TakingTheRoleHandsOverToTheWorkersOwnListener) {
     EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
     w.receiver.sync(peers.view(0)); // no longer listens to shared memory
     EXPECT_FALSE(w.receiver.ready());
+}
+
+TEST(RelaySenderTest, ALargeBatchIsSplitIntoSeveralNumberedDatagrams) {
+    Worker holder;
+    FakePeers peers(1);
+    RelaySender sender(holder.hub, peers, holder.epochs);
+    peers.peers[0].interest = {consumer_bit("alice")};
+    sender.on_listener_ready(1, 0, 0);
+    peers.peers[0].got.clear();
+    std::string big = event(1, "alice") + std::string(7000, ' ');
+    for (int i = 0; i < 6; ++i) {
+        sender.on_notification(big);
+    }
+    sender.on_notifications_done();
+    ASSERT_EQ(peers.peers[0].got.size(), 2u);
+    for (const auto &d : peers.peers[0].got) {
+        EXPECT_LE(d.size(), relay_batch_bytes);
+    }
+    EXPECT_EQ(peers.peers[0].seq, 2u);
+    EXPECT_EQ(sender.forwarded(), 6u);
 }
