@@ -610,7 +610,7 @@ def main():
 
     # ---- summary first
     head = L[:]
-    S = ["## Targets of issue 6\n", "| target | measured (median) | verdict |", "|---|---|---|"]
+    S = ["## Targets (issue 6; (g): issue 12)\n", "| target | measured (median) | verdict |", "|---|---|---|"]
     for t, v, ok in targets:
         S.append("| %s | %s | %s |" % (t, v, ok))
     S.append("")
