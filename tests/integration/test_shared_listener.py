@@ -263,6 +263,19 @@ def test_health_is_up_from_any_worker_while_the_instance_listens(db, nginx):
     assert len(seen) == 2, "health was answered by one worker only: %s" % seen
 
 
+def test_the_directives_are_checked_by_nginx_t(db):
+    for directive, value, expected in (
+            ("event_piper_listener", "both", 'invalid value "both"'),
+            ("event_piper_relay_buffer", "1k", "at least 64k")):
+        rc, out = Nginx(make_tmp("conf"), NGINX_CONF, pg=db,
+                        http={directive: value}).test_config()
+        assert rc != 0 and expected in out, out
+    rc, out = Nginx(make_tmp("conf"), NGINX_CONF, pg=db,
+                    http={"event_piper_listener": "per_worker",
+                          "event_piper_relay_buffer": "16m"}).test_config()
+    assert rc == 0, out
+
+
 # -- failover --
 
 def _failover(db, ngx, stop_holder):
