@@ -233,6 +233,7 @@ struct Options {
     uint64_t conns = 1;
     int sources = 4;                       // 127.0.0.1 .. 127.0.0.<sources>
     std::string last_event_id;             // sent when non-empty
+    std::string groups;                    // X-Consumer-Groups when non-empty (several ids)
     std::vector<int> pids;                 // nginx workers to probe
     int64_t connect_timeout_ms = 60000;
     int max_connecting = 256;
@@ -285,6 +286,7 @@ Options parse_args(int argc, char **argv) {
         else if (k == "--conns") o.conns = strtoull(val().c_str(), nullptr, 10);
         else if (k == "--sources") o.sources = atoi(val().c_str());
         else if (k == "--last-event-id") o.last_event_id = val();
+        else if (k == "--groups") o.groups = val();
         else if (k == "--pids") {
             std::string v = val();
             for (char *p = &v[0]; *p;) {
@@ -779,6 +781,7 @@ private:
                   "\r\nAccept: text/event-stream\r\nX-Consumer-Id: " + consumer + "\r\n";
         }
         if (!o_.last_event_id.empty()) req += "Last-Event-ID: " + o_.last_event_id + "\r\n";
+        if (!o_.groups.empty()) req += "X-Consumer-Groups: " + o_.groups + "\r\n";
         req += "\r\n";
         return req;
     }

@@ -554,16 +554,65 @@ def main():
                             verdict(m.med <= T_FILTER_US, "" if m.med <= T_FILTER_US else
                                     "%s over" % f_us(m.med - T_FILTER_US))))
 
-    # ---- (g) issue 12: shared listener against per_worker
+    # ---- (g) several ids per stream: fan-out
     rg = select(runs, "g")
     if rg:
+        L.append("## (g) Fan-out to streams of ten ids against single-id streams (issue 13)\n")
+        L.append("N streams of the module; `ids10`: each stream carries the ten ids mx0..mx9 "
+                 "(`X-Consumer-Groups`) and events are spread over the ten ids; `ids1`: each "
+                 "stream carries one id and every event is addressed to it. Every event reaches "
+                 "every stream in both; worker CPU ÷ deliveries.\n")
+        L.append("| streams | CPU per delivery, 1 id | CPU per delivery, 10 ids | ratio 10 ÷ 1 |"
+                 "\n|---|---|---|---|")
+        worst = None
+        for n in sorted({r.get("n") for r in rg}):
+            one = metric([r for r in sub(rg, n=n) if r.get("variant") == "ids1"],
+                         "cpu_us_per_delivery")
+            ten = metric([r for r in sub(rg, n=n) if r.get("variant") == "ids10"],
+                         "cpu_us_per_delivery")
+            r = ratio(ten.med, one.med)
+            if r is not None:
+                worst = r if worst is None else max(worst, r)
+            L.append("| %s | %s | %s | %s |" % (f_int(n), one.fmt(f_us), ten.fmt(f_us),
+                                                f_ratio(r)))
+        L.append("")
+        L.append(incomplete_note(rg))
+        if worst is not None:
+            targets.append(("(g) fan-out CPU per delivery, 10 ids ÷ 1 id ≤ 1.5×", f_ratio(worst),
+                            verdict(worst <= 1.5, "" if worst <= 1.5 else
+                                    "%.2f over" % (worst - 1.5))))
+
+    # ---- (h) several ids per stream: replay
+    rh = select(runs, "h")
+    if rh:
+        one = metric([r for r in rh if r.get("variant") == "ids1"], "deliveries_per_s")
+        ten = metric([r for r in rh if r.get("variant") == "ids10"], "deliveries_per_s")
+        g1 = metric([r for r in rh if r.get("variant") == "ids1"], "rss_growth")
+        g10 = metric([r for r in rh if r.get("variant") == "ids10"], "rss_growth")
+        r = ratio(ten.med, one.med)
+        L.append("## (h) Replay to a stream of ten ids against a stream of one id (issue 13)\n")
+        L.append("The same number of stored rows (%s): for one id ('replay'), or spread over "
+                 "ten ids (rmx0..rmx9) of one stream, whose replay query merges ten index range "
+                 "scans (Merge Append).\n" % f_int(rh[0].get("n")))
+        L.append("| | rows/s | peak worker RSS growth |\n|---|---|---|")
+        L.append("| 1 id | %s | %s |" % (one.fmt(f_rate), g1.fmt(f_mb)))
+        L.append("| 10 ids | %s | %s |" % (ten.fmt(f_rate), g10.fmt(f_mb)))
+        L.append("\nRatio 10 ids ÷ 1 id (rows/s): %s.\n" % f_ratio(r))
+        L.append(incomplete_note(rh))
+        if r is not None:
+            targets.append(("(h) replay rows/s, 10 ids ÷ 1 id ≥ 0.7×", f_ratio(r),
+                            verdict(r >= 0.7, "" if r >= 0.7 else "%.2f below" % (0.7 - r))))
+
+    # ---- (i) issue 12: shared listener against per_worker
+    ri = select(runs, "i")
+    if ri:
         def part(name, variant):
-            return [r for r in rg if r.get("part") == name and r.get("variant") == variant]
+            return [r for r in ri if r.get("part") == name and r.get("variant") == variant]
         fs, fp = (metric(part("f", v), "cpu_us_per_event") for v in ("shared", "per_worker"))
         cs, cp = (metric(part("c", v), "latency_us", ["pct", "50"]) for v in ("shared",
                                                                               "per_worker"))
         ws, wp = (metric(part("writers", v), "commits_per_s") for v in ("shared", "per_worker"))
-        L.append("## (g) One listener per instance (issue 12): `shared` against `per_worker`\n")
+        L.append("## (i) One listener per instance (issue 12): `shared` against `per_worker`\n")
         L.append("The same module, the two values of `event_piper_listener`, alternated within "
                  "each repetition (one nginx at a time). *Filtered*: worker CPU per event summed "
                  "over the workers, %s streams of as many consumers (as in (f)). *Latency*: "
@@ -572,7 +621,7 @@ def main():
                  "while 16 or 64 idle sessions LISTEN on `new_events`, standing in for a fleet of "
                  "16 instances × 4 workers (shared: 16 listeners, per_worker: 64); fsync and "
                  "synchronous_commit on for this part, no nginx running.\n"
-                 % (f_int(FILTER_N(rg)), meta.get("rate")))
+                 % (f_int(FILTER_N(ri)), meta.get("rate")))
         L.append("| | shared | per_worker | shared ÷ per_worker |\n|---|---|---|---|")
         L.append("| filtered: worker CPU per event | %s | %s | %s |"
                  % (fs.fmt(f_us), fp.fmt(f_us), f_ratio(ratio(fs.med, fp.med))))
@@ -581,19 +630,19 @@ def main():
         L.append("| writers: commits/s (16 vs 64 listeners) | %s | %s | %s |"
                  % (ws.fmt(f_rate), wp.fmt(f_rate), f_ratio(ratio(ws.med, wp.med))))
         L.append("")
-        L.append(incomplete_note([r for r in rg if r.get("part") != "writers"]))
+        L.append(incomplete_note([r for r in ri if r.get("part") != "writers"]))
         if fs.med is not None:
-            targets.append(("(g) shared: ≤ 20 µs worker CPU per event at 10,000 consumers",
+            targets.append(("(i) shared: ≤ 20 µs worker CPU per event at 10,000 consumers",
                             f_us(fs.med), verdict(fs.med <= T_FILTER_US, "" if fs.med <= T_FILTER_US
                                                   else "%s over" % f_us(fs.med - T_FILTER_US))))
         if cs.med is not None and cp.med is not None:
             gap = cs.med - cp.med
-            targets.append(("(g) shared p50 within 0.2 ms of per_worker (1 stream)",
+            targets.append(("(i) shared p50 within 0.2 ms of per_worker (1 stream)",
                             "%s vs %s" % (f_ms(cs.med), f_ms(cp.med)),
                             verdict(gap <= 200.0, "" if gap <= 200.0 else
                                     "%s over" % f_ms(gap - 200.0))))
         if ws.med is not None and wp.med is not None:
-            targets.append(("(g) writers: commits/s with 16 listeners (shared) vs 64 (per_worker)",
+            targets.append(("(i) writers: commits/s with 16 listeners (shared) vs 64 (per_worker)",
                             "%s vs %s" % (f_rate(ws.med), f_rate(wp.med)),
                             verdict(ws.med >= wp.med, "")))
 
@@ -610,7 +659,7 @@ def main():
 
     # ---- summary first
     head = L[:]
-    S = ["## Targets (issue 6; (g): issue 12)\n", "| target | measured (median) | verdict |", "|---|---|---|"]
+    S = ["## Targets (issues 6, 12 and 13)\n", "| target | measured (median) | verdict |", "|---|---|---|"]
     for t, v, ok in targets:
         S.append("| %s | %s | %s |" % (t, v, ok))
     S.append("")

@@ -12,7 +12,7 @@
 # stopped on exit, Ctrl-C or SIGTERM.
 #
 # Environment (all optional):
-#   BENCH_TESTS="a b c d e f g"  which measurements to run (g: shared listener vs per_worker)
+#   BENCH_TESTS="a b c d e f g h i"  which measurements to run (i: shared listener vs per_worker)
 #   BENCH_REPS=N               repetitions (default 5, quick 2)
 #   BENCH_WORKERS=N            worker_processes for both nginx (default 2 = nproc here)
 #   BENCH_RATE=N               publish rate of the latency test, events/s (default 50)
@@ -46,7 +46,7 @@ else
 fi
 COMMAND=${BENCH_COMMAND:-$COMMAND}
 
-TESTS=${BENCH_TESTS:-"a b c d e f g"}
+TESTS=${BENCH_TESTS:-"a b c d e f g h i"}
 WORKERS=${BENCH_WORKERS:-2}
 RATE=${BENCH_RATE:-50}
 REPLAY_ROWS=${BENCH_REPLAY_ROWS:-1000000}
@@ -193,7 +193,10 @@ EOF
     event_piper_postgres "$CONNINFO";
     server {
         listen 127.0.0.1:$port backlog=4096;
-        location = /events { event_piper; }
+        location = /events {
+            event_piper;
+            event_piper_consumer_groups \$http_x_consumer_groups;
+        }
         location = /health { event_piper_health; }
         # Baseline of test (a): a plain request that waits for its body (no module involved).
         location = /hold { client_body_timeout 3600s; proxy_pass http://127.0.0.1:9; }
@@ -415,13 +418,18 @@ load_replay_rows() {
     local have
     have=$(psql_su -At -c "select coalesce(max(position),0) from events")
     (( have == 0 )) || die "the events table is not empty before loading the replay rows"
+    # (h) also reads the same number of rows spread over ten ids rmx0..rmx9, after those.
     psql_su >/dev/null <<EOF
 SET session_replication_role = replica;  -- no commit trigger: positions are set here, no NOTIFY
 INSERT INTO events (type, timestamp, subscriber, payload, position)
 SELECT 'bench', now(), 'replay',
        jsonb_build_object('t', 0, 's', g, 'p', repeat('x', 64)), g
   FROM generate_series(1, $REPLAY_ROWS) g;
-SELECT setval('events_position_seq', $REPLAY_ROWS);
+INSERT INTO events (type, timestamp, subscriber, payload, position)
+SELECT 'bench', now(), 'rmx' || (g % 10),
+       jsonb_build_object('t', 0, 's', g, 'p', repeat('x', 64)), $REPLAY_ROWS + g
+  FROM generate_series(1, $REPLAY_ROWS) g;
+SELECT setval('events_position_seq', 2 * $REPLAY_ROWS);
 RESET session_replication_role;
 VACUUM ANALYZE events;
 EOF
@@ -453,13 +461,61 @@ test_f() {
     done
 }
 
-# (g) issue 12: the shared listener against one listener per worker, in the same run.
+# (g) fan-out with several ids per stream (issue 13): N streams, each of the ten ids mx0..mx9,
+# events spread over the ten ids, against N single-id streams; every event reaches every stream.
+MX_IDS="mx1,mx2,mx3,mx4,mx5,mx6,mx7,mx8,mx9"
+test_g() {
+    local rep n variant
+    for n in 100 1000; do
+        for rep in $(seq 1 "$REPS"); do
+            for variant in $(order_for_rep "$rep" ids1 ids10); do
+                log "(g) fan-out, $variant: $n streams, rep $rep"
+                if [[ $variant == ids1 ]]; then
+                    run_client "\"test\":\"g\",\"variant\":\"ids1\",\"rep\":$rep,\"n\":$n" \
+                        stream $(stream_args module) $(pub_args module) --pg-conninfo "$CONNINFO" \
+                        --conns "$n" --consumer mxs --pub-consumer mxs --pids "${WPIDS[module]}" \
+                        --duration-ms "$PUB_MS" --window 16 --payload-bytes "$PAYLOAD_BYTES" --drain-ms 15000
+                else
+                    run_client "\"test\":\"g\",\"variant\":\"ids10\",\"rep\":$rep,\"n\":$n" \
+                        stream $(stream_args module) $(pub_args module) --pg-conninfo "$CONNINFO" \
+                        --conns "$n" --consumer mx0 --groups "$MX_IDS" --pub-consumer "mx%d" \
+                        --pub-consumers 10 --pids "${WPIDS[module]}" \
+                        --duration-ms "$PUB_MS" --window 16 --payload-bytes "$PAYLOAD_BYTES" --drain-ms 15000
+                fi
+            done
+        done
+    done
+}
+
+# (h) replay of REPLAY_ROWS rows to one stream of ten ids (rmx0..rmx9) against one stream of one
+# id ('replay'), the same number of rows.
+test_h() {
+    local rep variant
+    for rep in $(seq 1 "$REPS"); do
+        for variant in $(order_for_rep "$rep" ids1 ids10); do
+            log "(h) replay, $variant: $REPLAY_ROWS rows, rep $rep"
+            if [[ $variant == ids1 ]]; then
+                run_client "\"test\":\"h\",\"variant\":\"ids1\",\"rep\":$rep,\"n\":$REPLAY_ROWS" \
+                    stream $(stream_args module) --conns 1 --consumer replay --last-event-id 0 \
+                    --pids "${WPIDS[module]}" --expect-events "$REPLAY_ROWS" --run-ms 120000 --no-latency
+            else
+                run_client "\"test\":\"h\",\"variant\":\"ids10\",\"rep\":$rep,\"n\":$REPLAY_ROWS" \
+                    stream $(stream_args module) --conns 1 --consumer rmx0 \
+                    --groups "rmx1,rmx2,rmx3,rmx4,rmx5,rmx6,rmx7,rmx8,rmx9" \
+                    --last-event-id "$REPLAY_ROWS" --pids "${WPIDS[module]}" \
+                    --expect-events "$REPLAY_ROWS" --run-ms 120000 --no-latency
+            fi
+        done
+    done
+}
+
+# (i) issue 12: the shared listener against one listener per worker, in the same run.
 #   f: worker CPU per event summed over the workers, 10,000 streams of 10,000 consumers;
 #   c: commit-to-receipt latency at 1 stream;
 #   writers: commits/s of 8 single-row writers (pgbench) while 16 or 64 idle sessions LISTEN on
 #   new_events, standing in for a fleet of 16 instances x 4 workers (shared: 16, per_worker:
 #   64); no nginx runs meanwhile; fsync and synchronous_commit on for that part.
-test_g() {
+test_i() {
     local rep sys other variant n i tps
     stop_nginx module
     for rep in $(seq 1 "$REPS"); do
@@ -468,16 +524,16 @@ test_g() {
             variant=shared; [[ $sys == module_pw ]] && variant=per_worker
             stop_nginx "$other"
             restart_nginx "$sys"
-            log "(g) $variant: filtered, $FILTER_STREAMS consumers, rep $rep"
-            run_client "\"test\":\"g\",\"part\":\"f\",\"variant\":\"$variant\",\"rep\":$rep,\"n\":$FILTER_STREAMS" \
+            log "(i) $variant: filtered, $FILTER_STREAMS consumers, rep $rep"
+            run_client "\"test\":\"i\",\"part\":\"f\",\"variant\":\"$variant\",\"rep\":$rep,\"n\":$FILTER_STREAMS" \
                 stream $(stream_args "$sys") $(pub_args "$sys") \
                 --pg-conninfo "$CONNINFO" --conns "$FILTER_STREAMS" --consumer "gflt%d" \
                 --consumers "$FILTER_STREAMS" --pub-consumers "$FILTER_STREAMS" \
                 --pids "${WPIDS[$sys]}" --duration-ms "$PUB_MS" --window 64 \
                 --payload-bytes "$PAYLOAD_BYTES" --drain-ms 15000
             restart_nginx "$sys"
-            log "(g) $variant: latency at 1 stream, $RATE events/s, rep $rep"
-            run_client "\"test\":\"g\",\"part\":\"c\",\"variant\":\"$variant\",\"rep\":$rep,\"n\":1,\"rate\":$RATE" \
+            log "(i) $variant: latency at 1 stream, $RATE events/s, rep $rep"
+            run_client "\"test\":\"i\",\"part\":\"c\",\"variant\":\"$variant\",\"rep\":$rep,\"n\":1,\"rate\":$RATE" \
                 stream $(stream_args "$sys") $(pub_args "$sys") --pub-conns 1 \
                 --pg-conninfo "$CONNINFO" --conns 1 --consumer glat --pids "${WPIDS[$sys]}" \
                 --duration-ms "$LAT_MS" --rate "$RATE" --payload-bytes "$PAYLOAD_BYTES" \
@@ -498,7 +554,7 @@ test_g() {
                 (( $(psql_su -At -c "select count(*) from pg_stat_activity where application_name = 'bench_idle_listener' and state = 'idle' and query like 'LISTEN%'") >= n )) && break
                 sleep 0.05
             done
-            log "(g) writers: 8 single-row writers, $n idle listeners ($variant), rep $rep"
+            log "(i) writers: 8 single-row writers, $n idle listeners ($variant), rep $rep"
             tps=$(PGPASSWORD=event_piper pgbench -n -h 127.0.0.1 -p "$PGPORT" -U event_piper \
                 -c 8 -j 2 -T $(( PUB_MS * 2 / 1000 )) -f "$TMP/writer.sql" event_piper 2>&1 \
                 | awk '/^tps = / {print $3; exit}')
@@ -506,7 +562,7 @@ test_g() {
             wait "$IDLE_PID" 2>/dev/null || true
             IDLE_PID=""
             log "    commits/s $tps"
-            echo "{\"test\":\"g\",\"part\":\"writers\",\"variant\":\"$variant\",\"rep\":$rep,\"listeners\":$n,\"commits_per_s\":${tps:-0}}" >>"$JSONL"
+            echo "{\"test\":\"i\",\"part\":\"writers\",\"variant\":\"$variant\",\"rep\":$rep,\"listeners\":$n,\"commits_per_s\":${tps:-0}}" >>"$JSONL"
         done
     done
     psql_su -c "ALTER SYSTEM RESET fsync" -c "ALTER SYSTEM RESET synchronous_commit" \
@@ -518,7 +574,7 @@ test_g() {
 STARTED=$(date +%s)
 log "temp folder $TMP; workers $WORKERS; reps $REPS; tests: $TESTS"
 # The replay rows go in first, at positions 1..N, before anything else is published.
-if [[ " $TESTS " == *" e "* ]]; then load_replay_rows; fi
+if [[ " $TESTS " == *" e "* || " $TESTS " == *" h "* ]]; then load_replay_rows; fi
 start_nginx module
 start_nginx nchan
 for t in $TESTS; do
@@ -530,6 +586,8 @@ for t in $TESTS; do
         e) test_e ;;
         f) test_f ;;
         g) test_g ;;
+        h) test_h ;;
+        i) test_i ;;
         *) die "unknown test $t" ;;
     esac
 done

@@ -108,10 +108,10 @@ void Stream::on_listener_lost() {
     }
 }
 
-void Stream::on_listener_ready(int64_t head) {
+void Stream::on_listener_ready(int64_t newest) {
     if (last_ < 0) {
-        last_ = head;
-        handed_last_ = head;
+        last_ = newest;
+        handed_last_ = newest;
     }
     waiting_for_listener_ = false;
     if (mode_ == Mode::Live) {

@@ -105,7 +105,7 @@ public:
     bool wants_query(bool socket_drained) const;
 
     void on_listener_lost();
-    void on_listener_ready(int64_t head);
+    void on_listener_ready(int64_t newest);
 
     // Output bytes. The glue takes what is pending when the socket can take more.
     void append_raw(std::string_view bytes) { pending_.append(bytes); }
