@@ -1157,8 +1157,10 @@ class NginxInstances:
 
     def finish(self):
         problems = []
-        for ngx in self.instances:
-            forced = ngx.stop()
+        # Every instance stopped first: waiting for one instance's connections to go away while
+        # another still runs would wait for nothing (the second instance's stay).
+        stopped = [(ngx, ngx.stop()) for ngx in self.instances]
+        for ngx, forced in stopped:
             if ngx.pg is not None and ngx.pg.running and ngx.with_module:
                 ngx.pg.wait_no_module_connections()
             bad = ngx.bad_log_lines()
