@@ -37,6 +37,8 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
     mcf->replay_connections = NGX_CONF_UNSET_UINT;
     mcf->listener_timeout = NGX_CONF_UNSET_MSEC;
     mcf->replay_memory = NGX_CONF_UNSET_SIZE;
+    mcf->listener_shared = NGX_CONF_UNSET_UINT;
+    mcf->relay_buffer = NGX_CONF_UNSET_SIZE;
     mcf->used = NGX_CONF_UNSET;
     return mcf;
 }
@@ -49,6 +51,8 @@ char *init_main_conf(ngx_conf_t *, void *conf) noexcept {
     ngx_conf_init_uint_value(mcf->replay_connections, 2);
     ngx_conf_init_msec_value(mcf->listener_timeout, 60000);
     ngx_conf_init_size_value(mcf->replay_memory, 64 * 1024 * 1024);
+    ngx_conf_init_uint_value(mcf->listener_shared, 1);
+    ngx_conf_init_size_value(mcf->relay_buffer, 4 * 1024 * 1024);
     ngx_conf_init_value(mcf->used, 0);
     return NGX_CONF_OK;
 }
@@ -313,6 +317,13 @@ Minimum stream_buffer_min = {4096, "a size of at least 4k (\"256k\", \"1m\")"};
 Minimum replay_memory_min = {1024 * 1024, "a size of at least 1m (\"64m\", \"1g\")"};
 Minimum listener_timeout_min = {3000, "a time of at least 3s (\"60s\", \"2m\")"};
 Minimum retry_min = {1, "a positive time (\"2s\", \"500ms\")"};
+Minimum relay_buffer_min = {64 * 1024, "a size of at least 64k (\"4m\", \"16m\")"};
+
+ngx_conf_enum_t listener_modes[] = {
+    {ngx_string("shared"), 1},
+    {ngx_string("per_worker"), 0},
+    {ngx_null_string, 0},
+};
 
 char *set_size(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     auto *field = reinterpret_cast<size_t *>(static_cast<char *>(conf) + cmd->offset);
@@ -361,6 +372,11 @@ ngx_command_t commands[] = {
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, replay_memory), &replay_memory_min},
     {ngx_string("event_piper_listener_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_time,
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, listener_timeout), &listener_timeout_min},
+    {ngx_string("event_piper_listener"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+     ngx_conf_set_enum_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, listener_shared),
+     listener_modes},
+    {ngx_string("event_piper_relay_buffer"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_size,
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, relay_buffer), &relay_buffer_min},
     {ngx_string("event_piper_consumer"),
      NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF | NGX_CONF_TAKE12, set_consumer,
      NGX_HTTP_LOC_CONF_OFFSET, 0, nullptr},

@@ -260,6 +260,10 @@ plot %s
 # ---------------------------------------------------------------------------------------------
 # The report
 
+def FILTER_N(runs):
+    return next((r.get("n") for r in runs if r.get("part") == "f"), 0) or 0
+
+
 def main():
     if len(sys.argv) != 4:
         sys.exit("usage: report.py <meta.json> <results.jsonl> <out-dir>")
@@ -599,6 +603,49 @@ def main():
             targets.append(("(h) replay rows/s, 10 ids ÷ 1 id ≥ 0.7×", f_ratio(r),
                             verdict(r >= 0.7, "" if r >= 0.7 else "%.2f below" % (0.7 - r))))
 
+    # ---- (i) issue 12: shared listener against per_worker
+    ri = select(runs, "i")
+    if ri:
+        def part(name, variant):
+            return [r for r in ri if r.get("part") == name and r.get("variant") == variant]
+        fs, fp = (metric(part("f", v), "cpu_us_per_event") for v in ("shared", "per_worker"))
+        cs, cp = (metric(part("c", v), "latency_us", ["pct", "50"]) for v in ("shared",
+                                                                              "per_worker"))
+        ws, wp = (metric(part("writers", v), "commits_per_s") for v in ("shared", "per_worker"))
+        L.append("## (i) One listener per instance (issue 12): `shared` against `per_worker`\n")
+        L.append("The same module, the two values of `event_piper_listener`, alternated within "
+                 "each repetition (one nginx at a time). *Filtered*: worker CPU per event summed "
+                 "over the workers, %s streams of as many consumers (as in (f)). *Latency*: "
+                 "commit-to-receipt p50 at 1 stream, %s events/s (as in (c)). *Writers*: "
+                 "commits/s of 8 single-row writers (`pgbench -c 8`, the original's insert) "
+                 "while 16 or 64 idle sessions LISTEN on `new_events`, standing in for a fleet of "
+                 "16 instances × 4 workers (shared: 16 listeners, per_worker: 64); fsync and "
+                 "synchronous_commit on for this part, no nginx running.\n"
+                 % (f_int(FILTER_N(ri)), meta.get("rate")))
+        L.append("| | shared | per_worker | shared ÷ per_worker |\n|---|---|---|---|")
+        L.append("| filtered: worker CPU per event | %s | %s | %s |"
+                 % (fs.fmt(f_us), fp.fmt(f_us), f_ratio(ratio(fs.med, fp.med))))
+        L.append("| latency p50, 1 stream | %s | %s | %s |"
+                 % (cs.fmt(f_ms), cp.fmt(f_ms), f_ratio(ratio(cs.med, cp.med))))
+        L.append("| writers: commits/s (16 vs 64 listeners) | %s | %s | %s |"
+                 % (ws.fmt(f_rate), wp.fmt(f_rate), f_ratio(ratio(ws.med, wp.med))))
+        L.append("")
+        L.append(incomplete_note([r for r in ri if r.get("part") != "writers"]))
+        if fs.med is not None:
+            targets.append(("(i) shared: ≤ 20 µs worker CPU per event at 10,000 consumers",
+                            f_us(fs.med), verdict(fs.med <= T_FILTER_US, "" if fs.med <= T_FILTER_US
+                                                  else "%s over" % f_us(fs.med - T_FILTER_US))))
+        if cs.med is not None and cp.med is not None:
+            gap = cs.med - cp.med
+            targets.append(("(i) shared p50 within 0.2 ms of per_worker (1 stream)",
+                            "%s vs %s" % (f_ms(cs.med), f_ms(cp.med)),
+                            verdict(gap <= 200.0, "" if gap <= 200.0 else
+                                    "%s over" % f_ms(gap - 200.0))))
+        if ws.med is not None and wp.med is not None:
+            targets.append(("(i) writers: commits/s with 16 listeners (shared) vs 64 (per_worker)",
+                            "%s vs %s" % (f_rate(ws.med), f_rate(wp.med)),
+                            verdict(ws.med >= wp.med, "")))
+
     # ---- plots
     with tempfile.TemporaryDirectory() as tmp:
         if rc_:
@@ -612,7 +659,7 @@ def main():
 
     # ---- summary first
     head = L[:]
-    S = ["## Targets (issues 6 and 13)\n", "| target | measured (median) | verdict |", "|---|---|---|"]
+    S = ["## Targets (issues 6, 12 and 13)\n", "| target | measured (median) | verdict |", "|---|---|---|"]
     for t, v, ok in targets:
         S.append("| %s | %s | %s |" % (t, v, ok))
     S.append("")

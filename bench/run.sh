@@ -14,7 +14,7 @@
 # stopped on exit, Ctrl-C or SIGTERM.
 #
 # Environment (all optional):
-#   BENCH_TESTS="a b c d e f g h"  which measurements to run
+#   BENCH_TESTS="a b c d e f g h i"  which measurements to run (i: shared listener vs per_worker)
 #   BENCH_REPS=N               repetitions (default 5, quick 2)
 #   BENCH_WORKERS=N            worker_processes for both nginx (default 2 = nproc here)
 #   BENCH_RATE=N               publish rate of the latency test, events/s (default 50)
@@ -49,7 +49,7 @@ else
 fi
 COMMAND=${BENCH_COMMAND:-$COMMAND}
 
-TESTS=${BENCH_TESTS:-"a b c d e f g h"}
+TESTS=${BENCH_TESTS:-"a b c d e f g h i"}
 WORKERS=${BENCH_WORKERS:-2}
 RATE=${BENCH_RATE:-50}
 REPLAY_ROWS=${BENCH_REPLAY_ROWS:-1000000}
@@ -127,7 +127,9 @@ cleanup() {
     trap - EXIT INT TERM
     if [[ -n $CLIENT_PID ]]; then kill -TERM "$CLIENT_PID" 2>/dev/null || true; fi
     stop_nginx module || true
+    stop_nginx module_pw || true
     stop_nginx nchan || true
+    if [[ -n ${IDLE_PID:-} ]]; then kill -TERM "$IDLE_PID" 2>/dev/null || true; fi
     "$ROOT/scripts/pgctl.sh" stop "$PGDATA_DIR" >/dev/null 2>&1 || true
     if [[ ${BENCH_KEEP:-0} == 1 ]]; then
         log "kept $TMP"
@@ -161,7 +163,7 @@ write_conf() { # system prefix port
     local sys=$1 p=$2 port=$3
     mkdir -p "$p/logs" "$p/tmp" "$p/conf"
     {
-        if [[ $sys == module ]]; then
+        if [[ $sys == module* ]]; then
             echo "load_module $TMP/ngx_event_piper_module.so;"
         else
             echo "load_module $NCHAN_SO;"
@@ -187,7 +189,9 @@ http {
     tcp_nodelay on;
     $NGINX_EXTRA
 EOF
-        if [[ $sys == module ]]; then
+        if [[ $sys == module* ]]; then
+            # module: the default shared listener; module_pw: one listener per worker (issue 12).
+            [[ $sys == module_pw ]] && echo "    event_piper_listener per_worker;"
             cat <<EOF
     event_piper_postgres "$CONNINFO";
     server {
@@ -242,14 +246,18 @@ start_nginx() { # system
     [[ -n $master ]] || die "nginx ($sys) wrote no pid file"
     MASTER[$sys]=$master
     WPIDS[$sys]=$(tr ' ' ',' <<<"$kids" | sed 's/,*$//')
-    if [[ $sys == module ]]; then
-        # Ready when every worker's listener is connected.
+    if [[ $sys == module* ]]; then
+        # Ready when its listeners are connected (one, or one per worker) and the other workers
+        # follow the shared one (they do within 500 ms).
+        local want=1
+        [[ $sys == module_pw ]] && want=$WORKERS
         for i in $(seq 1 200); do
             local n
             n=$(psql_su -At -c "select count(*) from pg_stat_activity where application_name = 'event_piper_listener'")
-            (( n >= WORKERS )) && break
+            (( n >= want )) && break
             sleep 0.05
         done
+        sleep 0.6
     fi
     sleep 0.3
 }
@@ -296,8 +304,8 @@ order_for_rep() { # rep a b -> "a b" or "b a", alternating who goes first
 }
 
 stream_args() { # system
-    if [[ $1 == module ]]; then
-        echo "--system module --port ${PORTS[module]} --path /events"
+    if [[ $1 == module* ]]; then
+        echo "--system module --port ${PORTS[$1]} --path /events"
     else
         echo "--system nchan --port ${PORTS[nchan]} --sub-path /sub/%s"
     fi
@@ -305,7 +313,7 @@ stream_args() { # system
 
 pub_args() { # system
     # The same publisher shape for both: PUB_CONNS connections, PIPELINE requests in flight each.
-    if [[ $1 == module ]]; then
+    if [[ $1 == module* ]]; then
         echo "--publish pg --pub-conns $PUB_CONNS --pipeline $PIPELINE"
     else
         echo "--publish http --pub-path /pub/%s --pub-conns $PUB_CONNS --pipeline $PIPELINE"
@@ -504,6 +512,67 @@ test_h() {
     done
 }
 
+# (i) issue 12: the shared listener against one listener per worker, in the same run.
+#   f: worker CPU per event summed over the workers, 10,000 streams of 10,000 consumers;
+#   c: commit-to-receipt latency at 1 stream;
+#   writers: commits/s of 8 single-row writers (pgbench) while 16 or 64 idle sessions LISTEN on
+#   new_events, standing in for a fleet of 16 instances x 4 workers (shared: 16, per_worker:
+#   64); no nginx runs meanwhile; fsync and synchronous_commit on for that part.
+test_i() {
+    local rep sys other variant n i tps
+    stop_nginx module
+    for rep in $(seq 1 "$REPS"); do
+        for sys in $(order_for_rep "$rep" module module_pw); do
+            other=module_pw; [[ $sys == module_pw ]] && other=module
+            variant=shared; [[ $sys == module_pw ]] && variant=per_worker
+            stop_nginx "$other"
+            restart_nginx "$sys"
+            log "(i) $variant: filtered, $FILTER_STREAMS consumers, rep $rep"
+            run_client "\"test\":\"i\",\"part\":\"f\",\"variant\":\"$variant\",\"rep\":$rep,\"n\":$FILTER_STREAMS" \
+                stream $(stream_args "$sys") $(pub_args "$sys") \
+                --pg-conninfo "$CONNINFO" --conns "$FILTER_STREAMS" --consumer "gflt%d" \
+                --consumers "$FILTER_STREAMS" --pub-consumers "$FILTER_STREAMS" \
+                --pids "${WPIDS[$sys]}" --duration-ms "$PUB_MS" --window 64 \
+                --payload-bytes "$PAYLOAD_BYTES" --drain-ms 15000
+            restart_nginx "$sys"
+            log "(i) $variant: latency at 1 stream, $RATE events/s, rep $rep"
+            run_client "\"test\":\"i\",\"part\":\"c\",\"variant\":\"$variant\",\"rep\":$rep,\"n\":1,\"rate\":$RATE" \
+                stream $(stream_args "$sys") $(pub_args "$sys") --pub-conns 1 \
+                --pg-conninfo "$CONNINFO" --conns 1 --consumer glat --pids "${WPIDS[$sys]}" \
+                --duration-ms "$LAT_MS" --rate "$RATE" --payload-bytes "$PAYLOAD_BYTES" \
+                --drain-ms 10000
+        done
+    done
+    stop_nginx module
+    stop_nginx module_pw
+    psql_su -c "ALTER SYSTEM SET fsync = on" -c "ALTER SYSTEM SET synchronous_commit = on" \
+        -c "SELECT pg_reload_conf()" >/dev/null
+    echo "insert into events (type, timestamp, subscriber, payload) values ('w', now(), 'writer' || :client_id, '{\"n\": 1}');" >"$TMP/writer.sql"
+    for rep in $(seq 1 "$REPS"); do
+        for n in $(order_for_rep "$rep" 16 64); do
+            variant=shared; (( n == 64 )) && variant=per_worker
+            /usr/bin/python3 "$BENCH/idle_listeners.py" "$CONNINFO" "$n" &
+            IDLE_PID=$!
+            for i in $(seq 1 200); do
+                (( $(psql_su -At -c "select count(*) from pg_stat_activity where application_name = 'bench_idle_listener' and state = 'idle' and query like 'LISTEN%'") >= n )) && break
+                sleep 0.05
+            done
+            log "(i) writers: 8 single-row writers, $n idle listeners ($variant), rep $rep"
+            tps=$(PGPASSWORD=event_piper pgbench -n -h 127.0.0.1 -p "$PGPORT" -U event_piper \
+                -c 8 -j 2 -T $(( PUB_MS * 2 / 1000 )) -f "$TMP/writer.sql" event_piper 2>&1 \
+                | awk '/^tps = / {print $3; exit}')
+            kill -TERM "$IDLE_PID" 2>/dev/null || true
+            wait "$IDLE_PID" 2>/dev/null || true
+            IDLE_PID=""
+            log "    commits/s $tps"
+            echo "{\"test\":\"i\",\"part\":\"writers\",\"variant\":\"$variant\",\"rep\":$rep,\"listeners\":$n,\"commits_per_s\":${tps:-0}}" >>"$JSONL"
+        done
+    done
+    psql_su -c "ALTER SYSTEM RESET fsync" -c "ALTER SYSTEM RESET synchronous_commit" \
+        -c "SELECT pg_reload_conf()" >/dev/null
+    start_nginx module
+}
+
 # --- run ------------------------------------------------------------------------------------
 STARTED=$(date +%s)
 log "temp folder $TMP; workers $WORKERS; reps $REPS; tests: $TESTS"
@@ -521,12 +590,14 @@ for t in $TESTS; do
         f) test_f ;;
         g) test_g ;;
         h) test_h ;;
+        i) test_i ;;
         *) die "unknown test $t" ;;
     esac
 done
 ELAPSED=$(( $(date +%s) - STARTED ))
 
-for sys in module nchan; do
+for sys in module module_pw nchan; do
+    [[ -f $TMP/nginx-$sys/logs/error.log ]] || continue
     if grep -E '\[(alert|emerg)\]' "$TMP/nginx-$sys/logs/error.log" >&2; then
         log "warning: nginx ($sys) logged alerts (above)"
     fi

@@ -2,6 +2,7 @@
 #include "hub.hpp"
 
 #include "notification.hpp"
+#include "relay.hpp"
 #include "sse_frame.hpp"
 
 namespace event_piper {
@@ -10,6 +11,11 @@ Hub::Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory)
     : clock_(clock), log_(log), replay_(replay_retry, *this, log, replay_memory) {}
 
 void Hub::open(Stream &s) {
+    if (interest_ != nullptr) {
+        for (const std::string &id : s.consumers()) {
+            interest_->add(id); // before the stream's first query
+        }
+    }
     if (s.last_position() < 0) {
         if (newest_ >= 0) {
             // A live-only stream starts at the newest position this worker knows.
@@ -32,6 +38,11 @@ void Hub::close(Stream &s) {
         registry_.remove(id, &s);
     }
     replay_.cancel(s);
+    if (interest_ != nullptr) {
+        for (const std::string &id : s.consumers()) {
+            interest_->remove(id);
+        }
+    }
 }
 
 void Hub::end_all() {

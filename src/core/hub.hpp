@@ -16,6 +16,8 @@
 
 namespace event_piper {
 
+class InterestMap;
+
 class Hub : public ListenerEvents, public ReplayEvents {
 public:
     // `replay_retry` fires replay().on_retry_timer(); links are added with replay().add_link().
@@ -32,6 +34,8 @@ public:
     void end_all();
 
     ReplayQueue &replay() { return replay_; }
+    // Shared listener: the consumers of this worker's streams, published for the holder.
+    void set_interest(InterestMap *interest) { interest_ = interest; }
     int64_t newest() const { return newest_; } // -1: not known yet
     bool listening() const { return epoch_ != 0; }
     size_t streams() const { return registry_.streams(); }
@@ -61,6 +65,7 @@ private:
 
     Clock &clock_;
     Log &log_;
+    InterestMap *interest_ = nullptr;
     Registry<Stream> registry_;
     ReplayQueue replay_;
     WorkerStats stats_;

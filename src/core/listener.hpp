@@ -20,6 +20,8 @@ public:
     virtual void on_notification(std::string_view payload) = 0;
     // When the oldest stream still waiting for a start position opened (0: none).
     virtual uint64_t waiting_since_ms() const = 0;
+    // The notifications of one read have all been handed over (a batch ends here).
+    virtual void on_notifications_done() {}
 
 protected:
     ~ListenerEvents() = default;
@@ -59,6 +61,7 @@ public:
     void on_link_idle(DbLink &link) override;
     void on_link_lost(DbLink &link, std::string_view why) override;
     void on_link_notify(DbLink &link, std::string_view payload) override;
+    void on_link_notifies_done(DbLink &) override { events_.on_notifications_done(); }
 
 private:
     void lose(std::string_view why);

@@ -79,6 +79,8 @@ public:
     virtual void on_link_idle(DbLink &link) = 0;                              // query complete
     virtual void on_link_lost(DbLink &link, std::string_view why) = 0;        // Down again
     virtual void on_link_notify(DbLink &, std::string_view /*payload*/) {}
+    // The notifications read from the socket in one go have all been handed over.
+    virtual void on_link_notifies_done(DbLink &) {}
 
 protected:
     ~DbLinkOwner() = default;

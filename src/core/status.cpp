@@ -48,6 +48,18 @@ const Field fields[] = {
     {"channel_mismatch", "event_piper_channel_mismatch", "gauge",
      "1 when the database's event_piper.channel differs from event_piper_channel.",
      &WorkerStats::channel_mismatch},
+    {"listener_holder", "event_piper_listener_holder", "gauge",
+     "1 for the worker that holds the instance's LISTEN connection (event_piper_listener shared).",
+     &WorkerStats::listener_holder},
+    {"relay_forwarded", "event_piper_relay_forwarded_total", "counter",
+     "Notifications forwarded to the worker by the listener's holder.",
+     &WorkerStats::relay_forwarded},
+    {"relay_dropped", "event_piper_relay_dropped_total", "counter",
+     "Notifications the holder could not forward to the worker (its buffer full).",
+     &WorkerStats::relay_dropped},
+    {"relay_catchups", "event_piper_relay_catchups_total", "counter",
+     "Times the worker's streams re-read the table after a forwarding loss.",
+     &WorkerStats::relay_catchups},
     {"unpositioned_rows", "event_piper_unpositioned_rows", "gauge",
      "Committed rows of events without a position: no client receives them.",
      &WorkerStats::unpositioned_rows},
@@ -140,6 +152,11 @@ std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t
     total.last_notification_ms = newest_notification(workers);
     Json document(checked(cJSON_CreateObject()));
     add_json_fields(document.get(), total, now_ms);
+    int64_t holder = 0; // the worker holding the instance's listener (shared mode)
+    for (const auto &w : workers) {
+        holder = w.listener_holder == 1 ? w.pid : holder;
+    }
+    add_count(document.get(), "listener_holder_pid", static_cast<unsigned long long>(holder));
     cJSON *list = checked(cJSON_AddArrayToObject(document.get(), "workers"));
     for (const WorkerStats &w : workers) {
         Json worker(checked(cJSON_CreateObject()));

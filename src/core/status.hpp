@@ -26,7 +26,13 @@ struct WorkerStats {
     uint64_t stream_overflows = 0;      // slow clients sent back to the table
     uint64_t last_notification_ms = 0;  // wall clock, 0: never
     uint64_t channel_mismatch = 0;      // 1: the database notifies another channel than ours
-    uint64_t unpositioned_rows = 0;     // committed rows without a position (listener's count)
+    // event_piper_listener shared: the worker that holds the instance's LISTEN connection, and
+    // what it forwarded to this one.
+    uint64_t listener_holder = 0;   // 1: this worker holds it
+    uint64_t relay_forwarded = 0;   // notifications received from the holder
+    uint64_t relay_dropped = 0;     // notifications the holder could not send it (buffer full)
+    uint64_t relay_catchups = 0;    // times its streams re-read the table after a loss on the way
+    uint64_t unpositioned_rows = 0; // committed rows without a position (listener's count)
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

@@ -19,6 +19,8 @@ struct MainConf {
     ngx_uint_t replay_connections;
     size_t replay_memory;        // bytes read for catching-up streams and not yet sent
     ngx_msec_t listener_timeout; // a frozen listening connection is noticed within this time
+    ngx_uint_t listener_shared;  // event_piper_listener: 1 shared (one per instance), 0 per_worker
+    size_t relay_buffer;         // send buffer of the shared listener's socket
     ngx_flag_t used;             // some location has `event_piper;` or `event_piper_health;`
 };
 

@@ -237,7 +237,8 @@ ngx_int_t stream_handler(ngx_http_request_t *r) noexcept {
     return NGX_HTTP_INTERNAL_SERVER_ERROR;
 }
 
-// The original's /manage/health: UP while this worker's listener is connected.
+// The original's /manage/health: UP while the listener is connected (the instance's, with
+// event_piper_listener shared; this worker's with per_worker).
 ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
     try {
         ngx_int_t rc = accept_method(r, "method not allowed: use GET\n");
@@ -245,7 +246,12 @@ ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
             return rc;
         }
         Worker *worker = current_worker();
-        if (worker != nullptr && worker->listening()) {
+        auto *mcf =
+            static_cast<MainConf *>(ngx_http_get_module_main_conf(r, ngx_event_piper_module));
+        bool up =
+            worker != nullptr && (worker->shared_listener() ? instance_listening(mcf->status_zone)
+                                                            : worker->listening());
+        if (up) {
             return send_text(r, NGX_HTTP_OK, "application/json", health_body(true));
         }
         return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "application/json", health_body(false));

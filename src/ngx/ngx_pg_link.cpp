@@ -293,13 +293,18 @@ void PgLink::on_readable() {
             return; // the owner closed the link
         }
     }
+    bool notified = false;
     while (conn_ != nullptr) {
         PGnotify *n = PQnotifies(conn_);
         if (n == nullptr) {
             break;
         }
         std::unique_ptr<PGnotify, void (*)(void *)> owned(n, PQfreemem);
+        notified = true;
         owner_.on_link_notify(*this, n->extra != nullptr ? n->extra : "");
+    }
+    if (notified && conn_ != nullptr) {
+        owner_.on_link_notifies_done(*this);
     }
     if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_BAD) {
         fail(PQerrorMessage(conn_));

@@ -8,11 +8,11 @@
 
 namespace event_piper {
 
-namespace {
-
 bool process_alive(ngx_atomic_uint_t pid) {
     return pid != 0 && !(kill(static_cast<pid_t>(pid), 0) == -1 && errno == ESRCH);
 }
+
+namespace {
 
 ngx_int_t init_zone(ngx_shm_zone_t *zone, void *data) noexcept {
     if (data != nullptr) { // a reload: keep the zone of the previous cycle
@@ -30,6 +30,10 @@ ngx_int_t init_zone(ngx_shm_zone_t *zone, void *data) noexcept {
     }
     shpool->data = slots;
     zone->data = slots;
+    // Names this instance's relay sockets (abstract namespace: unique on the host).
+    static_cast<StatusZone *>(slots)->board.instance = (static_cast<uint64_t>(ngx_pid) << 32) ^
+                                                       static_cast<uint64_t>(ngx_time()) ^
+                                                       static_cast<uint64_t>(ngx_random());
     return NGX_OK;
 }
 
@@ -55,6 +59,14 @@ StatusSlot *claim_status_slot(ngx_shm_zone_t *zone, ngx_log_t *log) {
         ngx_atomic_uint_t owner = slot.owner;
         if (!process_alive(owner) && ngx_atomic_cmp_set(&slot.owner, owner, me)) {
             slot.stats = WorkerStats{};
+            RelaySlot &r = slot.relay;
+            r.bound = 0;
+            r.seq = 0;
+            r.overruns = 0;
+            r.waiting_since_ms = 0;
+            for (auto &word : r.interest) {
+                word = 0;
+            }
             return &slot;
         }
     }
@@ -66,6 +78,7 @@ StatusSlot *claim_status_slot(ngx_shm_zone_t *zone, ngx_log_t *log) {
 void release_status_slot(StatusSlot *slot) {
     if (slot != nullptr) {
         slot->stats = WorkerStats{};
+        slot->relay.bound = 0;
         slot->owner = 0; // free for the next worker
     }
 }

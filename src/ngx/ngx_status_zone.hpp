@@ -8,22 +8,49 @@ extern "C" {
 #include <ngx_core.h>
 }
 
+#include "core/relay.hpp"
 #include "core/status.hpp"
 
+#include <atomic>
 #include <vector>
 
 namespace event_piper {
 
+// What a worker shows the holder of the instance's listener (event_piper_listener shared).
+// Atomics in zeroed shared memory: lock-free, so plain words across processes.
+struct RelaySlot {
+    std::atomic<uint64_t> bound;            // 1: its socket is open, named by the slot's index
+    std::atomic<uint64_t> seq;              // last sequence number the holder took for it
+    std::atomic<uint64_t> overruns;         // sends to it that failed (buffer full)
+    std::atomic<uint64_t> waiting_since_ms; // its hub's oldest stream waiting for a position
+    std::atomic<uint64_t> interest[interest_bits / 64];
+};
+
+// The instance's listener role.
+struct RelayBoard {
+    std::atomic<uint64_t> instance; // random at zone creation: names the instance's sockets
+    ngx_atomic_t holder;            // (pid << 8) | slot of the listener's holder (0: none)
+    std::atomic<uint64_t> epochs;   // the last epoch handed out
+    std::atomic<uint64_t> epoch;    // the holder's listening session
+    std::atomic<uint64_t> live;     // 1: the holder's listener is listening
+    std::atomic<int64_t> newest;
+    std::atomic<int64_t> start_for_waiting;
+};
+
 struct StatusSlot {
     ngx_atomic_t owner; // the pid that holds the slot (0: free)
     WorkerStats stats;
+    RelaySlot relay;
 };
 
 constexpr size_t status_slots = 128;
 
 struct StatusZone {
     StatusSlot slots[status_slots];
+    RelayBoard board;
 };
+
+bool process_alive(ngx_atomic_uint_t pid);
 
 // Adds the zone to the configuration (postconfiguration).
 ngx_shm_zone_t *add_status_zone(ngx_conf_t *cf);

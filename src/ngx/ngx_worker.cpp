@@ -46,10 +46,15 @@ Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
     : log_(cycle->log), logger_(cycle->log),
       replay_retry_(cycle->log, "replay dispatch", [this] { hub_.replay().on_retry_timer(); }),
       hub_(replay_retry_, clock_, logger_, conf.replay_memory),
+      slot_(claim_status_slot(conf.status_zone, cycle->log)),
+      relay_(conf.listener_shared
+                 ? NgxRelay::create(cycle->log, conf.status_zone, slot_, conf.relay_buffer, hub_,
+                                    epochs_, logger_, [this] { listener_.start(); })
+                 : nullptr),
       listener_retry_(cycle->log, "listener restart", [this] { listener_.on_retry_timer(); }),
       listener_check_(cycle->log, "listener check", [this] { listener_.on_check_timer(); }),
       listener_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_listener"),
-      listener_(listener_link_, listener_retry_, listener_check_, hub_, logger_,
+      listener_(listener_link_, listener_retry_, listener_check_, listener_events(), logger_,
                 listener_settings(conf)),
       publish_timer_(cycle->log, "status publish", [this] { publish(); }) {
     for (ngx_uint_t i = 0; i < conf.replay_connections; ++i) {
@@ -57,12 +62,26 @@ Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
             hub_.replay(), cycle->log, text(conf.conninfo), "event_piper_replay"));
         hub_.replay().add_link(*replay_links_.back());
     }
-    slot_ = claim_status_slot(conf.status_zone, log_);
+    if (conf.listener_shared && relay_ == nullptr) {
+        ngx_log_error(NGX_LOG_WARN, log_, 0,
+                      "event_piper: no relay for the shared listener, this worker listens itself");
+    }
     hub_.stats().pid = ngx_pid;
+}
+
+// Shared listener: the holder's notifications go through the relay to the other workers.
+ListenerEvents &Worker::listener_events() {
+    if (relay_ != nullptr) {
+        return relay_->sender();
+    }
+    return hub_;
 }
 
 Worker::~Worker() {
     publish_timer_.cancel();
+    if (relay_ != nullptr) {
+        relay_->release(); // first: another worker takes the role at once
+    }
     release_status_slot(slot_);
     listener_.close();
     hub_.replay().close_all();
@@ -89,7 +108,11 @@ void Worker::start() {
             quit_sentinel_->write->log = log_;
         }
     }
-    listener_.start();
+    if (relay_ != nullptr) {
+        relay_->start(); // starts the listener if this worker takes the role
+    } else {
+        listener_.start();
+    }
     publish();
 }
 
@@ -105,6 +128,9 @@ void Worker::publish() {
     stats.unpositioned_rows = static_cast<uint64_t>(listener_.unpositioned_rows());
     stats.replay_queries = hub_.replay().queries();
     stats.replay_queued = hub_.replay().queued();
+    if (relay_ != nullptr) {
+        relay_->fill_stats(stats);
+    }
     if (slot_ != nullptr) {
         slot_->stats = stats;
     }
@@ -135,6 +161,9 @@ void Worker::shutdown() {
     shutting_down_ = true;
     ngx_log_error(NGX_LOG_NOTICE, log_, 0, "event_piper: shutting down, ending %uz streams",
                   hub_.streams());
+    if (relay_ != nullptr) {
+        relay_->release(); // another worker takes the listener within one check (500 ms)
+    }
     hub_.end_all();
     publish_timer_.cancel();
     publish();

@@ -13,6 +13,7 @@ extern "C" {
 #include "core/listener.hpp"
 #include "ngx_conf.hpp"
 #include "ngx_pg_link.hpp"
+#include "ngx_relay.hpp"
 #include "ngx_status_zone.hpp"
 #include "ngx_timer.hpp"
 
@@ -34,10 +35,12 @@ public:
     bool shutting_down() const { return shutting_down_; }
     Hub &hub() { return hub_; }
     bool listening() const { return hub_.listening(); }
+    bool shared_listener() const { return relay_ != nullptr; }
 
 private:
     static void quit_handler(ngx_event_t *ev) noexcept;
     void publish();
+    ListenerEvents &listener_events();
 
     ngx_log_t *log_;
     NgxLog logger_;
@@ -45,12 +48,14 @@ private:
     NgxTimer replay_retry_;
     Hub hub_;
     std::vector<std::unique_ptr<PgLink>> replay_links_; // owned by hub_'s replay queue
+    StatusSlot *slot_ = nullptr;
+    EpochSource epochs_;
+    std::unique_ptr<NgxRelay> relay_; // event_piper_listener shared (nullptr: per_worker)
     NgxTimer listener_retry_;
     NgxTimer listener_check_;
     PgLink listener_link_;
     Listener listener_;
     NgxTimer publish_timer_;
-    StatusSlot *slot_ = nullptr;
     ngx_connection_t *quit_sentinel_ = nullptr;
     bool shutting_down_ = false;
 };

@@ -6,8 +6,10 @@ back, make some payloads larger than NOTIFY's 8000 bytes, and ride out PostgreSQ
 transaction whose COMMIT answer is lost is looked up by its marker). Sixty SSE clients over twelve
 consumers disconnect at random moments (FIN or RST, often in the middle of a frame) and resume
 with the Last-Event-ID of the last complete frame they got, as EventSource does. Meanwhile
-PostgreSQL is restarted twice (pg_ctl stop -m fast, then pg_ctl start on the same port) and nginx
-is reloaded once.
+PostgreSQL is restarted twice (pg_ctl stop -m fast, then pg_ctl start on the same port), nginx
+is reloaded once, and the worker holding the instance's one LISTEN connection (issue 12,
+`event_piper_listener shared`, the default) is killed with -9 twice: the master respawns it and
+another worker takes the listener.
 
 Twelve more clients carry several ids each (issue 13: `X-Consumer-Groups`, overlapping sets of the
 same consumers), and must hold the events of all their ids merged in position order.
@@ -35,8 +37,8 @@ sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__
 
 import harness  # noqa: E402
 from harness import HttpClient, T, compact_json, frame, wait_until  # noqa: E402
-from piper_chaos import (pg_back_up, restart_pg, wait_all_listening, worker_status,  # noqa: E402
-                         writer_binary)
+from piper_chaos import (pg_back_up, restart_pg, status, wait_all_listening,  # noqa: E402
+                         worker_status, writer_binary)
 
 NGINX_CONF = """
 http {
@@ -70,7 +72,9 @@ SEED = int(os.environ.get("EVENT_PIPER_CHAOS_SEED", "0")) or int(time.time())
 
 # Seconds from the start of the writers.
 PG_RESTART_1 = 10
+KILL_HOLDER_1 = 16
 NGINX_RELOAD = 21
+KILL_HOLDER_2 = 27
 PG_RESTART_2 = 32
 WRITERS_STOP = 44
 PG_DOWN_1, PG_DOWN_2 = 2.0, 3.0
@@ -257,11 +261,23 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
 
     def disrupt():
         try:
-            for t, what in ((PG_RESTART_1, "pg1"), (NGINX_RELOAD, "reload"),
+            for t, what in ((PG_RESTART_1, "pg1"), (KILL_HOLDER_1, "kill"),
+                            (NGINX_RELOAD, "reload"), (KILL_HOLDER_2, "kill"),
                             (PG_RESTART_2, "pg2")):
                 at(t)
                 t0 = time.monotonic()
-                if what == "reload":
+                if what == "kill":
+                    holder = wait_until(lambda: int(status(ngx).get("listener_holder_pid", 0)),
+                                        T(10), what="a worker holding the listener")
+                    ngx.allowed_alerts.append("worker process %d exited on signal 9" % holder)
+                    os.kill(holder, signal.SIGKILL)
+                    new = wait_until(
+                        lambda: (lambda p: p if p not in (0, holder) else None)(
+                            int(status(ngx).get("listener_holder_pid", 0))),
+                        T(10), interval=0.05, what="another worker holding the listener")
+                    log.append("kill -9 of the listener's holder %d at %.1fs: %d holds it after "
+                               "%.1fs" % (holder, t0 - t_start, new, time.monotonic() - t0))
+                elif what == "reload":
                     old, new = ngx.reload()
                     wait_until(lambda: not any(os.path.exists("/proc/%d" % p) for p in old),
                                T(10), what="old workers to exit after the reload")
@@ -451,7 +467,7 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
         say("status unavailable: %r" % e)
 
     assert errors == [], "writer errors"
-    assert len(log) == 3, "not every disruption happened: %s" % log
+    assert len(log) == 5, "not every disruption happened: %s" % log
     assert unpositioned == 0, "committed rows without a position"
     assert {m: n for m, n in in_table.items()} == committed, \
         "the table and the writers disagree on what was committed"

@@ -38,10 +38,13 @@ from piper_chaos import (LISTENER_APP, cpu_seconds, pg_back_up, expected_events,
                          worker_status, wait_all_listening)
 
 # Every test has the status and health locations (start_nginx waits for the listeners in
-# /status).
+# /status). These tests follow each worker's own listener through failures (one loss logged per
+# worker, reconnects per worker): they pin `per_worker`; the shared listener's failures are in
+# test_shared_listener.py and test_chaos.py.
 NGINX_CONF = """
 http {
     event_piper_postgres "{{ postgres }}";
+    event_piper_listener per_worker;
     server {
         listen 127.0.0.1:{{ port }};
         location = /events {

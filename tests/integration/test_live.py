@@ -15,6 +15,7 @@ from harness import (HEARTBEAT, LISTENER_APP, REPLAY_APP, T, fd_count, frame, pu
 NGINX_CONF = """
 http {
     event_piper_postgres "{{ postgres }}";
+    {{ http }}
     server {
         listen 127.0.0.1:{{ port }};
         location = /events {
@@ -342,7 +343,8 @@ def test_quit_with_open_streams_ends_them_with_a_retry_hint(db, nginx, clients):
 # -- ListenerConnections --
 
 def test_two_workers_hold_exactly_two_listening_connections(db, nginx, clients):
-    ngx = nginx.start(db, workers=2)
+    # One listener per worker: `per_worker` (the shared default is test_shared_listener.py's).
+    ngx = nginx.start(db, workers=2, http={"event_piper_listener": "per_worker"})
     db.wait_listening(2)
     streams = [clients.stream(ngx, "c%d" % i, settle=0) for i in range(6)]
     db.insert("c1")

@@ -104,7 +104,10 @@ def fill_the_replay_pools(pg, ngx, pids):
     """Replay connections are opened on demand: make every worker open all of them (2) now,
     so that the baseline holds them."""
     for attempt in range(10):
-        if all(fd_inventory(p, pg.port).get("pg", 0) >= 3 for p in pids):
+        # Two replay connections each, and the listener (shared: on one worker only).
+        if sum(fd_inventory(p, pg.port).get("pg", 0) for p in pids) >= \
+                2 * len(pids) + ngx.listeners_expected and \
+                all(fd_inventory(p, pg.port).get("pg", 0) >= 2 for p in pids):
             return
         streams = [open_stream(ngx.port, "hist", "0", keep_raw=False) for _ in range(12)]
         pump_all(streams, lambda: all(len(c.events) >= 2000 for c in streams), T(30),

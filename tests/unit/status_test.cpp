@@ -37,7 +37,8 @@ const char *const counters[] = {"streams",          "consumers",           "stre
                                 "events_delivered", "bytes_sent",          "replay_queries",
                                 "replay_queued",    "notifications",       "notifications_dropped",
                                 "stream_overflows", "listener_reconnects", "channel_mismatch",
-                                "unpositioned_rows"};
+                                "listener_holder",  "relay_forwarded",     "relay_dropped",
+                                "relay_catchups",   "unpositioned_rows"};
 const int counter_count = sizeof counters / sizeof counters[0];
 
 std::vector<WorkerStats> two_workers() {
@@ -87,7 +88,9 @@ TEST(Status, JsonParsesWithEveryFieldTotalAndPerWorker) {
     EXPECT_EQ(number(document.get(), "notifications_dropped"), 4);
     EXPECT_DOUBLE_EQ(number(document.get(), "last_notification_age_seconds"), 0.5);
     EXPECT_EQ(cJSON_GetObjectItemCaseSensitive(document.get(), "pid"), nullptr);
-    EXPECT_EQ(cJSON_GetArraySize(document.get()), counter_count + 2); // and age, workers
+    // and age, workers, the holder's pid (shared listener)
+    EXPECT_EQ(cJSON_GetArraySize(document.get()), counter_count + 3);
+    EXPECT_EQ(number(document.get(), "listener_holder_pid"), 0);
 
     const cJSON *workers = cJSON_GetObjectItemCaseSensitive(document.get(), "workers");
     ASSERT_TRUE(cJSON_IsArray(workers));

@@ -1,0 +1,237 @@
+// The shared listener's forwarding rules (see relay.hpp).
+#include "relay.hpp"
+
+#include "notification.hpp"
+
+#include <cstring>
+
+namespace event_piper {
+
+size_t consumer_bit(std::string_view consumer) {
+    uint64_t h = 14695981039346656037ull; // FNV-1a
+    for (unsigned char c : consumer) {
+        h = (h ^ c) * 1099511628211ull;
+    }
+    return static_cast<size_t>((h ^ (h >> 32)) % interest_bits);
+}
+
+void InterestMap::add(std::string_view consumer) {
+    size_t bit = consumer_bit(consumer);
+    if (counts_[bit]++ == 0) {
+        bits_.set(bit, true);
+    }
+}
+
+void InterestMap::remove(std::string_view consumer) {
+    size_t bit = consumer_bit(consumer);
+    if (counts_[bit] > 0 && --counts_[bit] == 0) {
+        bits_.set(bit, false);
+    }
+}
+
+// --- the holder ---
+
+void RelaySender::on_listener_ready(uint64_t, int64_t newest, int64_t start_for_waiting) {
+    epoch_ = peers_.new_epoch();
+    peers_.publish(true, epoch_, newest, start_for_waiting);
+    local_.on_listener_ready(epochs_.take(), newest, start_for_waiting);
+    ping();
+}
+
+void RelaySender::on_listener_lost() {
+    flush(); // what this session heard goes out with its epoch
+    peers_.publish(false, epoch_, local_.newest(), local_.newest());
+    ping();
+    epoch_ = 0;
+    local_.on_listener_lost();
+}
+
+void RelaySender::ping() {
+    // A bare header: "look at shared memory now" (else the receivers' next check does).
+    std::string header(relay_header, '\0');
+    std::memcpy(&header[0], &epoch_, sizeof epoch_);
+    for (size_t peer = 0; peer < peers_.size(); ++peer) {
+        if (peers_.wants(peer, RelayPeers::any_stream)) {
+            peers_.send(peer, header);
+        }
+    }
+}
+
+uint64_t RelaySender::waiting_since_ms() const {
+    return peers_.waiting_since_ms(local_.waiting_since_ms());
+}
+
+void RelaySender::on_notification(std::string_view payload) {
+    Notification n;
+    if (parse_notification(payload, n) && epoch_ != 0) {
+        forward(n.kind == Notification::Kind::Position ? RelayPeers::any_stream
+                                                       : consumer_bit(n.subscriber),
+                payload);
+        peers_.publish_newest(n.position);
+    }
+    local_.on_notification(payload); // logs what it cannot parse
+}
+
+void RelaySender::forward(size_t bit, std::string_view payload) {
+    for (size_t peer = 0; peer < peers_.size(); ++peer) {
+        if (peers_.wants(peer, bit)) {
+            append(peer, payload);
+        }
+    }
+}
+
+void RelaySender::append(size_t peer, std::string_view payload) {
+    if (batches_.size() < peers_.size()) {
+        batches_.resize(peers_.size());
+    }
+    Batch &b = batches_[peer];
+    if (b.count > 0 && b.bytes.size() + 4 + payload.size() > relay_batch_bytes) {
+        flush_peer(peer);
+    }
+    if (b.count == 0) {
+        b.bytes.assign(relay_header, '\0');
+        std::memcpy(&b.bytes[0], &epoch_, sizeof epoch_);
+        dirty_.push_back(peer);
+    }
+    auto length = static_cast<uint32_t>(payload.size());
+    b.bytes.append(reinterpret_cast<const char *>(&length), sizeof length);
+    b.bytes.append(payload);
+    ++b.count;
+}
+
+void RelaySender::flush() {
+    for (size_t peer : dirty_) {
+        flush_peer(peer);
+    }
+    dirty_.clear();
+}
+
+void RelaySender::flush_peer(size_t peer) {
+    Batch &b = batches_[peer];
+    if (b.count == 0) {
+        return;
+    }
+    uint64_t seq = peers_.next_seq(peer);
+    std::memcpy(&b.bytes[8], &seq, sizeof seq);
+    switch (peers_.send(peer, b.bytes)) {
+    case RelayPeers::Sent::Ok:
+        forwarded_ += b.count;
+        break;
+    case RelayPeers::Sent::Lost:
+        // Never wait for a slow worker: it learns of the loss and re-reads the table.
+        overruns_ += b.count;
+        peers_.overrun(peer);
+        break;
+    case RelayPeers::Sent::Gone:
+        break; // no process, no stream to serve
+    }
+    b.count = 0;
+    b.bytes.clear();
+}
+
+// --- the other workers ---
+
+void RelayReceiver::lose() {
+    hub_epoch_ = 0;
+    local_.on_listener_lost();
+}
+
+void RelayReceiver::resync(const RelayView &view) {
+    bool was_ready = ready();
+    if (was_ready) {
+        local_.on_listener_lost();
+        ++catchups_;
+    }
+    relay_epoch_ = view.epoch;
+    overruns_seen_ = view.overruns;
+    if (view.sent > last_seq_) {
+        // Numbered before now: committed before the streams' next query, which will see it.
+        last_seq_ = view.sent;
+    }
+    hub_epoch_ = epochs_.take();
+    local_.on_listener_ready(hub_epoch_, view.newest < 0 ? 0 : view.newest,
+                             view.start_for_waiting < 0 ? 0 : view.start_for_waiting);
+}
+
+void RelayReceiver::on_datagram(std::string_view datagram, const RelayView &view) {
+    if (stopped_) {
+        return;
+    }
+    if (datagram.size() == relay_header) {
+        sync(view); // the holder's session began or ended
+        return;
+    }
+    if (datagram.size() < relay_header) {
+        if (!warned_malformed_) {
+            log_.write(LogLevel::Warn, "event_piper: ignoring a malformed relay datagram");
+            warned_malformed_ = true;
+        }
+        return;
+    }
+    uint64_t epoch = 0;
+    uint64_t seq = 0;
+    std::memcpy(&epoch, datagram.data(), sizeof epoch);
+    std::memcpy(&seq, datagram.data() + 8, sizeof seq);
+    if (seq <= last_seq_) {
+        return; // covered by a re-read of the table already
+    }
+    bool in_order = seq == last_seq_ + 1;
+    last_seq_ = seq;
+    if (!(ready() && epoch == relay_epoch_ && in_order)) {
+        // Something was missed, or a new session began: through the table again.
+        if (view.live && view.epoch == epoch) {
+            resync(view);
+        } else if (ready()) {
+            lose();
+        }
+    }
+    // Also after a resync: catching-up streams note how far notifications have gone.
+    std::string_view rest = datagram.substr(relay_header);
+    while (rest.size() >= 4) {
+        uint32_t length = 0;
+        std::memcpy(&length, rest.data(), sizeof length);
+        if (length > rest.size() - 4) {
+            break;
+        }
+        ++received_;
+        local_.on_notification(rest.substr(4, length));
+        rest.remove_prefix(4 + length);
+    }
+    if (!rest.empty()) { // cut short: what it carried may be lost
+        if (!warned_malformed_) {
+            log_.write(LogLevel::Warn, "event_piper: ignoring a malformed relay datagram");
+            warned_malformed_ = true;
+        }
+        if (ready()) {
+            lose();
+        }
+        sync(view);
+    }
+}
+
+void RelayReceiver::sync(const RelayView &view) {
+    if (stopped_) {
+        return;
+    }
+    if (view.newest >= 0) {
+        local_.note_position(view.newest); // where a new live-only stream starts
+    }
+    if (!view.live) {
+        if (ready()) {
+            lose();
+        }
+        return;
+    }
+    if (!ready() || view.epoch != relay_epoch_ || view.overruns != overruns_seen_) {
+        resync(view);
+    }
+}
+
+void RelayReceiver::stop() {
+    if (ready()) {
+        lose();
+    }
+    stopped_ = true;
+}
+
+} // namespace event_piper

@@ -1,0 +1,162 @@
+// One LISTEN connection per nginx instance (`event_piper_listener shared`): the worker holding
+// the listener forwards each notification to the workers that may have a stream for its
+// consumer (RelaySender); every other worker turns what it receives, and what shared memory says
+// about the holder, into the listener events of its own hub (RelayReceiver). A datagram carries
+// the holder's listening session (epoch) and a per-receiver sequence number: any gap, overrun or
+// new session sends the receiver's streams through the table before they are live again.
+#pragma once
+
+#include "hub.hpp"
+#include "listener.hpp"
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace event_piper {
+
+// Consumers are published to the holder as bits of a hashed set: a false positive costs one
+// wake-up, a false negative cannot happen.
+constexpr size_t interest_bits = 65536;
+size_t consumer_bit(std::string_view consumer);
+
+// The shared-memory bits of one worker's interest set.
+class InterestBits {
+public:
+    virtual void set(size_t bit, bool on) = 0;
+
+protected:
+    ~InterestBits() = default;
+};
+
+// Streams per bit of this worker; a bit is set while at least one stream hashes to it. Set
+// before the stream's first query, so every notification the query cannot see is forwarded.
+class InterestMap {
+public:
+    explicit InterestMap(InterestBits &bits) : bits_(bits), counts_(interest_bits, 0) {}
+    void add(std::string_view consumer);
+    void remove(std::string_view consumer);
+
+private:
+    InterestBits &bits_;
+    std::vector<uint32_t> counts_;
+};
+
+// What shared memory says about the instance's listener, as one receiver sees it.
+struct RelayView {
+    bool live = false;  // a live holder whose listener is listening
+    uint64_t epoch = 0; // its listening session, unique and increasing in the instance
+    int64_t newest = -1;
+    int64_t start_for_waiting = -1;
+    uint64_t sent = 0;     // the last sequence number the holder took for this worker
+    uint64_t overruns = 0; // sends to this worker that failed (its buffer full)
+};
+
+// The holder's side of shared memory and of the sockets.
+class RelayPeers {
+public:
+    enum class Sent { Ok, Lost, Gone }; // Lost: not delivered (full, too large); Gone: no process
+    static constexpr size_t any_stream = static_cast<size_t>(-1);
+
+    virtual size_t size() const = 0; // peer indexes are 0..size()-1
+    // A worker other than this one that may want it: interest `bit` set (any_stream: any stream).
+    virtual bool wants(size_t peer, size_t bit) const = 0;
+    virtual uint64_t next_seq(size_t peer) = 0;
+    virtual Sent send(size_t peer, std::string_view datagram) = 0;
+    virtual void overrun(size_t peer) = 0; // counted in the peer's shared slot
+    virtual uint64_t new_epoch() = 0;
+    virtual void publish(bool live, uint64_t epoch, int64_t newest, int64_t start_for_waiting) = 0;
+    virtual void publish_newest(int64_t newest) = 0;
+    // The oldest "waiting since" of all workers (streams opened while no position was known).
+    virtual uint64_t waiting_since_ms(uint64_t mine) const = 0;
+
+protected:
+    ~RelayPeers() = default;
+};
+
+// Hub epochs of one worker: whether from its own listener or from the relay, every listening
+// session it has seen gets a new number, so no catch-up query spans two sessions unnoticed.
+struct EpochSource {
+    uint64_t last = 0;
+    uint64_t take() { return ++last; }
+};
+
+// A datagram: epoch and sequence number (16 bytes, host order: same machine), then
+// notifications, each as a 4-byte length and its payload. The holder sends a worker one datagram
+// per read of its listening socket (or per relay_batch_bytes), not one per notification.
+constexpr size_t relay_header = 16;
+constexpr size_t relay_batch_bytes = 32768;
+
+// Sits between the holder's Listener and its hub.
+class RelaySender : public ListenerEvents {
+public:
+    RelaySender(Hub &local, RelayPeers &peers, EpochSource &epochs)
+        : local_(local), peers_(peers), epochs_(epochs) {}
+
+    void on_listener_ready(uint64_t epoch, int64_t newest, int64_t start_for_waiting) override;
+    void on_listener_lost() override;
+    void on_notification(std::string_view payload) override;
+    uint64_t waiting_since_ms() const override;
+    void on_notifications_done() override { flush(); }
+
+    uint64_t forwarded() const { return forwarded_; }
+    uint64_t overruns() const { return overruns_; }
+
+private:
+    struct Batch {
+        std::string bytes; // header, then records
+        uint64_t count = 0;
+    };
+    void forward(size_t bit, std::string_view payload);
+    void append(size_t peer, std::string_view payload);
+    void flush();
+    void flush_peer(size_t peer);
+    void ping();
+
+    Hub &local_;
+    RelayPeers &peers_;
+    EpochSource &epochs_;
+    std::vector<Batch> batches_; // by peer
+    std::vector<size_t> dirty_;  // peers with a batch to send
+    uint64_t epoch_ = 0;         // instance-wide session, 0: not listening
+    uint64_t forwarded_ = 0;
+    uint64_t overruns_ = 0;
+};
+
+// A worker that does not hold the listener.
+class RelayReceiver {
+public:
+    RelayReceiver(Hub &local, EpochSource &epochs, Log &log)
+        : local_(local), epochs_(epochs), log_(log) {}
+
+    // One datagram from the holder; `view` is shared memory read now. A bare header asks for
+    // a sync().
+    void on_datagram(std::string_view datagram, const RelayView &view);
+    // Periodically and after each drain of the socket.
+    void sync(const RelayView &view);
+    // This worker takes the listener role: its own listener reports from now on.
+    void stop();
+
+    bool ready() const { return hub_epoch_ != 0; }
+    uint64_t received() const { return received_; }
+    uint64_t catchups() const { return catchups_; } // re-reads caused by loss on the way
+
+private:
+    void resync(const RelayView &view);
+    void lose();
+
+    Hub &local_;
+    EpochSource &epochs_;
+    Log &log_;
+    uint64_t hub_epoch_ = 0;
+    uint64_t relay_epoch_ = 0;
+    uint64_t last_seq_ = 0;
+    uint64_t overruns_seen_ = 0;
+    uint64_t received_ = 0;
+    uint64_t catchups_ = 0;
+    bool stopped_ = false;
+    bool warned_malformed_ = false;
+};
+
+} // namespace event_piper

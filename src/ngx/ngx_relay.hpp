@@ -1,0 +1,88 @@
+// The shared listener's effects (event_piper_listener shared): the listener role in the status
+// zone, one AF_UNIX datagram socket per worker in the abstract namespace, its events in nginx's
+// loop, and a 500 ms check that claims the role when its holder is gone. The rules live in
+// core/relay.hpp (RelaySender, RelayReceiver).
+#pragma once
+
+extern "C" {
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_event.h>
+}
+
+#include "core/relay.hpp"
+#include "ngx_status_zone.hpp"
+#include "ngx_timer.hpp"
+
+#include <functional>
+#include <memory>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <vector>
+
+namespace event_piper {
+
+class NgxRelay final : public RelayPeers, public InterestBits {
+public:
+    // `take_role` starts this worker's listener (its events go to sender()).
+    static std::unique_ptr<NgxRelay> create(ngx_log_t *log, ngx_shm_zone_t *zone, StatusSlot *slot,
+                                            size_t send_buffer, Hub &hub, EpochSource &epochs,
+                                            Log &logger, std::function<void()> take_role);
+    ~NgxRelay();
+    NgxRelay(const NgxRelay &) = delete;
+    NgxRelay &operator=(const NgxRelay &) = delete;
+
+    // Registers the socket and runs the first check (claims the role if nobody holds it).
+    void start();
+    // Graceful exit: hands the role back at once, closes the socket.
+    void release();
+    bool holder() const { return holder_; }
+    RelaySender &sender() { return sender_; }
+    void fill_stats(WorkerStats &stats) const;
+
+    // RelayPeers (this worker as the holder)
+    size_t size() const override { return status_slots; }
+    bool wants(size_t peer, size_t bit) const override;
+    uint64_t next_seq(size_t peer) override;
+    Sent send(size_t peer, std::string_view datagram) override;
+    void overrun(size_t peer) override;
+    uint64_t new_epoch() override;
+    void publish(bool live, uint64_t epoch, int64_t newest, int64_t start_for_waiting) override;
+    void publish_newest(int64_t newest) override;
+    uint64_t waiting_since_ms(uint64_t mine) const override;
+
+    // InterestBits
+    void set(size_t bit, bool on) override;
+
+private:
+    NgxRelay(ngx_log_t *log, StatusZone *zone, StatusSlot *slot, Hub &hub, EpochSource &epochs,
+             Log &logger, std::function<void()> take_role);
+    static void read_handler(ngx_event_t *ev) noexcept;
+    void drain();
+    void tick();
+    void follow(ngx_atomic_uint_t holder);
+    RelayView view(bool check_holder) const;
+    size_t index() const { return static_cast<size_t>(slot_ - zone_->slots); }
+
+    ngx_log_t *log_;
+    StatusZone *zone_;
+    StatusSlot *slot_;
+    Hub &hub_;
+    RelaySender sender_;
+    RelayReceiver receiver_;
+    InterestMap interest_;
+    std::function<void()> take_role_;
+    NgxTimer tick_timer_;
+    int fd_ = -1;
+    ngx_connection_t *c_ = nullptr;
+    std::vector<sockaddr_un> addrs_; // every slot's socket name
+    socklen_t addr_len_ = 0;
+    ngx_atomic_uint_t following_ = 0; // the holder this socket is connected to
+    std::vector<char> buf_;
+    bool holder_ = false;
+};
+
+// event_piper_health in shared mode: the instance's listener is listening.
+bool instance_listening(ngx_shm_zone_t *zone);
+
+} // namespace event_piper
