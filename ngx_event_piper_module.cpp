@@ -1,6 +1,7 @@
 // ngx_event_piper: streams rows inserted into a PostgreSQL `events` table to the consumers they
-// are addressed to, as Server-Sent Events. This file is the nginx glue: directives, configuration,
-// process hooks and the content handlers. The delivery logic lives in src/.
+// are addressed to, as Server-Sent Events. This file is the nginx module: its directives, the
+// module context and the process hooks. Configuration structures and their defaults are in
+// src/ngx/ngx_conf, the content handlers in src/ngx/ngx_handlers, the delivery logic in src/core.
 extern "C" {
 #include <ngx_config.h>
 #include <ngx_core.h>
@@ -18,112 +19,20 @@ extern "C" {
 #include <string>
 #include <vector>
 
+using event_piper::create_loc_conf;
+using event_piper::create_main_conf;
 using event_piper::health_handler;
+using event_piper::init_main_conf;
 using event_piper::LocConf;
 using event_piper::MainConf;
+using event_piper::merge_loc_conf;
 using event_piper::status_handler;
 using event_piper::stream_handler;
 
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Configuration
-
-void *create_main_conf(ngx_conf_t *cf) noexcept {
-    auto *mcf = static_cast<MainConf *>(ngx_pcalloc(cf->pool, sizeof(MainConf)));
-    if (mcf == nullptr) {
-        return nullptr;
-    }
-    mcf->replay_connections = NGX_CONF_UNSET_UINT;
-    mcf->listener_timeout = NGX_CONF_UNSET_MSEC;
-    mcf->replay_memory = NGX_CONF_UNSET_SIZE;
-    mcf->listener_shared = NGX_CONF_UNSET_UINT;
-    mcf->relay_buffer = NGX_CONF_UNSET_SIZE;
-    mcf->used = NGX_CONF_UNSET;
-    return mcf;
-}
-
-char *init_main_conf(ngx_conf_t *, void *conf) noexcept {
-    auto *mcf = static_cast<MainConf *>(conf);
-    if (mcf->channel.len == 0) {
-        ngx_str_set(&mcf->channel, "new_events");
-    }
-    ngx_conf_init_uint_value(mcf->replay_connections, 2);
-    ngx_conf_init_msec_value(mcf->listener_timeout, 60000);
-    ngx_conf_init_size_value(mcf->replay_memory, 64 * 1024 * 1024);
-    ngx_conf_init_uint_value(mcf->listener_shared, 1);
-    ngx_conf_init_size_value(mcf->relay_buffer, 4 * 1024 * 1024);
-    ngx_conf_init_value(mcf->used, 0);
-    return NGX_CONF_OK;
-}
-
-void *create_loc_conf(ngx_conf_t *cf) noexcept {
-    auto *lcf = static_cast<LocConf *>(ngx_pcalloc(cf->pool, sizeof(LocConf)));
-    if (lcf == nullptr) {
-        return nullptr;
-    }
-    lcf->consumer = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
-    lcf->consumer_decode = NGX_CONF_UNSET;
-    lcf->groups = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
-    lcf->groups_decode = NGX_CONF_UNSET;
-    lcf->last_event_id = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
-    lcf->heartbeat = NGX_CONF_UNSET_MSEC;
-    lcf->retry = NGX_CONF_UNSET_MSEC;
-    lcf->replay_batch = NGX_CONF_UNSET_UINT;
-    lcf->stream_buffer = NGX_CONF_UNSET_SIZE;
-    return lcf;
-}
-
-ngx_http_complex_value_t *compile_default(ngx_conf_t *cf, const char *text) {
-    auto *cv = static_cast<ngx_http_complex_value_t *>(
-        ngx_pcalloc(cf->pool, sizeof(ngx_http_complex_value_t)));
-    if (cv == nullptr) {
-        return nullptr;
-    }
-    ngx_str_t value;
-    value.data = reinterpret_cast<u_char *>(const_cast<char *>(text));
-    value.len = ngx_strlen(text);
-    ngx_http_compile_complex_value_t ccv;
-    ngx_memzero(&ccv, sizeof(ccv));
-    ccv.cf = cf;
-    ccv.value = &value;
-    ccv.complex_value = cv;
-    return ngx_http_compile_complex_value(&ccv) == NGX_OK ? cv : nullptr;
-}
-
-char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
-    auto *prev = static_cast<LocConf *>(parent);
-    auto *conf = static_cast<LocConf *>(child);
-    if (conf->consumer == NGX_CONF_UNSET_PTR) {
-        conf->consumer = prev->consumer;
-        conf->consumer_header = prev->consumer_header;
-        conf->consumer_decode = prev->consumer_decode;
-    }
-    ngx_conf_merge_ptr_value(conf->last_event_id, prev->last_event_id, nullptr);
-    if (conf->consumer == NGX_CONF_UNSET_PTR || conf->consumer == nullptr) {
-        conf->consumer = compile_default(cf, "$http_x_consumer_id");
-        ngx_str_set(&conf->consumer_header, "x_consumer_id");
-        conf->consumer_decode = 0;
-    }
-    ngx_conf_merge_value(conf->consumer_decode, prev->consumer_decode, 0);
-    if (conf->groups == NGX_CONF_UNSET_PTR) {
-        conf->groups = prev->groups == NGX_CONF_UNSET_PTR ? nullptr : prev->groups;
-        conf->groups_header = prev->groups_header;
-        conf->groups_decode = prev->groups_decode;
-    }
-    ngx_conf_merge_value(conf->groups_decode, prev->groups_decode, 0);
-    if (conf->last_event_id == nullptr) {
-        conf->last_event_id = compile_default(cf, "$http_last_event_id");
-    }
-    if (conf->consumer == nullptr || conf->last_event_id == nullptr) {
-        return static_cast<char *>(NGX_CONF_ERROR);
-    }
-    ngx_conf_merge_msec_value(conf->heartbeat, prev->heartbeat, 10000);
-    ngx_conf_merge_msec_value(conf->retry, prev->retry, 0);
-    ngx_conf_merge_uint_value(conf->replay_batch, prev->replay_batch, 500);
-    ngx_conf_merge_size_value(conf->stream_buffer, prev->stream_buffer, 256 * 1024);
-    return NGX_CONF_OK;
-}
+// Directives
 
 // `event_piper_postgres "<conninfo>";`: checked by libpq's own parser at `nginx -t`.
 char *set_postgres(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {

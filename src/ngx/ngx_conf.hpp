@@ -38,4 +38,10 @@ struct LocConf {
     size_t stream_buffer;
 };
 
+// The module context's configuration callbacks (defaults: README "Configuration").
+void *create_main_conf(ngx_conf_t *cf) noexcept;
+char *init_main_conf(ngx_conf_t *cf, void *conf) noexcept;
+void *create_loc_conf(ngx_conf_t *cf) noexcept;
+char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept;
+
 } // namespace event_piper
