@@ -62,20 +62,27 @@ uint64_t RelaySender::waiting_since_ms() const {
 }
 
 void RelaySender::on_notification(std::string_view payload) {
-    Notification n;
-    if (parse_notification(payload, n) && epoch_ != 0) {
-        forward(n.kind == Notification::Kind::Position ? RelayPeers::any_stream
-                                                       : consumer_bit(n.subscriber),
-                payload);
-        peers_.publish_newest(n.position);
+    // One notification may carry the events of a whole transaction (a "b" batch): it goes, whole,
+    // to every worker that may want any of its events.
+    if (parse_notifications(payload, parsed_) && epoch_ != 0) {
+        forward(parsed_, payload);
+        peers_.publish_newest(parsed_.back().position);
     }
     local_.on_notification(payload); // logs what it cannot parse
 }
 
-void RelaySender::forward(size_t bit, std::string_view payload) {
+void RelaySender::forward(const std::vector<Notification> &events, std::string_view payload) {
+    bits_.clear();
+    for (const Notification &n : events) {
+        bits_.push_back(n.kind == Notification::Kind::Position ? RelayPeers::any_stream
+                                                               : consumer_bit(n.subscriber));
+    }
     for (size_t peer = 0; peer < peers_.size(); ++peer) {
-        if (peers_.wants(peer, bit)) {
-            append(peer, payload);
+        for (size_t bit : bits_) {
+            if (peers_.wants(peer, bit)) {
+                append(peer, payload);
+                break;
+            }
         }
     }
 }

@@ -108,7 +108,7 @@ private:
         std::string bytes; // header, then records
         uint64_t count = 0;
     };
-    void forward(size_t bit, std::string_view payload);
+    void forward(const std::vector<Notification> &events, std::string_view payload);
     void append(size_t peer, std::string_view payload);
     void flush();
     void flush_peer(size_t peer);
@@ -117,9 +117,11 @@ private:
     Hub &local_;
     RelayPeers &peers_;
     EpochSource &epochs_;
-    std::vector<Batch> batches_; // by peer
-    std::vector<size_t> dirty_;  // peers with a batch to send
-    uint64_t epoch_ = 0;         // instance-wide session, 0: not listening
+    std::vector<Batch> batches_;       // by peer
+    std::vector<size_t> dirty_;        // peers with a batch to send
+    std::vector<Notification> parsed_; // the events of the notification being forwarded
+    std::vector<size_t> bits_;         // their interest bits
+    uint64_t epoch_ = 0;               // instance-wide session, 0: not listening
     uint64_t forwarded_ = 0;
     uint64_t overruns_ = 0;
 };

@@ -191,6 +191,27 @@ TEST(RelaySenderTest, ForwardsOnlyToWorkersThatWantTheConsumerAndNumbersPerWorke
     EXPECT_EQ(sender.forwarded(), 6u);
 }
 
+TEST(RelaySenderTest, ATransactionsBatchGoesToEveryWorkerThatWantsAnyOfItsEvents) {
+    // Issue 11's "b" notifications carry the events of one transaction, for several consumers.
+    Worker holder;
+    FakePeers peers(3);
+    RelaySender sender(holder.hub, peers, holder.epochs);
+    peers.peers[0].interest = {consumer_bit("alice")};
+    peers.peers[1].interest = {consumer_bit("carol")};
+    peers.peers[2].interest = {consumer_bit("bob")};
+    sender.on_listener_ready(1, 7, 7);
+    for (auto &p : peers.peers) {
+        p.got.clear();
+    }
+    std::string batch = "b\n8 5 1 2\nalicet{}9 3 1 2\nbobt{}";
+    sender.on_notification(batch);
+    sender.on_notifications_done();
+    EXPECT_EQ(peers.peers[0].got, std::vector<std::string>{datagram(101, 1, {batch})});
+    EXPECT_TRUE(peers.peers[1].got.empty());
+    EXPECT_EQ(peers.peers[2].got, std::vector<std::string>{datagram(101, 1, {batch})});
+    EXPECT_EQ(peers.newest, 9);
+}
+
 TEST(RelaySenderTest, AFullWorkerIsCountedAndSkippedNeverWaitedFor) {
     Worker holder;
     FakePeers peers(2);
