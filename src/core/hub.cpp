@@ -70,17 +70,25 @@ void Hub::deliver(Stream &s, int64_t position, std::string_view frame) {
 
 void Hub::on_notification(std::string_view payload) {
     if (!parse_notifications(payload, batch_)) {
-        if (!warned_foreign_) { // once: another trigger on the channel would flood the log
-            log_.write(LogLevel::Warn,
-                       "event_piper: ignoring notifications not written by postgresql/schema.sql's "
-                       "trigger (is an old trigger still installed?): \"" +
-                           std::string(payload.substr(0, 64)) + "\"");
-            warned_foreign_ = true;
-        }
+        warn_foreign(payload);
         return;
     }
-    for (const Notification &n : batch_) {
+    on_events(batch_);
+}
+
+void Hub::on_events(const std::vector<Notification> &events) {
+    for (const Notification &n : events) {
         on_event_notification(n);
+    }
+}
+
+void Hub::warn_foreign(std::string_view payload) {
+    if (!warned_foreign_) { // once: another trigger on the channel would flood the log
+        log_.write(LogLevel::Warn,
+                   "event_piper: ignoring notifications not written by postgresql/schema.sql's "
+                   "trigger (is an old trigger still installed?): \"" +
+                       std::string(payload.substr(0, 64)) + "\"");
+        warned_foreign_ = true;
     }
 }
 

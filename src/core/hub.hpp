@@ -59,9 +59,13 @@ public:
         }
     }
 
+    // The same, already parsed (the shared listener's holder parses once to forward and deliver).
+    void on_events(const std::vector<Notification> &events);
+
 private:
     void deliver(Stream &s, int64_t position, std::string_view frame);
     void on_event_notification(const Notification &n);
+    void warn_foreign(std::string_view payload);
 
     Clock &clock_;
     Log &log_;

@@ -64,11 +64,16 @@ uint64_t RelaySender::waiting_since_ms() const {
 void RelaySender::on_notification(std::string_view payload) {
     // One notification may carry the events of a whole transaction (a "b" batch): it goes, whole,
     // to every worker that may want any of its events.
-    if (parse_notifications(payload, parsed_) && epoch_ != 0) {
+    // Parsed once, for forwarding and for this worker's own streams.
+    if (!parse_notifications(payload, parsed_)) {
+        local_.on_notification(payload); // logs what it cannot parse
+        return;
+    }
+    if (epoch_ != 0) {
         forward(parsed_, payload);
         peers_.publish_newest(parsed_.back().position);
     }
-    local_.on_notification(payload); // logs what it cannot parse
+    local_.on_events(parsed_);
 }
 
 void RelaySender::forward(const std::vector<Notification> &events, std::string_view payload) {

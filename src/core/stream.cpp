@@ -1,8 +1,6 @@
 // Stream delivery rules (see stream.hpp).
 #include "stream.hpp"
 
-#include "sse_frame.hpp"
-
 #include <utility>
 
 namespace event_piper {
@@ -51,15 +49,6 @@ void Stream::begin_query(uint64_t epoch) {
     query_in_flight_ = true;
     query_epoch_ = epoch;
     notified_max_ = 0;
-}
-
-void Stream::on_row(int64_t position, std::string_view type, std::string_view json_payload) {
-    if (position <= last_) {
-        return;
-    }
-    append_event_frame(pending_, position, type, json_payload);
-    ++pending_events_;
-    last_ = position;
 }
 
 void Stream::on_framed_row(int64_t position, std::string_view frame) {

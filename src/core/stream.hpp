@@ -86,9 +86,8 @@ public:
 
     // Catch-up queries. `epoch` identifies the listener's LISTEN session (0: not listening).
     void begin_query(uint64_t epoch);
-    // A row of the batch; rows at or below the last position are skipped (no duplicates).
-    void on_row(int64_t position, std::string_view type, std::string_view json_payload);
-    // The same, already framed (one framing shared by the streams of one query).
+    // A row of the batch, framed (one framing shared by the streams of one query); rows at or
+    // below the last position are skipped (no duplicates).
     void on_framed_row(int64_t position, std::string_view frame);
     // The batch is complete. A short batch switches to live only when the listener has been
     // listening since before the query was sent and nothing newer was notified meanwhile.

@@ -42,8 +42,8 @@ TEST(Stream, CatchUpThenLiveWhenBatchIsShort) {
     EXPECT_FALSE(s.wants_query(false)); // backpressure: only when the socket is drained
     s.begin_query(1);
     EXPECT_FALSE(s.wants_query(true));
-    s.on_row(6, "t", "{}");
-    s.on_row(7, "t", "{}");
+    s.on_framed_row(6, frame(6));
+    s.on_framed_row(7, frame(7));
     s.end_query(false, 1);
     EXPECT_EQ(s.mode(), Stream::Mode::Live);
     EXPECT_EQ(drain(s), frame(6) + frame(7));
@@ -52,8 +52,8 @@ TEST(Stream, CatchUpThenLiveWhenBatchIsShort) {
 TEST(Stream, FullBatchAsksAgainAfterDrain) {
     Stream s("toto", 0, buffer(1 << 20));
     s.begin_query(1);
-    s.on_row(1, "t", "{}");
-    s.on_row(2, "t", "{}");
+    s.on_framed_row(1, frame(1));
+    s.on_framed_row(2, frame(2));
     s.end_query(true, 1);
     EXPECT_EQ(s.mode(), Stream::Mode::CatchingUp);
     EXPECT_FALSE(s.wants_query(true)); // bytes still pending
@@ -65,13 +65,13 @@ TEST(Stream, NotificationDuringQueryForcesAnotherQuery) {
     Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
     EXPECT_FALSE(s.on_event(7, frame(7))); // committed after the snapshot, maybe
-    s.on_row(6, "t", "{}");
+    s.on_framed_row(6, frame(6));
     s.end_query(false, 1);
     EXPECT_EQ(s.mode(), Stream::Mode::CatchingUp);
     drain(s);
     EXPECT_TRUE(s.wants_query(true));
     s.begin_query(1);
-    s.on_row(7, "t", "{}");
+    s.on_framed_row(7, frame(7));
     s.end_query(false, 1);
     EXPECT_EQ(s.mode(), Stream::Mode::Live);
     EXPECT_EQ(drain(s), frame(7));
@@ -81,7 +81,7 @@ TEST(Stream, NotificationAlreadyInTheBatchDoesNotForceAnotherQuery) {
     Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
     s.on_event(6, frame(6));
-    s.on_row(6, "t", "{}");
+    s.on_framed_row(6, frame(6));
     s.end_query(false, 1);
     EXPECT_EQ(s.mode(), Stream::Mode::Live);
 }
@@ -89,9 +89,9 @@ TEST(Stream, NotificationAlreadyInTheBatchDoesNotForceAnotherQuery) {
 TEST(Stream, RowsAtOrBelowLastAreSkipped) {
     Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(1);
-    s.on_row(4, "t", "{}");
-    s.on_row(5, "t", "{}");
-    s.on_row(6, "t", "{}");
+    s.on_framed_row(4, frame(4));
+    s.on_framed_row(5, frame(5));
+    s.on_framed_row(6, frame(6));
     s.end_query(false, 1);
     EXPECT_EQ(drain(s), frame(6));
 }
@@ -107,7 +107,7 @@ TEST(Stream, ListenerReconnectDuringQueryRereads) {
 TEST(Stream, NoListenerParksUntilItIsBack) {
     Stream s("toto", 5, buffer(1 << 20));
     s.begin_query(0);
-    s.on_row(6, "t", "{}");
+    s.on_framed_row(6, frame(6));
     s.end_query(false, 0);
     drain(s);
     EXPECT_EQ(s.mode(), Stream::Mode::CatchingUp);
@@ -151,7 +151,7 @@ TEST(Stream, SlowClientOverflowFallsBackToTheTable) {
     EXPECT_TRUE(s.wants_query(true));
     s.begin_query(1);
     for (int i = 2; i <= 5; ++i) {
-        s.on_row(i, "t", "{}");
+        s.on_framed_row(i, frame(i));
     }
     s.end_query(false, 1);
     EXPECT_EQ(drain(s), frame(2) + frame(3) + frame(4) + frame(5));
