@@ -1,5 +1,12 @@
-"""bench/run.sh (g): N sessions that LISTEN on new_events and never read, standing in for the
-listening backends of other nginx instances. Runs until killed."""
+"""N sessions that LISTEN on new_events, until killed.
+
+    idle_listeners.py <conninfo> <n>          never read: stand-ins for the listening backends of
+                                              other nginx instances (bench/run.sh (g))
+    idle_listeners.py <conninfo> <n> --read   read every notification as it comes, like a
+                                              listener that keeps up (bench/writers.sh): no CPU
+                                              while nothing is notified
+"""
+import select
 import sys
 import time
 
@@ -11,4 +18,11 @@ for _ in range(int(sys.argv[2])):
     c.autocommit = True
     c.cursor().execute("LISTEN new_events")
     conns.append(c)
-time.sleep(3600)
+if "--read" not in sys.argv[3:]:
+    time.sleep(3600)
+    sys.exit(0)
+while True:
+    ready, _, _ = select.select(conns, [], [])
+    for c in ready:
+        c.poll()
+        c.notifies.clear()

@@ -9,7 +9,7 @@
 #   ours      postgresql/schema.sql
 #
 # Each table lives in its own database (the same cluster, so the same WAL and the same NOTIFY
-# queue) with 2 idle sessions LISTENing on new_events. Writers: 8 pgbench clients, each
+# queue) with 2 sessions LISTENing on new_events that read each notification as it comes. Writers: 8 pgbench clients, each
 # transaction one INSERT of 1, 10 or 100 rows (the original's insert statement, several VALUES
 # rows). The tables are measured alternately (order reversed every other repetition); the report
 # gives medians with min-max, ratios ours / original of the medians, and pg_stat_user_tables of
@@ -110,17 +110,16 @@ psql_db ours --single-transaction -c "SET client_min_messages = warning" \
     -f "${WRITERS_SCHEMA:-$ROOT/postgresql/schema.sql}" >/dev/null
 for t in $TABLES; do psql_db "$t" -c "GRANT ALL ON ALL TABLES IN SCHEMA public TO event_piper; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO event_piper"; done
 
-# Two idle listeners per database: psql sessions that poll every 50 ms, so notifications are
-# consumed (a listener that never reads would hold the queue's tail).
+# Two listeners per database that read every notification as it comes (like a module that keeps
+# up), and cost nothing in between. (They were psql sessions polling every 50 ms: 120 forks of
+# `sleep` per second on this 2-core machine, which took CPU from the writers being measured.)
 for t in $TABLES; do
-    for _ in 1 2; do
-        { echo "LISTEN new_events;"; while :; do echo "SELECT;"; sleep 0.05; done; } \
-            | psql -X -q -h "$PGDATA_DIR" -p "$PGPORT" -U postgres -d "$t" >/dev/null 2>&1 &
-        LISTENERS+=($!)
-    done
+    /usr/bin/python3 "$ROOT/bench/idle_listeners.py" \
+        "host=$PGDATA_DIR port=$PGPORT user=postgres dbname=$t" 2 --read &
+    LISTENERS+=($!)
 done
 sleep 0.5
-listening=$(psql_db postgres -At -c "select count(*) from pg_stat_activity where query like 'SELECT;%' or query like 'LISTEN%'")
+listening=$(psql_db postgres -At -c "select count(*) from pg_stat_activity where application_name = 'bench_idle_listener'")
 (( listening >= 6 )) || die "expected 6 listening sessions, found $listening"
 
 # The original's insert statement, n rows per statement (one transaction each).
