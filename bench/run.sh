@@ -419,22 +419,23 @@ load_replay_rows() {
     (( REPLAY_LOADED )) && return 0
     log "(e) storing $REPLAY_ROWS events for consumer 'replay' (trigger bypassed, positions 1..$REPLAY_ROWS)"
     local have
-    have=$(psql_su -At -c "select coalesce(max(position),0) from events")
+    have=$(psql_su -At -c "select count(*) from events")
     (( have == 0 )) || die "the events table is not empty before loading the replay rows"
     # (h) also reads the same number of rows spread over ten ids rmx0..rmx9, after those.
     psql_su >/dev/null <<EOF
 SET session_replication_role = replica;  -- no commit trigger: positions are set here, no NOTIFY
-INSERT INTO events (type, timestamp, subscriber, payload, position)
-SELECT 'bench', now(), 'replay',
-       jsonb_build_object('t', 0, 's', g, 'p', repeat('x', 64)), g
+INSERT INTO events (type, timestamp, subscriber, payload)
+SELECT 'bench', now(), 'replay', jsonb_build_object('t', 0, 's', g, 'p', repeat('x', 64))
   FROM generate_series(1, $REPLAY_ROWS) g;
-INSERT INTO events (type, timestamp, subscriber, payload, position)
-SELECT 'bench', now(), 'rmx' || (g % 10),
-       jsonb_build_object('t', 0, 's', g, 'p', repeat('x', 64)), $REPLAY_ROWS + g
+INSERT INTO events (type, timestamp, subscriber, payload)
+SELECT 'bench', now(), 'rmx' || (g % 10), jsonb_build_object('t', 0, 's', g, 'p', repeat('x', 64))
   FROM generate_series(1, $REPLAY_ROWS) g;
+INSERT INTO event_positions (position, event_id, subscriber)
+SELECT row_number() OVER (ORDER BY id), id, subscriber FROM events;
 SELECT setval('events_position_seq', 2 * $REPLAY_ROWS);
 RESET session_replication_role;
 VACUUM ANALYZE events;
+VACUUM ANALYZE event_positions;
 EOF
     REPLAY_LOADED=1
 }

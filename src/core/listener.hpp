@@ -85,6 +85,7 @@ private:
     int64_t start_for_waiting_ = 0;
     std::string last_error_; // logged once per distinct reason
     int64_t unpositioned_ = 0;
+    int64_t check_after_id_ = 0; // ids up to here had positions at the last check
     bool ever_live_ = false;
     bool channel_mismatch_ = false;
     bool closed_ = false;

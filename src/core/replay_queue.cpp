@@ -13,11 +13,13 @@ std::string ReplayQueue::batch_sql(size_t ids) {
     std::string branches;
     for (size_t i = 0; i < ids; ++i) {
         branches += i == 0 ? "  (" : "  UNION ALL (";
-        branches += "SELECT position, type, payload FROM events WHERE subscriber = $" +
-                    std::to_string(i + 4) + " AND position > $1 ORDER BY position LIMIT $2)";
+        // One index range scan of event_positions per id, each event then by its primary key.
+        branches += "SELECT p.position, e.type, e.payload FROM event_positions p JOIN events e"
+                    " ON e.id = p.event_id WHERE p.subscriber = $" +
+                    std::to_string(i + 4) + " AND p.position > $1 ORDER BY p.position LIMIT $2)";
     }
     return "SELECT b.position, b.type, b.body, b.fetched, m.newest"
-           " FROM (SELECT coalesce(max(position), 0) AS newest FROM events) AS m"
+           " FROM (SELECT coalesce(max(position), 0) AS newest FROM event_positions) AS m"
            " LEFT JOIN LATERAL ("
            "  SELECT position, type, body, count(*) OVER () AS fetched,"
            "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"

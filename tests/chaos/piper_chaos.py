@@ -240,7 +240,7 @@ def log_entries(ngx):
 
 def expected_events(pg, subscriber, superuser=False):
     """[(position, exact frame bytes)] of every committed event of `subscriber`, in order."""
-    q = ("select position, type, payload::text from events where subscriber = %s "
+    q = ("select position, type, payload::text from event_log where subscriber = %s "
          "and position is not null order by position")
     rows = pg.superuser_sql(q, (subscriber,)) if superuser else pg.sql(q, (subscriber,))
     return [(p, frame(p, t, compact_json(d))) for p, t, d in rows]

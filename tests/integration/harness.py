@@ -229,7 +229,8 @@ class Postgres:
             conn.close()
 
     def truncate(self):
-        self.sql("TRUNCATE events RESTART IDENTITY")
+        # event_positions first: its RESTART IDENTITY restarts the positions (their sequence)
+        self.sql("TRUNCATE event_positions RESTART IDENTITY; TRUNCATE events RESTART IDENTITY")
 
     def insert(self, subscriber, payload='{"foo": "bar"}', type="insert"):
         """The original's insert statement, one event, its own transaction."""
@@ -246,7 +247,7 @@ class Postgres:
 
     def positions(self, subscriber):
         return [r[0] for r in self.sql(
-            "select position from events where subscriber = %s and position is not null "
+            "select position from event_log where subscriber = %s and position is not null "
             "order by position", (subscriber,))]
 
     def app_connections(self, application_name):

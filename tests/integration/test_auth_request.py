@@ -107,7 +107,7 @@ def auth_nginx(db, nginx):
 
 
 def expected(db, subscriber, after=0):
-    rows = db.sql("select position, type, payload::text from events where subscriber = "
+    rows = db.sql("select position, type, payload::text from event_log where subscriber = "
                   "%s and position > %s order by position", (subscriber, after))
     return [r[0] for r in rows], b"".join(frame(p, t, compact_json(d)) for p, t, d in rows)
 
@@ -167,7 +167,7 @@ def test_alices_token_never_receives_bobs_events_whatever_it_claims(db, auth_ngi
     for c in everyone:
         c.read_for(0.05)
 
-    newest = db.scalar("select max(position) from events")
+    newest = db.scalar("select max(position) from event_log")
     insert_mixed(db, 100, 5)
     alice_live, _ = expected(db, "alice", after=newest)
     alice_all, alice_all_bytes = expected(db, "alice")

@@ -354,7 +354,7 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
         say(line)
 
     # The truth, now that nobody writes any more.
-    rows = db.sql("select subscriber, position, type, payload::text from events "
+    rows = db.sql("select subscriber, position, type, payload::text from event_log "
                   "where position is not null order by position")
     final = {k: [] for k in CONSUMERS}
     for sub, pos, typ, payload in rows:
@@ -409,11 +409,11 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
             elif parts[0] == "E":
                 errors.append(line)
     in_table = {m: int(n) for m, n in db.sql(
-        "select payload->>'tx', count(*) from events group by 1")}
-    unpositioned = int(db.scalar("select count(*) from events where position is null"))
+        "select payload->>'tx', count(*) from event_log group by 1")}
+    unpositioned = int(db.scalar("select count(*) from event_log where position is null"))
     out_of_id_order = int(db.scalar(
         "select count(*) from (select id, lag(id) over (order by position) as prev "
-        "from events) x where id < prev"))
+        "from event_log) x where id < prev"))
     big = int(db.scalar("select count(*) from events where octet_length(payload::text) > 8000"))
 
     # Per client.

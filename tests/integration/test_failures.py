@@ -296,7 +296,7 @@ def test_reapplying_the_schema_while_writers_insert_leaves_every_event_deliverab
     t.join()
     assert error == []
     total, unpositioned = (int(x) for x in db.sql(
-        "select count(*), count(*) filter (where position is null) from events")[0])
+        "select count(*), count(*) filter (where position is null) from event_log")[0])
     positions = db.positions("w")
     try:
         c.wait(lambda: c.events and int(c.events[-1].id) >= positions[-1], T(30),
@@ -310,14 +310,14 @@ def test_reapplying_the_schema_while_writers_insert_leaves_every_event_deliverab
     assert sequence_problems(c.event_ids(), positions) == "", (
         "the live stream against the positioned rows; the missing rows "
         "(position, id, neighbour ids): %s" % [
-            (p, db.scalar("select id from events where position = %s", (p,)),
-             [i for i, in db.sql("select id from events where position in (%s, %s)",
+            (p, db.scalar("select id from event_log where position = %s", (p,)),
+             [i for i, in db.sql("select id from event_log where position in (%s, %s)",
                                  (p - 1, p + 1))])
             for p in missing[:4]])
     assert unpositioned == 0, (
         "%d of %d events inserted while the schema was re-applied have no position and reach "
         "no client (ids %s)" % (unpositioned, total, [i for i, in db.sql(
-            "select id from events where position is null order by id")][:10]))
+            "select id from event_log where position is null order by id")][:10]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def test_a_commit_behind_a_resumed_client_arrives_exactly_once(db, start_nginx, 
     resumed.wait_events(1)
     resumed.read_for(0.5)
     assert without_heartbeats(resumed.body) == frame(6, data='{"tx":"A"}')
-    assert (db.sql("select payload->>'tx', id, position from events "
+    assert (db.sql("select payload->>'tx', id, position from event_log "
                    "where payload ? 'tx' order by id") == [("A", 5, 6), ("B", 6, 5)])
 
     # Again, but A commits while the client is away: the resume replays it.
@@ -510,19 +510,19 @@ def test_a_row_changed_by_its_own_transaction_is_delivered_as_committed(
     # The subscriber changed before commit: only bob may see it.
     with w, w.cursor() as cur:  # one transaction, committed at the end of the block
         cur.execute(ins, ("alice", '{"secret": "for bob only"}'))
-        cur.execute("update events set subscriber = 'bob' where subscriber = 'alice' "
-                    "and position is null")
+        cur.execute("update events set subscriber = 'bob' "
+                    "where id = currval('events_id_seq')")
     # Type and payload changed before commit.
     with w, w.cursor() as cur:
         cur.execute(ins, ("carol", '{"draft": 1}'))
         cur.execute("update events set type = 'final', payload = '{\"final\": 2}' "
-                    "where subscriber = 'carol' and position is null")
+                    "where id = currval('events_id_seq')")
     # Changed twice, the second time back to alice, then a plain event for each.
     with w, w.cursor() as cur:
         cur.execute(ins, ("bob", '{"hop": 1}'))
-        cur.execute("update events set subscriber = 'carol' where position is null")
+        cur.execute("update events set subscriber = 'carol' where id = currval('events_id_seq')")
         cur.execute("update events set subscriber = 'alice', payload = '{\"hop\": 3}' "
-                    "where position is null")
+                    "where id = currval('events_id_seq')")
     for who in ("alice", "bob", "carol"):
         db.insert(who, '{"end": "%s"}' % who)
     for c, who in ((alice, "alice"), (bob, "bob"), (carol, "carol")):
@@ -558,7 +558,7 @@ def test_the_originals_plain_insert_works_unchanged(db, start_nginx, clients):
     c.read_for(0.3)
     assert without_heartbeats(c.body) == \
         frame(1) + frame(2) + frame(3) + frame(4, data='{"foo":"baz"}')
-    assert db.sql("select id, position from events order by id") == [(i, i) for i in range(1, 5)]
+    assert db.sql("select id, position from event_log order by id") == [(i, i) for i in range(1, 5)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,7 +630,7 @@ def test_payloads_around_the_8000_byte_notification_limit(db, start_nginx, clien
     live.wait_events(51, timeout=T(30))
     live.read_for(0.3)
     lengths = [int(l) for l, in db.sql(
-        "select octet_length(payload::text) from events order by position")]
+        "select octet_length(payload::text) from event_log order by position")]
     assert min(lengths) < 7999 - 30
     assert max(lengths) > 8000
     assert_stream_is(db, live.body, "toto", "live")

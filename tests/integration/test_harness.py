@@ -49,7 +49,7 @@ def test_the_original_insert_gets_positions_1_2_3_after_a_truncate(db):
     assert pg.positions("titi") == [3]
     pg.truncate()
     pg.insert("toto")
-    assert pg.sql("select id, position from events") == [(1, 1)]
+    assert pg.sql("select id, position from event_log") == [(1, 1)]
 
 
 def test_password_login_over_tcp_like_nginx(pg):

@@ -59,7 +59,7 @@ CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 
 def expected_events(pg, subscriber):
     """[(id, type, data)] of every committed event of `subscriber`, as an EventSource sees them."""
-    rows = pg.sql("select position, type, payload::text from events where subscriber = %s "
+    rows = pg.sql("select position, type, payload::text from event_log where subscriber = %s "
                   "and position is not null order by position", (subscriber,))
     return [(str(p), t, compact_json(d)) for p, t, d in rows]
 
@@ -517,7 +517,7 @@ class BrowserEventSource(RealClientTestCase):
         insert(self.pg, "everyone", 4, type="update")
         insert(self.pg, "alice@example.com", 5)
         state = self.wait_dom(session, lambda s: s["done"] == "yes", T(20), "4 events")
-        rows = self.pg.sql("select position, type, payload::text from events where subscriber "
+        rows = self.pg.sql("select position, type, payload::text from event_log where subscriber "
                            "in ('alice@example.com', 'everyone') order by position")
         self.assertEqual([tuple(e) for e in state["events"]],
                          [(str(p), t, compact_json(d)) for p, t, d in rows])

@@ -44,7 +44,7 @@ def without_heartbeats(body):
 
 def expected_frames(db, subscriber):
     """(positions, exact bytes) of every committed event of `subscriber`, from the table."""
-    rows = db.sql("select position, type, payload::text from events where subscriber = %s "
+    rows = db.sql("select position, type, payload::text from event_log where subscriber = %s "
                   "and position is not null order by position", (subscriber,))
     positions = [r[0] for r in rows]
     return positions, b"".join(frame(p, t, compact_json(d)) for p, t, d in rows)
@@ -180,7 +180,7 @@ def test_100000_events_replay_complete_in_order_with_bounded_worker_memory(db, n
     n = 100000
     t0 = time.monotonic()
     db.insert_many("bulk", n, type="bulk")  # one insert ... select generate_series
-    assert db.scalar("select max(position) from events") == n
+    assert db.scalar("select max(position) from event_log") == n
     insert_s = time.monotonic() - t0
     ngx = nginx.start(db)
     workers = ngx.worker_pids()

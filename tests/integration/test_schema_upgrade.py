@@ -2,7 +2,9 @@
 and the once-per-transaction trigger with transactions larger than one id list.
 
 - A database with the schema before issue 11 (tests/integration/schema_before_issue11.sql: one
-  advisory lock and one UPDATE per row), rows whose positions differ from their ids, gets
+  advisory lock and one UPDATE per row), or with the first step of issue 11
+  (schema_positions_in_events.sql: positions still in events.position), rows whose positions
+  differ from their ids, gets
   schema.sql applied in one transaction while writers insert: no existing position changes, and
   every row committed meanwhile gets a new, larger one.
 - The original service's table (no positions yet, ids with gaps): its rows get position = id,
@@ -37,6 +39,7 @@ http {
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA = os.path.join(HERE, "..", "..", "postgresql", "schema.sql")
 SCHEMA_BEFORE = os.path.join(HERE, "schema_before_issue11.sql")
+SCHEMA_POSITIONS_IN_EVENTS = os.path.join(HERE, "schema_positions_in_events.sql")
 
 ORIGINAL_SCHEMA = """
 CREATE TABLE events (
@@ -144,9 +147,13 @@ class Writers:
             t.join()
 
 
-def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(database):
-    db = database("upgrade_from_before_issue11")
-    db.apply(SCHEMA_BEFORE)
+@pytest.mark.parametrize("name,before_schema", [
+    ("upgrade_from_before_issue11", SCHEMA_BEFORE),
+    ("upgrade_from_positions_in_events", SCHEMA_POSITIONS_IN_EVENTS)])
+def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(
+        database, name, before_schema):
+    db = database(name)
+    db.apply(before_schema)
     # Positions that differ from ids: A takes id 2 and commits after B (id 3), and a gap.
     a, b = db.connect(autocommit=False), db.connect()
     try:
@@ -162,7 +169,7 @@ def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(databa
     finally:
         a.close()
         b.close()
-    before = db.sql("select id, position from events order by id")
+    before = db.sql("select id, position from events order by id")  # where they were
     assert before == [(1, 1), (2, 3), (3, 2), (5, 4)]
 
     writers = Writers(db)
@@ -173,16 +180,19 @@ def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(databa
     writers.stop()
     assert writers.errors == []
 
-    assert db.sql("select id, position from events where id <= 5 order by id") == before, \
+    assert db.sql("select id, position from event_log where id <= 5 order by id") == before, \
         "positions of rows committed before the upgrade"
     total, positioned, distinct, lowest_new = db.sql(
         "select count(*), count(position), count(distinct position), "
-        "min(position) filter (where id > 5) from events")[0]
+        "min(position) filter (where id > 5) from event_log")[0]
     assert total == 4 + writers.committed
     assert (positioned, distinct) == (total, total), "every row has its own position"
     assert lowest_new > 4, "new positions continue above the old ones"
     assert "event_piper_note_insert" in db.scalar(
         "select pg_get_triggerdef(oid) from pg_trigger where tgname = 'events_commit_notify'")
+    assert db.scalar("select count(*) from pg_attribute where attrelid = 'events'::regclass "
+                     "and attname = 'position' and not attisdropped") == 0, \
+        "positions live in event_positions only"
     assert db.scalar("select event_piper_unpositioned_count()") == 0
 
 
@@ -199,10 +209,10 @@ def test_the_original_services_rows_keep_their_ids_and_its_clients_resume(
     conn.close()
 
     db.apply(SCHEMA)
-    assert db.sql("select id, position from events order by id") == \
+    assert db.sql("select id, position from event_log order by id") == \
         [(i, i) for i in (1, 2, 5, 6, 8, 9, 10)]
     db.sql(INSERT, ("toto", '{"n": "after"}'))
-    assert db.sql("select id, position from events where id > 10") == [(12, 12)], \
+    assert db.sql("select id, position from event_log where id > 10") == [(12, 12)], \
         "new positions continue above the largest id handed out"
 
     # A client of the original service that last saw events.id 5.
@@ -236,7 +246,7 @@ def test_a_large_transaction_gets_one_range_of_positions_in_id_order_and_arrives
         w.commit()
     finally:
         w.close()
-    rows = db.sql("select id, position, payload::text from events order by id")
+    rows = db.sql("select id, position, payload::text from event_log order by id")
     assert [(i, p) for i, p, _ in rows] == [(n, n) for n in range(1, 901)] + [(1201, 901)]
     c.wait_events(901, timeout=T(30))
     c.read_for(0.3)
@@ -256,4 +266,4 @@ def test_events_inserted_after_set_constraints_immediate_are_refused(db):
         w.close()
     assert db.scalar("select count(*) from events") == 0
     db.insert("toto")  # the next writer is not held back
-    assert db.scalar("select count(*) from events where position is not null") == 1
+    assert db.scalar("select count(*) from event_log where position is not null") == 1

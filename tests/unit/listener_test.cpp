@@ -173,8 +173,10 @@ TEST_F(ListenerTest, ASilentLinkIsCheckedAndAFrozenOneIsReplaced) {
     EXPECT_EQ(check.fire(), 20000u);
     listener.on_check_timer();
     EXPECT_EQ(listener.phase(), Listener::Phase::Checking);
-    EXPECT_EQ(link.sent.back(), "SELECT count(*) FROM events WHERE position IS NULL");
-    EXPECT_EQ(check.fire(), 20000u); // no answer in time
+    EXPECT_EQ(link.sent.back(),
+              "SELECT unpositioned, next_after_id FROM event_piper_unpositioned($1)");
+    EXPECT_EQ(link.last_params, std::vector<std::string>{"0"}); // the first check: newest ids
+    EXPECT_EQ(check.fire(), 20000u);                            // no answer in time
     listener.on_check_timer();
     EXPECT_EQ(link.state(), DbLink::State::Down);
     EXPECT_EQ(events.lost, 1);
@@ -187,29 +189,32 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     bring_up();
     check.fire();
     listener.on_check_timer();
-    listener.on_link_result(link, FakeResult({{std::string("0")}}));
+    listener.on_link_result(link, FakeResult({{std::string("0"), std::string("500")}}));
     link.idle(listener);
     EXPECT_EQ(listener.phase(), Listener::Phase::Live);
     EXPECT_EQ(listener.epoch(), 1u);
     EXPECT_EQ(check.armed_ms, 20000u); // the next round trip
     EXPECT_EQ(listener.unpositioned_rows(), 0);
     EXPECT_EQ(log.count("have no position"), 0u);
-    // The trigger was disabled for a while: 80 committed rows have no position.
+    // The trigger was disabled for a while: 80 committed rows have no position, the first of
+    // them id 521. The check starts from the last settled id.
     check.fire();
     listener.on_check_timer();
-    listener.on_link_result(link, FakeResult({{std::string("80")}}));
+    EXPECT_EQ(link.last_params, std::vector<std::string>{"500"});
+    listener.on_link_result(link, FakeResult({{std::string("80"), std::string("520")}}));
     link.idle(listener);
     EXPECT_EQ(listener.unpositioned_rows(), 80);
     EXPECT_EQ(log.count("80 committed rows of table events have no position"), 1u);
     check.fire();
     listener.on_check_timer();
-    listener.on_link_result(link, FakeResult({{std::string("80")}}));
+    EXPECT_EQ(link.last_params, std::vector<std::string>{"520"}); // they are looked at again
+    listener.on_link_result(link, FakeResult({{std::string("80"), std::string("520")}}));
     link.idle(listener);
     EXPECT_EQ(log.count("have no position"), 1u); // said once, not every round trip
     // schema.sql applied again: positions given.
     check.fire();
     listener.on_check_timer();
-    listener.on_link_result(link, FakeResult({{std::string("0")}}));
+    listener.on_link_result(link, FakeResult({{std::string("0"), std::string("700")}}));
     link.idle(listener);
     EXPECT_EQ(listener.unpositioned_rows(), 0);
     EXPECT_EQ(log.count("every row of table events has a position again"), 1u);

@@ -361,14 +361,15 @@ TEST_F(ReplayQueueTest, AStreamOfSeveralIdsAsksWithEachIdAndSharesOnlyWithTheSam
 
 TEST(ReplayQueueSql, OneIndexRangeScanPerIdMergedByPosition) {
     std::string one = ReplayQueue::batch_sql(1);
-    EXPECT_NE(one.find("WHERE subscriber = $4 AND position > $1 ORDER BY position LIMIT $2"),
+    EXPECT_NE(one.find("FROM event_positions p JOIN events e ON e.id = p.event_id WHERE "
+                       "p.subscriber = $4 AND p.position > $1 ORDER BY p.position LIMIT $2"),
               std::string::npos);
     EXPECT_EQ(one.find("UNION ALL"), std::string::npos);
     std::string three = ReplayQueue::batch_sql(3);
     for (const char *id : {"$4", "$5", "$6"}) {
-        EXPECT_NE(three.find(std::string("subscriber = ") + id +
-                             " AND position > $1 ORDER BY "
-                             "position LIMIT $2)"),
+        EXPECT_NE(three.find(std::string("p.subscriber = ") + id +
+                             " AND p.position > $1 ORDER BY "
+                             "p.position LIMIT $2)"),
                   std::string::npos);
     }
     EXPECT_EQ(three.find("$7"), std::string::npos);
