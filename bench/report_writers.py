@@ -33,12 +33,13 @@ def main():
              (command, pgver, git, reps, secs, elapsed))
     L.append("")
     L.append("One cluster, fsync on, synchronous_commit on, full_page_writes on, wal_level "
-             "replica; each table in its own database with 2 idle sessions LISTENing on "
-             "`new_events`; %s pgbench clients (`-j 2`), each transaction one INSERT of the "
+             "replica; each table in its own database with 2 sessions LISTENing on "
+             "`new_events` that read every notification as it comes; %s pgbench clients (`-j 2`), each transaction one INSERT of the "
              "original's statement with 1, 10 or 100 VALUES rows (100-byte JSON payload, 1,000 "
              "subscribers). *plain*: the original service's table without trigger; *original*: "
              "with its `AFTER INSERT ... FOR EACH ROW pg_notify('new_events', "
-             "row_to_json(NEW)::text)` trigger; *ours*: `postgresql/schema.sql`. Medians, "
+             "row_to_json(NEW)::text)` trigger; *ours*: `postgresql/schema.sql` (positions in "
+             "the insert-only table `event_positions`, listed below `events`). Medians, "
              "min-max in brackets; the ratio is ours ÷ original of the medians." % clients)
     L.append("")
     L.append("| writers | plain | original trigger | ours | ours ÷ original | target |")

@@ -176,6 +176,13 @@ LANGUAGE sql STABLE AS $$
                 AND NOT EXISTS (SELECT 1 FROM event_positions p WHERE p.event_id = e.id))
     SELECT count(*), coalesce(min(id) - 1, (SELECT id FROM newest)) FROM missing
 $$;
+
+-- The trigger's WHEN clause (below) notes each inserted id in the transaction-local setting
+-- event_piper.ids, with built-in functions, and is true for the transaction's first row only, so
+-- that one firing at commit handles them all. Each append copies the list: once it reaches 2,000
+-- bytes (about 250 ids) the clause calls this function instead, which sets the list aside as
+-- event_piper.ids_<k> and begins a new one, so the cost per row stays small and constant in
+-- transactions of any size. Settings made inside a savepoint are undone with it, like its rows.
 CREATE OR REPLACE FUNCTION event_piper_note_insert(row_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE

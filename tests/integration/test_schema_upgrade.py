@@ -11,11 +11,16 @@ and the once-per-transaction trigger with transactions larger than one id list.
   new positions continue above the largest id it handed out, and a client of the original that
   resumes with `Last-Event-ID: <events.id>` gets exactly the rows after it.
 
+- This module started against a database still on the previous schema: it says why it cannot
+  read, health is DOWN, nothing is delivered, and a resuming client gets exactly the rest once
+  schema.sql is applied.
+
 The upgrade tests work in databases of their own on the run's cluster, created and dropped here.
 """
 
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +28,11 @@ import psycopg2
 import pytest
 
 import harness
-from harness import HEARTBEAT, T, compact_json, frame
+from harness import HEARTBEAT, T, compact_json, frame, wait_until
+
+sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                              "chaos")))
+from piper_chaos import http_get  # noqa: E402
 
 NGINX_CONF = """
 http {
@@ -32,6 +41,7 @@ http {
         listen 127.0.0.1:{{ port }};
         location = /events { event_piper; }
         location = /status { event_piper_status; }
+        location = /manage/health { event_piper_health; }
     }
 }
 """
@@ -267,3 +277,35 @@ def test_events_inserted_after_set_constraints_immediate_are_refused(db):
     assert db.scalar("select count(*) from events") == 0
     db.insert("toto")  # the next writer is not held back
     assert db.scalar("select count(*) from event_log where position is not null") == 1
+
+
+def test_the_module_upgraded_before_the_schema_waits_for_it_and_loses_nothing(
+        database, nginx, clients):
+    """This module reads positions from event_positions. Against a database still on the previous
+    schema (positions in events.position) its listener cannot read the newest position: the
+    error log says why, health is DOWN and nothing is delivered; once schema.sql is applied, a
+    client that resumes with the Last-Event-ID it holds gets exactly the rest, then live."""
+    db = database("module_before_schema")
+    db.apply(SCHEMA_POSITIONS_IN_EVENTS)
+    for n in range(1, 6):
+        db.sql(INSERT, ("toto", '{"n": %d}' % n))
+    ngx = nginx.start(db, wait_listening=False)  # it listens, then fails to read the newest
+    ngx.wait_log('relation "event_positions" does not exist', 1, T(10))
+    assert http_get(ngx.port, "/manage/health").status == 503
+    early = clients.stream(ngx, "toto", last_event_id="2", settle=0)
+    early.read_for(1.0)
+    assert early.events == [], "nothing is delivered while positions cannot be read"
+    early.close()
+    db.apply(SCHEMA)
+    # Like EventSource, the client comes back with the Last-Event-ID it holds.
+    c = clients.stream(ngx, "toto", last_event_id="2", settle=0)
+    c.wait_events(3, timeout=T(20))
+    wait_until(lambda: http_get(ngx.port, "/manage/health").status == 200, T(15),
+               what="health UP once the listener reads event_positions")
+    db.sql(INSERT, ("toto", '{"n": 6}'))
+    c.wait_events(4, timeout=T(10))
+    c.read_for(0.3)
+    assert c.event_ids() == [3, 4, 5, 6]
+    expected = b"".join(frame(p, data=compact_json(d)) for p, d in db.sql(
+        "select position, payload::text from event_log where position > 2 order by position"))
+    assert bytes(c.body).replace(HEARTBEAT, b"") == expected
