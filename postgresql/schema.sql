@@ -43,7 +43,8 @@ SELECT set_config('event_piper.layout',
                                      WHERE attrelid = to_regclass('events')
                                        AND attname = 'position' AND NOT attisdropped)
                        THEN 'column'
-                       ELSE 'original' END, true);
+                       ELSE 'original' END,
+                  false); -- for the session: also right when applied without --single-transaction
 
 CREATE TABLE IF NOT EXISTS events (
     id         BIGSERIAL PRIMARY KEY,
@@ -56,8 +57,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 
 -- Writers wait here for this transaction (readers do not): nothing assigns positions while the
--- rows below are moved or given theirs. Writers in flight finish first.
-LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
+-- rows below are moved or given theirs. Writers in flight finish first. (In a DO block: applied
+-- without --single-transaction, as docker-entrypoint-initdb.d does on an empty database, a bare
+-- LOCK TABLE is an error; there the lock only lasts this statement.)
+DO $$ BEGIN LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE; END $$;
 
 -- One row per positioned event, never updated by the trigger. `committed_at` (the database's
 -- clock, at commit) lets a stream opened while the database was unreachable start exactly after
