@@ -90,9 +90,11 @@ class Database(harness.Postgres):
     def connect(self, database=None, **kw):
         return super().connect(database=database or self.name, **kw)
 
-    def apply(self, path):
-        """psql --single-transaction -f path, the documented way to apply schema.sql."""
-        r = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction",
+    def apply(self, path, single_transaction=True):
+        """psql --single-transaction -f path, the documented way to apply schema.sql (without
+        --single-transaction: how docker-entrypoint-initdb.d applies it)."""
+        r = subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"] +
+                           (["--single-transaction"] if single_transaction else []) + [
                             "-h", self.datadir, "-p", str(self.port), "-U", "event_piper",
                             "-d", self.name, "-c", "SET client_min_messages = warning",
                             "-f", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -309,3 +311,20 @@ def test_the_module_upgraded_before_the_schema_waits_for_it_and_loses_nothing(
     expected = b"".join(frame(p, data=compact_json(d)) for p, d in db.sql(
         "select position, payload::text from event_log where position > 2 order by position"))
     assert bytes(c.body).replace(HEARTBEAT, b"") == expected
+
+
+def test_schema_sql_applied_without_single_transaction_keeps_the_original_services_ids(database):
+    """docker-entrypoint-initdb.d and hand-run `psql -f` apply schema.sql statement by statement:
+    it must still work there (a bare LOCK TABLE was an error), and an original service's table
+    must still keep its ids as positions (what the schema found before creating anything was a
+    transaction-local setting, gone after its own statement)."""
+    db = database("migrate_without_single_transaction")
+    db.sql(ORIGINAL_SCHEMA)
+    for n in range(1, 6):
+        db.sql(INSERT, ("toto", '{"n": %d}' % n))
+    db.sql("delete from events where id = 2")
+    db.apply(SCHEMA, single_transaction=False)
+    db.apply(SCHEMA, single_transaction=False)  # and again
+    db.sql(INSERT, ("toto", '{"n": "after"}'))
+    assert db.sql("select id, position from event_log order by id") == \
+        [(1, 1), (3, 3), (4, 4), (5, 5), (6, 6)]
