@@ -189,22 +189,13 @@ $$;
 CREATE OR REPLACE FUNCTION event_piper_note_insert(row_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
-    ids text := current_setting('event_piper.ids', true);
-    k   int;
-    t   text; -- set_config's answer (an assignment is cheaper than PERFORM)
+    k int := coalesce(nullif(current_setting('event_piper.chunks', true), ''), '0')::int + 1;
+    t text; -- set_config's answer (an assignment is cheaper than PERFORM)
 BEGIN
-    IF ids IS NULL OR ids = '' THEN
-        t := set_config('event_piper.ids', row_id::text, true);
-        RETURN true;
-    ELSIF octet_length(ids) < 2000 THEN
-        t := set_config('event_piper.ids', ids || ',' || row_id, true);
-        RETURN false;
-    END IF;
-    k := coalesce(nullif(current_setting('event_piper.chunks', true), ''), '0')::int + 1;
-    t := set_config('event_piper.ids_' || k, ids, true);
+    t := set_config('event_piper.ids_' || k, current_setting('event_piper.ids'), true);
     t := set_config('event_piper.chunks', k::text, true);
     t := set_config('event_piper.ids', row_id::text, true);
-    RETURN false;
+    RETURN false; -- the list was not empty: not the transaction's first row
 END;
 $$;
 
@@ -264,6 +255,14 @@ BEGIN
     DELETE FROM event_positions WHERE event_id = ANY (ARRAY(SELECT id FROM old_rows));
     RETURN NULL;
 END;
+$$;
+
+-- One event of a "b" batch (see above): "<position> <subscriber bytes> <type bytes> <payload
+-- bytes>\n<subscriber><type><payload>". STABLE, so inlined like event_piper_message.
+CREATE OR REPLACE FUNCTION event_piper_batch_record(pos bigint, sub text, typ text, body text)
+RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT pos || ' ' || octet_length(sub) || ' ' || octet_length(typ) || ' '
+           || octet_length(body) || E'\n' || sub || typ || body
 $$;
 
 -- Runs at COMMIT (deferred), once per transaction (see event_piper_note_insert).
@@ -363,8 +362,7 @@ BEGIN
                  SELECT position, id, sub FROM mine)
         SELECT count(*),
                max(octet_length(sub) + octet_length(typ) + octet_length(body)),
-               string_agg(position || ' ' || octet_length(sub) || ' ' || octet_length(typ)
-                          || ' ' || octet_length(body) || E'\n' || sub || typ || body, ''
+               string_agg(event_piper_batch_record(position, sub, typ, body), ''
                           ORDER BY position)
           INTO n, size, buf
           FROM mine;
@@ -378,8 +376,7 @@ BEGIN
                        FROM events WHERE id = ANY (ids) ORDER BY id LOOP
                 size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
                 IF size <= 7900 THEN
-                    rec := r.position || ' ' || octet_length(r.sub) || ' ' || octet_length(r.typ)
-                           || ' ' || octet_length(r.body) || E'\n' || r.sub || r.typ || r.body;
+                    rec := event_piper_batch_record(r.position, r.sub, r.typ, r.body);
                 END IF;
                 -- Flush the batch when this event does not fit in it (or goes alone).
                 IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997)
