@@ -328,6 +328,28 @@ def fd_count(pid):
         return None
 
 
+def client_socket_count(pid, port):
+    """How many of pid's fds are TCP connections accepted on port (not the listening socket)."""
+    try:
+        inodes = {os.readlink("/proc/%d/fd/%s" % (pid, fd))
+                  for fd in os.listdir("/proc/%d/fd" % pid)}
+    except OSError:
+        return None
+    accepted = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open("/proc/%d/net/%s" % (pid, table)) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    local_port = int(cols[1].rsplit(":", 1)[1], 16)
+                    if local_port == port and cols[3] != "0A":  # 0A: LISTEN
+                        accepted.add("socket:[%s]" % cols[9])
+        except OSError:
+            pass
+    return len(inodes & accepted)
+
+
 def pid_alive(pid):
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
