@@ -328,6 +328,26 @@ def fd_count(pid):
         return None
 
 
+def streams_on_every_worker(clients, ngx, consumer="toto", minimum=2, attempts=60, **kw):
+    """Open streams of `consumer` until every worker serves at least one of them (and at
+    least `minimum` are open). Returns (streams, {worker pid: [streams]})."""
+    streams, by_worker = [], {}
+    workers = set(ngx.worker_pids())
+    for _ in range(attempts):
+        c = clients.stream(ngx, consumer, settle=0, **kw)
+        w = ngx.wait_worker_of(c)
+        streams.append(c)
+        by_worker.setdefault(w, []).append(c)
+        if set(by_worker) >= workers and len(streams) >= minimum:
+            break
+        time.sleep(0.02)
+    assert set(by_worker) == workers, \
+        "could not get a stream on every worker in %d connections" % attempts
+    for c in streams:
+        c.read_for(0.05)
+    return streams, by_worker
+
+
 def client_socket_count(pid, port):
     """How many of pid's fds are TCP connections accepted on port (not the listening socket)."""
     try:

@@ -32,7 +32,7 @@ sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__
 import harness  # noqa: E402
 from harness import (HEARTBEAT, PGCTL, T, compact_json, frame,  # noqa: E402
                      last_event_id_locations, pid_alive, pump_all,
-                     sequence_problems, wait_until)
+                     sequence_problems, streams_on_every_worker, wait_until)
 from piper_chaos import (LISTENER_APP, cpu_seconds, pg_back_up, expected_events,  # noqa: E402
                          fd_inventory, hold_tcp, http_get, log_entries, module_backends, status,
                          worker_status, wait_all_listening)
@@ -102,22 +102,6 @@ def start_nginx(db, nginx):
         return ngx
     yield start
     pg_back_up(db)
-
-
-def streams_on_every_worker(clients, ngx, consumer, minimum=2, attempts=60, **kw):
-    """Open streams of `consumer` until every worker serves one and `minimum` are open."""
-    streams, by_worker = [], {}
-    workers = set(ngx.worker_pids())
-    for _ in range(attempts):
-        c = clients.stream(ngx, consumer, settle=0, **kw)
-        streams.append(c)
-        by_worker.setdefault(ngx.wait_worker_of(c), []).append(c)
-        if set(by_worker) >= workers and len(streams) >= minimum:
-            break
-        time.sleep(0.02)
-    assert set(by_worker) == workers, \
-        "could not get a stream on every worker in %d connections" % attempts
-    return streams, by_worker
 
 
 def assert_stream_is(db, body, subscriber, what, superuser=False):

@@ -10,7 +10,7 @@ import re
 import time
 
 from harness import (HEARTBEAT, LISTENER_APP, REPLAY_APP, T, client_socket_count, fd_count, frame,
-                     pump_all, wait_until)
+                     pump_all, streams_on_every_worker, wait_until)
 
 NGINX_CONF = """
 http {
@@ -32,26 +32,6 @@ ORIGINAL_INSERT = ("insert into events (type, timestamp, subscriber, payload) "
 
 def without_heartbeats(body):
     return bytes(body).replace(HEARTBEAT, b"")
-
-
-def streams_on_every_worker(clients, ngx, consumer="toto", minimum=2, attempts=40, **kw):
-    """Open streams of `consumer` until every worker serves at least one of them (and at
-    least `minimum` are open). Returns (streams, {worker pid: [streams]})."""
-    streams, by_worker = [], {}
-    workers = set(ngx.worker_pids())
-    for _ in range(attempts):
-        c = clients.stream(ngx, consumer, settle=0, **kw)
-        w = ngx.wait_worker_of(c)
-        streams.append(c)
-        by_worker.setdefault(w, []).append(c)
-        if set(by_worker) >= workers and len(streams) >= minimum:
-            break
-        time.sleep(0.02)
-    assert set(by_worker) == workers, \
-        "could not get a stream on every worker in %d connections" % attempts
-    for c in streams:
-        c.read_for(0.05)
-    return streams, by_worker
 
 
 def assert_one_line_text_error(c, status, what=""):

@@ -332,13 +332,17 @@ def test_inserts_made_during_a_replay_arrive_exactly_once_and_in_order(db, nginx
 
     t = threading.Thread(target=writer, daemon=True)
     t.start()
-    # Read slowly (8 KB every 10 ms) so that the replay is still running while they insert.
+    # Read slowly (8 KB every 10 ms) so that the replay is still running while they insert,
+    # and not past half the history before the writer is done: a slow writer (a loaded machine)
+    # must not let the replay end first.
     deadline = time.monotonic() + T(180)
     while t.is_alive() or len(c.events) < history + 300:
         assert time.monotonic() < deadline, \
             "timed out: %d of %d events" % (len(c.events), history + 300)
         assert not c.eof, "the stream ended"
-        if c.pump(0.2, max_bytes=8192):
+        if t.is_alive() and len(c.events) >= history // 2:
+            time.sleep(0.05)
+        elif c.pump(0.2, max_bytes=8192):
             time.sleep(0.01)
     t.join()
     assert state["error"] is None
