@@ -45,11 +45,17 @@ char *set_postgres(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     char *err = nullptr;
     PQconninfoOption *opts = PQconninfoParse(conninfo.c_str(), &err);
     if (opts == nullptr) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid connection string \"%V\" in \"%V\": %s",
-                           &args[1], &cmd->name, err ? err : "out of memory");
+        // The string itself is not repeated: it may hold a password, and error logs are read by
+        // more people than nginx.conf. libpq's message names the bad part; its line break goes.
+        std::string why = err != nullptr ? err : "out of memory";
         if (err != nullptr) {
             PQfreemem(err);
         }
+        while (!why.empty() && (why.back() == '\n' || why.back() == ' ')) {
+            why.pop_back();
+        }
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid connection string in \"%V\": %s",
+                           &cmd->name, why.c_str());
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     PQconninfoFree(opts);
@@ -228,11 +234,22 @@ Minimum listener_timeout_min = {3000, "a time of at least 3s (\"60s\", \"2m\")"}
 Minimum retry_min = {1, "a positive time (\"2s\", \"500ms\")"};
 Minimum relay_buffer_min = {64 * 1024, "a size of at least 64k (\"4m\", \"16m\")"};
 
-ngx_conf_enum_t listener_modes[] = {
-    {ngx_string("shared"), 1},
-    {ngx_string("per_worker"), 0},
-    {ngx_null_string, 0},
-};
+// `event_piper_listener shared | per_worker;` (nginx's enum slot would not name the directive).
+char *set_listener_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *mcf = static_cast<MainConf *>(conf);
+    if (mcf->listener_shared != NGX_CONF_UNSET_UINT) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    if (args[1].len == 6 && ngx_strncmp(args[1].data, "shared", 6) == 0) {
+        mcf->listener_shared = 1;
+    } else if (args[1].len == 10 && ngx_strncmp(args[1].data, "per_worker", 10) == 0) {
+        mcf->listener_shared = 0;
+    } else {
+        return invalid_value(cf, cmd, "\"shared\" or \"per_worker\"");
+    }
+    return NGX_CONF_OK;
+}
 
 char *set_size(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     auto *field = reinterpret_cast<size_t *>(static_cast<char *>(conf) + cmd->offset);
@@ -281,9 +298,8 @@ ngx_command_t commands[] = {
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, replay_memory), &replay_memory_min},
     {ngx_string("event_piper_listener_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_time,
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, listener_timeout), &listener_timeout_min},
-    {ngx_string("event_piper_listener"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
-     ngx_conf_set_enum_slot, NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, listener_shared),
-     listener_modes},
+    {ngx_string("event_piper_listener"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_listener_mode,
+     NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_relay_buffer"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_size,
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, relay_buffer), &relay_buffer_min},
     {ngx_string("event_piper_consumer"),

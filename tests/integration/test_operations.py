@@ -69,12 +69,18 @@ def test_a_bad_heartbeat_is_refused(pg):
             location={"event_piper_heartbeat": "soon"})
 
 
-def test_a_bad_connection_string_is_refused():
+def test_a_bad_connection_string_is_refused_without_repeating_it():
     ngx = Nginx(make_tmp("conf"), NGINX_CONF, pg=None,
-                http={"event_piper_postgres": '"host=x bogus_option=1"'})
+                http={"event_piper_postgres": '"host=x password=s3cret bogus_option=1"'})
     rc, out = ngx.test_config()
     assert rc != 0, out
-    assert re.search(r'invalid connection string .* in "event_piper_postgres"', out)
+    # One line that names the directive and libpq's reason; the string (and its password) is
+    # not written to the error log.
+    line = [l for l in out.splitlines() if "[emerg]" in l]
+    assert len(line) == 1, out
+    assert re.search(r'invalid connection string in "event_piper_postgres": invalid connection '
+                     r'option "bogus_option" in .*nginx.conf:\d+$', line[0]), out
+    assert "s3cret" not in out
 
 
 def test_a_tiny_stream_buffer_is_refused(pg):
@@ -160,6 +166,14 @@ def test_status_counts_streams_and_deliveries_of_all_workers(db, nginx, clients)
                                            text, re.M))
     assert total == n
     assert re.search(r"(?m)^event_piper_listener_up\{pid=\"\d+\"\} 1$", text)
+
+    # ?format=json is the default spelled out; any other format is a clear 400.
+    c = get(clients, ngx, "/status?format=json")
+    assert (c.status, c.header("Content-Type")) == (200, "application/json")
+    assert json.loads(bytes(c.body))["streams"] == n
+    c = get(clients, ngx, "/status?format=xml")
+    assert (c.status, bytes(c.body)) == \
+        (400, b"unknown format: use ?format=json or ?format=prometheus\n")
 
 
 def test_health_is_up_while_listening_and_down_without_the_database(db, nginx, clients):

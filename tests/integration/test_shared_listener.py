@@ -267,7 +267,8 @@ def test_health_is_up_from_any_worker_while_the_instance_listens(db, nginx):
 
 def test_the_directives_are_checked_by_nginx_t(db):
     for directive, value, expected in (
-            ("event_piper_listener", "both", 'invalid value "both"'),
+            ("event_piper_listener", "both",
+             'invalid value "both" in "event_piper_listener": "shared" or "per_worker"'),
             ("event_piper_relay_buffer", "1k", "at least 64k")):
         rc, out = Nginx(make_tmp("conf"), NGINX_CONF, pg=db,
                         http={directive: value}).test_config()
