@@ -43,7 +43,9 @@ const Field fields[] = {
      "Slow streams that fell back to reading the table.", &WorkerStats::stream_overflows},
     {"listener_reconnects", "event_piper_listener_reconnects_total", "counter",
      "Listener reconnections.", &WorkerStats::listener_reconnects},
-    {nullptr, "event_piper_listener_up", "gauge", "1 while the worker's LISTEN connection is up.",
+    {nullptr, "event_piper_listener_up", "gauge",
+     "1 while the worker hears live notifications: its own LISTEN connection is up, or "
+     "(event_piper_listener shared) the holder's is and relays to it.",
      &WorkerStats::listener_state},
     {"channel_mismatch", "event_piper_channel_mismatch", "gauge",
      "1 when the database's event_piper.channel differs from event_piper_channel.",

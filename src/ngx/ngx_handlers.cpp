@@ -275,9 +275,15 @@ ngx_int_t status_handler(ngx_http_request_t *r) noexcept {
         const ngx_time_t *tp = ngx_timeofday();
         uint64_t now_ms = static_cast<uint64_t>(tp->sec) * 1000 + tp->msec;
         ngx_str_t format;
-        bool prometheus = ngx_http_arg(r, reinterpret_cast<u_char *>(const_cast<char *>("format")),
-                                       6, &format) == NGX_OK &&
-                          format.len == 10 && ngx_strncmp(format.data, "prometheus", 10) == 0;
+        bool prometheus = false;
+        if (ngx_http_arg(r, reinterpret_cast<u_char *>(const_cast<char *>("format")), 6, &format) ==
+            NGX_OK) {
+            prometheus = format.len == 10 && ngx_strncmp(format.data, "prometheus", 10) == 0;
+            if (!prometheus && !(format.len == 4 && ngx_strncmp(format.data, "json", 4) == 0)) {
+                return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
+                                 "unknown format: use ?format=json or ?format=prometheus\n");
+            }
+        }
         std::string body = prometheus ? render_status_prometheus(workers, now_ms)
                                       : render_status_json(workers, now_ms);
         r->headers_out.last_modified_time = -1;
