@@ -163,25 +163,28 @@ std::vector<std::string> consumer_ids(std::string consumer, std::string_view lis
         return ids;
     }
     auto blank = [](char c) { return c == ' ' || c == '\t'; };
+    auto trim = [&blank](auto &item) {
+        while (!item.empty() && blank(item.front())) {
+            item.erase(item.begin());
+        }
+        while (!item.empty() && blank(item.back())) {
+            item.pop_back();
+        }
+    };
     size_t start = 0;
     while (start <= list.size()) {
         size_t comma = list.find(',', start);
         size_t end = comma == std::string_view::npos ? list.size() : comma;
-        std::string_view item = list.substr(start, end - start);
-        while (!item.empty() && blank(item.front())) {
-            item.remove_prefix(1);
-        }
-        while (!item.empty() && blank(item.back())) {
-            item.remove_suffix(1);
-        }
-        std::string id(item);
+        std::string id(list.substr(start, end - start));
+        trim(id);
         if (decode) {
-            auto decoded = percent_decode(item);
+            auto decoded = percent_decode(id);
             if (!decoded) {
                 error = "consumer id list has a bad %-escape\n";
                 return {};
             }
             id = std::move(*decoded);
+            trim(id); // "a,%20b" is b, as "a, b" is: a blank at either end is never part of an id
         }
         if (id.empty()) {
             error = "consumer id list has an empty id\n";
