@@ -421,12 +421,16 @@ CREATE CONSTRAINT TRIGGER events_commit_notify
     DEFERRABLE INITIALLY DEFERRED
     -- True for the transaction's first row only. Built-in functions while the id list is short
     -- (a trigger condition is not planned: a function of ours would be called, not inlined);
-    -- event_piper_note_insert sets long lists aside.
+    -- event_piper_note_insert sets long lists aside. The condition is read from the catalog and
+    -- prepared again for every INSERT statement, so it stays small and calls no SQL function:
+    -- `text || NEW.id` would be `text || anynonarray`, a SQL function whose body PostgreSQL
+    -- parses again each time (measured: 18 us of every single-row transaction); `NEW.id::text`
+    -- makes it the built-in `text || text`.
     FOR EACH ROW WHEN (
         CASE WHEN octet_length(coalesce(current_setting('event_piper.ids', true), '')) < 2000
              THEN octet_length(set_config('event_piper.ids',
                                           coalesce(nullif(current_setting('event_piper.ids', true),
-                                                          '') || ',', '') || NEW.id,
+                                                          '') || ',', '') || NEW.id::text,
                                           true)) = octet_length(NEW.id::text)
              ELSE event_piper_note_insert(NEW.id) END)
     EXECUTE FUNCTION events_commit_notify();
