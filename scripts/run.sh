@@ -109,8 +109,17 @@ cmd_start() {
     chmod 755 "$RUN"
     say "run folder: $RUN"
 
-    # Leftovers of a previous run that was killed without cleaning up are ours: stop them.
+    # A run still in progress (another terminal) is not ours to stop: one run folder, one run.
     local pid
+    if [[ -f $RUN/run.pid ]]; then
+        pid=$(<"$RUN/run.pid")
+        if [[ $pid =~ ^[0-9]+$ && $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null \
+            && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'run\.sh start'; then
+            die "another make run is in progress (pid $pid, run folder $RUN); stop it first (Ctrl-C there, or make stop)"
+        fi
+    fi
+    echo "$$" >"$RUN/run.pid"
+    # Leftovers of a previous run that was killed without cleaning up are ours: stop them.
     if pid=$(nginx_pid); then
         say "stopping nginx left by a previous run (pid $pid)"
         stop_nginx "$pid"
@@ -156,6 +165,7 @@ shutdown() {
     fi
     say "stopping PostgreSQL"
     "$PGCTL" stop "$RUN/pgdata" || true
+    rm -f "$RUN/run.pid"
     exit "$1"
 }
 
