@@ -41,24 +41,30 @@ char *set_postgres(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
         return const_cast<char *>("is duplicate");
     }
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
-    std::string conninfo(reinterpret_cast<char *>(args[1].data), args[1].len);
     char *err = nullptr;
-    PQconninfoOption *opts = PQconninfoParse(conninfo.c_str(), &err);
-    if (opts == nullptr) {
-        // The string itself is not repeated: it may hold a password, and error logs are read by
-        // more people than nginx.conf. libpq's message names the bad part; its line break goes.
-        std::string why = err != nullptr ? err : "out of memory";
+    try {
+        std::string conninfo(reinterpret_cast<char *>(args[1].data), args[1].len);
+        PQconninfoOption *opts = PQconninfoParse(conninfo.c_str(), &err);
+        if (opts == nullptr) {
+            // The string itself is not repeated, nor what libpq quotes of it: it may hold a
+            // password, and error logs are read by more people than nginx.conf.
+            std::string why =
+                event_piper::conninfo_error_for_log(err != nullptr ? err : "out of memory");
+            if (err != nullptr) {
+                PQfreemem(err);
+                err = nullptr;
+            }
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid connection string in \"%V\": %s",
+                               &cmd->name, why.c_str());
+            return static_cast<char *>(NGX_CONF_ERROR);
+        }
+        PQconninfoFree(opts);
+    } catch (...) {
         if (err != nullptr) {
             PQfreemem(err);
         }
-        while (!why.empty() && (why.back() == '\n' || why.back() == ' ')) {
-            why.pop_back();
-        }
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "invalid connection string in \"%V\": %s",
-                           &cmd->name, why.c_str());
-        return static_cast<char *>(NGX_CONF_ERROR);
+        return const_cast<char *>("failed: out of memory");
     }
-    PQconninfoFree(opts);
     mcf->conninfo = args[1];
     return NGX_CONF_OK;
 }
@@ -241,9 +247,11 @@ char *set_listener_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept
         return const_cast<char *>("is duplicate");
     }
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
-    if (args[1].len == 6 && ngx_strncmp(args[1].data, "shared", 6) == 0) {
+    // Case-insensitive, as nginx's own enum directives (and this one before it named itself).
+    if (args[1].len == 6 && ngx_strncasecmp(args[1].data, (u_char *)"shared", 6) == 0) {
         mcf->listener_shared = 1;
-    } else if (args[1].len == 10 && ngx_strncmp(args[1].data, "per_worker", 10) == 0) {
+    } else if (args[1].len == 10 &&
+               ngx_strncasecmp(args[1].data, (u_char *)"per_worker", 10) == 0) {
         mcf->listener_shared = 0;
     } else {
         return invalid_value(cf, cmd, "\"shared\" or \"per_worker\"");

@@ -232,4 +232,33 @@ std::optional<int64_t> parse_last_event_id(std::string_view text) {
     return value;
 }
 
+std::string conninfo_error_for_log(std::string_view message) {
+    std::string out;
+    size_t i = 0;
+    while (i < message.size()) {
+        size_t open = message.find('"', i);
+        size_t close = open == std::string_view::npos ? open : message.find('"', open + 1);
+        if (close == std::string_view::npos) {
+            out.append(message.substr(i));
+            break;
+        }
+        std::string_view inside = message.substr(open + 1, close - open - 1);
+        bool name = !inside.empty();
+        for (char c : inside) {
+            name = name && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_');
+        }
+        out.append(message.substr(i, open + 1 - i));
+        out.append(name || inside.size() <= 1 ? inside : "...");
+        out.push_back('"');
+        i = close + 1;
+    }
+    for (char &c : out) {
+        c = (c == '\n' || c == '\r') ? ' ' : c;
+    }
+    while (!out.empty() && out.back() == ' ') {
+        out.pop_back();
+    }
+    return out;
+}
+
 } // namespace event_piper

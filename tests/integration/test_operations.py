@@ -70,17 +70,22 @@ def test_a_bad_heartbeat_is_refused(pg):
 
 
 def test_a_bad_connection_string_is_refused_without_repeating_it():
-    ngx = Nginx(make_tmp("conf"), NGINX_CONF, pg=None,
-                http={"event_piper_postgres": '"host=x password=s3cret bogus_option=1"'})
-    rc, out = ngx.test_config()
-    assert rc != 0, out
-    # One line that names the directive and libpq's reason; the string (and its password) is
-    # not written to the error log.
-    line = [l for l in out.splitlines() if "[emerg]" in l]
-    assert len(line) == 1, out
-    assert re.search(r'invalid connection string in "event_piper_postgres": invalid connection '
-                     r'option "bogus_option" in .*nginx.conf:\d+$', line[0]), out
-    assert "s3cret" not in out
+    # One line that names the directive and libpq's reason; neither the string nor what libpq
+    # quotes of it (a URI, password included) reaches the error log.
+    for conninfo, reason in (
+            ('"host=x password=s3cret bogus_option=1"',
+             r'invalid connection option "bogus_option"'),
+            ('"postgresql://u:s3cret@[::1"',
+             r'end of string reached when looking for matching "\]" in IPv6 host address in '
+             r'URI: "\.\.\."')):
+        ngx = Nginx(make_tmp("conf"), NGINX_CONF, pg=None, http={"event_piper_postgres": conninfo})
+        rc, out = ngx.test_config()
+        assert rc != 0, out
+        line = [l for l in out.splitlines() if "[emerg]" in l]
+        assert len(line) == 1, out
+        assert re.search(r'invalid connection string in "event_piper_postgres": ' + reason +
+                         r' in .*nginx.conf:\d+$', line[0]), out
+        assert "s3cret" not in out
 
 
 def test_a_tiny_stream_buffer_is_refused(pg):

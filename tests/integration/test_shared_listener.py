@@ -274,7 +274,7 @@ def test_the_directives_are_checked_by_nginx_t(db):
                         http={directive: value}).test_config()
         assert rc != 0 and expected in out, out
     rc, out = Nginx(make_tmp("conf"), NGINX_CONF, pg=db,
-                    http={"event_piper_listener": "per_worker",
+                    http={"event_piper_listener": "Per_Worker",  # any case, as nginx's enums
                           "event_piper_relay_buffer": "16m"}).test_config()
     assert rc == 0, out
 

@@ -128,3 +128,22 @@ TEST(ConsumerIds, RefusesEmptyBadAndTooManyIds) {
     EXPECT_TRUE(consumer_ids("alice", list + ",64", false, error).empty());
     EXPECT_EQ(error, "more than 64 consumer ids in one stream\n");
 }
+
+TEST(ConninfoErrorForLog, KeepsOptionNamesAndDropsQuotedStrings) {
+    EXPECT_EQ(conninfo_error_for_log("invalid connection option \"bogus_option\"\n"),
+              "invalid connection option \"bogus_option\"");
+    // libpq quotes the whole URI (password included) or the offending token.
+    EXPECT_EQ(conninfo_error_for_log("end of string reached when looking for matching \"]\" in "
+                                     "IPv6 host address in URI: \"postgresql://u:s3cret@[::1\"\n"),
+              "end of string reached when looking for matching \"]\" in IPv6 host address in "
+              "URI: \"...\"");
+    EXPECT_EQ(conninfo_error_for_log("missing \"=\" after \"password\" in connection info "
+                                     "string\n"),
+              "missing \"=\" after \"password\" in connection info string");
+    EXPECT_EQ(conninfo_error_for_log("invalid URI query parameter: \"s3cret\""),
+              "invalid URI query parameter: \"...\"");
+    EXPECT_EQ(conninfo_error_for_log("invalid percent-encoded token: \"pa%zzss\"\n"),
+              "invalid percent-encoded token: \"...\"");
+    EXPECT_EQ(conninfo_error_for_log("a \"dangling quote\nsecond line"),
+              "a \"dangling quote second line");
+}
