@@ -162,21 +162,23 @@ std::vector<std::string> consumer_ids(std::string consumer, std::string_view lis
     if (list.empty()) {
         return ids;
     }
-    auto blank = [](char c) { return c == ' ' || c == '\t'; };
-    auto trim = [&blank](auto &item) {
-        while (!item.empty() && blank(item.front())) {
-            item.erase(item.begin());
+    // Blanks around an item are dropped; after decoding, spaces (%20) too. A decoded tab stays,
+    // and is refused as a control character, as it always was.
+    auto trim = [](std::string &item, const char *blanks) {
+        size_t first = item.find_first_not_of(blanks);
+        if (first == std::string::npos) {
+            item.clear();
+            return;
         }
-        while (!item.empty() && blank(item.back())) {
-            item.pop_back();
-        }
+        item.erase(item.find_last_not_of(blanks) + 1);
+        item.erase(0, first);
     };
     size_t start = 0;
     while (start <= list.size()) {
         size_t comma = list.find(',', start);
         size_t end = comma == std::string_view::npos ? list.size() : comma;
         std::string id(list.substr(start, end - start));
-        trim(id);
+        trim(id, " \t");
         if (decode) {
             auto decoded = percent_decode(id);
             if (!decoded) {
@@ -184,7 +186,7 @@ std::vector<std::string> consumer_ids(std::string consumer, std::string_view lis
                 return {};
             }
             id = std::move(*decoded);
-            trim(id); // "a,%20b" is b, as "a, b" is: a blank at either end is never part of an id
+            trim(id, " "); // "a,%20b" is b, as "a, b" is
         }
         if (id.empty()) {
             error = "consumer id list has an empty id\n";

@@ -99,8 +99,10 @@ TEST(ConsumerIds, ListItemsTrimmedDecodedAndDeduplicated) {
               (std::vector<std::string>{"alice", "a%2Cb"}));
     // Encoded blanks at either end go too (encodeURIComponent("everyone, team-7") split by
     // hand): " team-7" would be an id that no writer means.
-    EXPECT_EQ(consumer_ids("alice", "everyone,%20team-7%09", true, error),
+    EXPECT_EQ(consumer_ids("alice", "everyone,%20team-7%20%20", true, error),
               (std::vector<std::string>{"alice", "everyone", "team-7"}));
+    EXPECT_TRUE(consumer_ids("alice", "team-7%09", true, error).empty()); // a tab: refused
+    EXPECT_EQ(error, "in the consumer id list: consumer id contains control characters\n");
     EXPECT_EQ(consumer_ids("alice", "a%20b", true, error),
               (std::vector<std::string>{"alice", "a b"}));
     EXPECT_TRUE(consumer_ids("alice", "a,%20", true, error).empty());
