@@ -261,29 +261,32 @@ ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
     }
 }
 
-// Instance-wide figures from every live worker's slot; JSON, or Prometheus text with
-// ?format=prometheus.
+// Instance-wide figures from every live worker's slot: JSON (also ?format=json or an empty
+// ?format=), or Prometheus text with ?format=prometheus (any case); another format is a 400.
 ngx_int_t status_handler(ngx_http_request_t *r) noexcept {
     try {
         ngx_int_t rc = accept_method(r, "method not allowed: use GET\n");
         if (rc != NGX_DECLINED) {
             return rc;
         }
+        ngx_str_t format;
+        bool prometheus = false;
+        if (ngx_http_arg(r, reinterpret_cast<u_char *>(const_cast<char *>("format")), 6, &format) ==
+                NGX_OK &&
+            format.len > 0) {
+            prometheus =
+                format.len == 10 && ngx_strncasecmp(format.data, (u_char *)"prometheus", 10) == 0;
+            if (!prometheus &&
+                !(format.len == 4 && ngx_strncasecmp(format.data, (u_char *)"json", 4) == 0)) {
+                return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
+                                 "unknown format: use ?format=json or ?format=prometheus\n");
+            }
+        }
         auto *mcf =
             static_cast<MainConf *>(ngx_http_get_module_main_conf(r, ngx_event_piper_module));
         std::vector<WorkerStats> workers = read_status_zone(mcf->status_zone);
         const ngx_time_t *tp = ngx_timeofday();
         uint64_t now_ms = static_cast<uint64_t>(tp->sec) * 1000 + tp->msec;
-        ngx_str_t format;
-        bool prometheus = false;
-        if (ngx_http_arg(r, reinterpret_cast<u_char *>(const_cast<char *>("format")), 6, &format) ==
-            NGX_OK) {
-            prometheus = format.len == 10 && ngx_strncmp(format.data, "prometheus", 10) == 0;
-            if (!prometheus && !(format.len == 4 && ngx_strncmp(format.data, "json", 4) == 0)) {
-                return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
-                                 "unknown format: use ?format=json or ?format=prometheus\n");
-            }
-        }
         std::string body = prometheus ? render_status_prometheus(workers, now_ms)
                                       : render_status_json(workers, now_ms);
         r->headers_out.last_modified_time = -1;

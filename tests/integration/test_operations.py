@@ -172,13 +172,17 @@ def test_status_counts_streams_and_deliveries_of_all_workers(db, nginx, clients)
     assert total == n
     assert re.search(r"(?m)^event_piper_listener_up\{pid=\"\d+\"\} 1$", text)
 
-    # ?format=json is the default spelled out; any other format is a clear 400.
-    c = get(clients, ngx, "/status?format=json")
-    assert (c.status, c.header("Content-Type")) == (200, "application/json")
-    assert json.loads(bytes(c.body))["streams"] == n
+    # ?format=json (or an empty one) is the default spelled out, the value's case does not
+    # matter; any other format is a clear 400.
+    for query in ("?format=json", "?format=", "?format=JSON"):
+        c = get(clients, ngx, "/status" + query)
+        assert (c.status, c.header("Content-Type")) == (200, "application/json"), query
+        assert json.loads(bytes(c.body))["streams"] == n
+    c = get(clients, ngx, "/status?format=Prometheus")
+    assert (c.status, c.header("Content-Type")) == (200, "text/plain; version=0.0.4")
     c = get(clients, ngx, "/status?format=xml")
-    assert (c.status, bytes(c.body)) == \
-        (400, b"unknown format: use ?format=json or ?format=prometheus\n")
+    assert (c.status, c.header("Content-Type"), bytes(c.body)) == \
+        (400, "text/plain", b"unknown format: use ?format=json or ?format=prometheus\n")
 
 
 def test_health_is_up_while_listening_and_down_without_the_database(db, nginx, clients):
