@@ -35,6 +35,10 @@ TEST(LastEventId, Accepts) {
     EXPECT_EQ(parse_last_event_id("0"), 0);
     EXPECT_EQ(parse_last_event_id("5"), 5);
     EXPECT_EQ(parse_last_event_id("9223372036854775807"), INT64_MAX);
+    // Leading zeros, within 19 digits in all.
+    EXPECT_EQ(parse_last_event_id("05"), 5);
+    EXPECT_EQ(parse_last_event_id("0000000000000000005"), 5);
+    EXPECT_FALSE(parse_last_event_id("00000000000000000005").has_value());
 }
 
 TEST(LastEventId, Refuses) {
