@@ -306,7 +306,11 @@ def test_inserts_made_during_a_replay_arrive_exactly_once_and_in_order(db, nginx
     history = 20000
     db.insert_many("toto", history,
                    payload_sql="jsonb_build_object('n', g, 'pad', repeat('h', 150))")
-    ngx = nginx.start(db, location={"event_piper_replay_batch": 200})
+    # Small buffers on the server's side too (its send buffer, the stream's buffer): while the
+    # client does not read, the replay cannot run ahead of it by more than ~100 kB.
+    ngx = nginx.start(db, location={"event_piper_replay_batch": 200,
+                                    "event_piper_stream_buffer": "64k"},
+                      listen_params="sndbuf=16k")
     c = clients.open(ngx, "toto", "0", rcvbuf=16384, keep_raw=False)
     assert c.status == 200
     c.wait_events(1)
@@ -334,7 +338,8 @@ def test_inserts_made_during_a_replay_arrive_exactly_once_and_in_order(db, nginx
     t.start()
     # Read slowly (8 KB every 10 ms) so that the replay is still running while they insert,
     # and not past half the history before the writer is done: a slow writer (a loaded machine)
-    # must not let the replay end first.
+    # must not let the replay end first. With the buffers above, half the history (~2 MB) is
+    # then still in the table when the last insert commits.
     deadline = time.monotonic() + T(180)
     while t.is_alive() or len(c.events) < history + 300:
         assert time.monotonic() < deadline, \
