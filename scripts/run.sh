@@ -109,16 +109,20 @@ cmd_start() {
     chmod 755 "$RUN"
     say "run folder: $RUN"
 
-    # A run still in progress (another terminal) is not ours to stop: one run folder, one run.
+    # A run still in progress (another terminal, maybe another user) is not ours to stop: one
+    # run folder, one run. run.pid is created atomically (noclobber); a stale one is replaced.
     local pid
-    if [[ -f $RUN/run.pid ]]; then
-        pid=$(<"$RUN/run.pid")
-        if [[ $pid =~ ^[0-9]+$ && $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null \
-            && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q 'run\.sh start'; then
+    if ! (set -C; echo "$$" >"$RUN/run.pid") 2>/dev/null; then
+        pid=$(cat "$RUN/run.pid" 2>/dev/null || true)
+        if [[ $pid =~ ^[0-9]+$ && -d /proc/$pid ]] \
+            && grep -qa 'run\.sh' "/proc/$pid/cmdline" 2>/dev/null; then
             die "another make run is in progress (pid $pid, run folder $RUN); stop it first (Ctrl-C there, or make stop)"
         fi
+        rm -f "$RUN/run.pid"
+        (set -C; echo "$$" >"$RUN/run.pid") 2>/dev/null \
+            || die "another make run is starting in $RUN; stop it first"
     fi
-    echo "$$" >"$RUN/run.pid"
+    trap 'release_run' EXIT
     # Leftovers of a previous run that was killed without cleaning up are ours: stop them.
     if pid=$(nginx_pid); then
         say "stopping nginx left by a previous run (pid $pid)"
@@ -156,6 +160,12 @@ cmd_start() {
     shutdown "$status"
 }
 
+# The run's marker goes when this run ends, however it ends (not another run's).
+release_run() {
+    [[ -f $RUN/run.pid && $(<"$RUN/run.pid") == "$$" ]] && rm -f "$RUN/run.pid"
+    return 0
+}
+
 shutdown() {
     trap '' INT TERM HUP
     if [[ -n ${NGINX_PID:-} ]]; then
@@ -165,7 +175,6 @@ shutdown() {
     fi
     say "stopping PostgreSQL"
     "$PGCTL" stop "$RUN/pgdata" || true
-    rm -f "$RUN/run.pid"
     exit "$1"
 }
 
