@@ -1,6 +1,7 @@
 // The listener's state machine (see listener.hpp).
 #include "listener.hpp"
 
+#include <algorithm>
 #include <charconv>
 
 namespace event_piper {
@@ -64,14 +65,20 @@ void Listener::read_newest() {
 // check found settled (the first check looks at the newest 100,000 ids), an anti-join of
 // events' primary key against event_positions' index on event_id. Answers the count and where
 // the next check starts: usually a handful of rows, cheap enough to run every few seconds.
+// The third column is the newest committed position that the trigger notifies (a subscriber
+// of 7,900 bytes or more is never notified: see schema.sql), for note_committed().
 const char *const check_sql =
-    "SELECT unpositioned, next_after_id FROM event_piper_unpositioned($1)";
+    "SELECT unpositioned, next_after_id,"
+    " (SELECT position FROM event_positions WHERE octet_length(subscriber) < 7900"
+    "   ORDER BY position DESC LIMIT 1)"
+    " FROM event_piper_unpositioned($1)";
 
 void Listener::on_link_result(DbLink &, const QueryResult &result) {
     if (result.ok() && phase_ == Phase::Checking) {
-        if (result.rows() == 1 && result.columns() >= 2) {
+        if (result.rows() == 1 && result.columns() >= 3) {
             note_unpositioned(result.number(0, 0));
             check_after_id_ = result.number(0, 1);
+            note_committed(result.is_null(0, 2) ? 0 : result.number(0, 2));
         }
         return;
     }
@@ -86,7 +93,9 @@ void Listener::on_link_result(DbLink &, const QueryResult &result) {
                            "event_piper: the database notifies channel \"" + std::string(channel) +
                                "\" (setting event_piper.channel) but event_piper_channel is \"" +
                                settings_.channel +
-                               "\": live delivery cannot work; make them the same");
+                               "\": no notification reaches this listener, streams get events "
+                               "only from its periodic check, up to two thirds of "
+                               "event_piper_listener_timeout late; make them the same");
             }
             channel_mismatch_ = mismatch;
         }
@@ -122,6 +131,8 @@ void Listener::on_link_idle(DbLink &) {
 void Listener::go_live() {
     phase_ = Phase::Live;
     epoch_ = ++listens_;
+    notified_max_ = std::max(notified_max_, newest_); // the hub starts from here
+    checked_newest_ = 0;
     backoff_.reset();
     if (!last_error_.empty() || !ever_live_) {
         log_.write(LogLevel::Notice, "event_piper: listening for notifications (newest position " +
@@ -184,7 +195,36 @@ void Listener::lose(std::string_view why) {
 }
 
 void Listener::on_link_notify(DbLink &, std::string_view payload) {
+    if (parse_notifications(payload, parsed_)) { // views only: no copy of the payload
+        for (const Notification &n : parsed_) {
+            notified_max_ = std::max(notified_max_, n.position);
+        }
+    }
     events_.on_notification(payload);
+}
+
+// The table is the truth, a notification a hint. Positions that were committed when the previous
+// check ran (a whole check period ago) and that no notification has announced since will not be
+// announced: the trigger notifies another channel (event_piper.channel differs), or a foreign or
+// missing trigger. A bare position sends every stream to the table for them, so that a stream
+// is late by at most two check periods instead of stalled; the first time, the log says why.
+void Listener::note_committed(int64_t newest_committed) {
+    if (checked_newest_ > notified_max_) {
+        if (unnotified_hints_ == 0) {
+            log_.write(LogLevel::Warn,
+                       "event_piper: positions up to " +
+                           to_text(static_cast<uint64_t>(checked_newest_)) +
+                           " were committed a check period ago but not notified on channel \"" +
+                           settings_.channel +
+                           "\" (does the database's event_piper.channel name it? is the trigger "
+                           "events_commit_notify installed?): streams read them from the table");
+        }
+        ++unnotified_hints_;
+        notified_max_ = checked_newest_;
+        events_.on_notification("p " + to_text(static_cast<uint64_t>(checked_newest_)));
+        events_.on_notifications_done();
+    }
+    checked_newest_ = newest_committed;
 }
 
 void Listener::note_unpositioned(int64_t rows) {

@@ -5,9 +5,11 @@
 // none) may have missed notifications and must read again before it goes live.
 #pragma once
 
+#include "notification.hpp"
 #include "ports.hpp"
 
 #include <string>
+#include <vector>
 
 namespace event_piper {
 
@@ -50,11 +52,15 @@ public:
     uint64_t epoch() const { return epoch_; } // 0 while not listening
     uint64_t reconnects() const { return reconnects_; }
     // The database's event_piper.channel setting differs from ours: the trigger notifies another
-    // channel and live delivery cannot work (only catch-up from the table would).
+    // channel: no notification arrives, streams get events only from the check's hints.
     bool channel_mismatch() const { return channel_mismatch_; }
     // Committed rows without a position (the trigger was disabled or dropped): no client can
     // receive them until schema.sql is applied again. Counted by every check round trip.
     int64_t unpositioned_rows() const { return unpositioned_; }
+    // Times the check found positions committed a whole check period earlier that no
+    // notification had announced (another channel, a foreign or missing trigger): each time the
+    // streams were sent to the table with a bare position hint.
+    uint64_t unnotified_hints() const { return unnotified_hints_; }
 
     void on_link_ready(DbLink &link) override;
     void on_link_result(DbLink &link, const QueryResult &result) override;
@@ -68,6 +74,7 @@ private:
     void read_newest();
     void go_live();
     void note_unpositioned(int64_t rows);
+    void note_committed(int64_t newest_committed);
 
     DbLink &link_;
     Timer &retry_;
@@ -86,6 +93,12 @@ private:
     std::string last_error_; // logged once per distinct reason
     int64_t unpositioned_ = 0;
     int64_t check_after_id_ = 0; // ids up to here had positions at the last check
+    // The newest position announced to this listener (notifications, or read when it went live)
+    // and the newest committed one the previous check saw.
+    int64_t notified_max_ = 0;
+    int64_t checked_newest_ = 0;
+    uint64_t unnotified_hints_ = 0;
+    std::vector<Notification> parsed_;
     bool ever_live_ = false;
     bool channel_mismatch_ = false;
     bool closed_ = false;

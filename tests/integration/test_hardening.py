@@ -21,7 +21,8 @@ sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__
                                               "chaos")))
 
 import harness  # noqa: E402
-from harness import HEARTBEAT, REPO, T, frame, pid_alive, rss_kb, wait_until  # noqa: E402
+from harness import (HEARTBEAT, REPO, T, frame, pid_alive, rss_kb,  # noqa: E402
+                     streams_on_every_worker, wait_until)
 from piper_chaos import (LISTENER_APP, hold_tcp, http_get, log_entries, pg_back_up,  # noqa: E402
                          status, wait_all_listening)
 
@@ -236,6 +237,41 @@ def test_a_channel_the_database_does_not_notify_is_reported(db, nginx, clients):
     time.sleep(1.2)
     assert status(ngx2)["channel_mismatch"] == 0
     assert ngx2.log_count("event_piper_channel is") == 0
+
+
+def test_with_a_channel_the_database_does_not_notify_streams_still_get_every_event(db, nginx,
+                                                                                   clients):
+    """No notification reaches the listener (the database notifies another channel): the
+    listener's check sees positions committed a check period earlier that nothing announced and
+    sends every stream to the table. Late (here the check runs every second), never stalled, on
+    both workers (the hint goes through the relay), each event once."""
+    db.superuser_sql("alter database event_piper set event_piper.channel = 'elsewhere'")
+    try:
+        ngx = nginx.start(db, http={"event_piper_listener_timeout": "3s"})
+        wait_all_listening(ngx)
+        toto, _ = streams_on_every_worker(clients, ngx, "toto", minimum=2)
+        titi = clients.stream(ngx, "titi")
+        conn = db.connect()  # a new session: it notifies 'elsewhere'
+        try:
+            cur = conn.cursor()
+            for n in range(3):
+                cur.execute("insert into events (type, timestamp, subscriber, payload) "
+                            "values ('insert', now(), 'toto', %s)", ('{"n": %d}' % n,))
+                conn.commit()
+        finally:
+            conn.close()
+        for c in toto:
+            c.wait_events(3, T(15))
+        time.sleep(2.5)  # two more checks: nothing is sent twice
+        for c in toto:
+            assert [e.raw for e in c.events] == \
+                [frame(p, data='{"n":%d}' % n) for n, p in enumerate((1, 2, 3))]
+        titi.read_for(0.1)
+        assert titi.events == []
+        ngx.wait_log("were committed a check period ago but not notified on channel "
+                     "\"new_events\"", 1, T(5))
+    finally:
+        db.superuser_sql("alter database event_piper reset event_piper.channel")
 
 
 def test_rows_that_never_got_a_position_are_reported_and_repaired_by_the_schema(db, nginx,

@@ -174,7 +174,10 @@ TEST_F(ListenerTest, ASilentLinkIsCheckedAndAFrozenOneIsReplaced) {
     listener.on_check_timer();
     EXPECT_EQ(listener.phase(), Listener::Phase::Checking);
     EXPECT_EQ(link.sent.back(),
-              "SELECT unpositioned, next_after_id FROM event_piper_unpositioned($1)");
+              "SELECT unpositioned, next_after_id,"
+              " (SELECT position FROM event_positions WHERE octet_length(subscriber) < 7900"
+              "   ORDER BY position DESC LIMIT 1)"
+              " FROM event_piper_unpositioned($1)");
     EXPECT_EQ(link.last_params, std::vector<std::string>{"0"}); // the first check: newest ids
     EXPECT_EQ(check.fire(), 20000u);                            // no answer in time
     listener.on_check_timer();
@@ -189,7 +192,8 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     bring_up();
     check.fire();
     listener.on_check_timer();
-    listener.on_link_result(link, FakeResult({{std::string("0"), std::string("500")}}));
+    listener.on_link_result(
+        link, FakeResult({{std::string("0"), std::string("500"), std::string("42")}}));
     link.idle(listener);
     EXPECT_EQ(listener.phase(), Listener::Phase::Live);
     EXPECT_EQ(listener.epoch(), 1u);
@@ -201,23 +205,81 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     check.fire();
     listener.on_check_timer();
     EXPECT_EQ(link.last_params, std::vector<std::string>{"500"});
-    listener.on_link_result(link, FakeResult({{std::string("80"), std::string("520")}}));
+    listener.on_link_result(
+        link, FakeResult({{std::string("80"), std::string("520"), std::string("42")}}));
     link.idle(listener);
     EXPECT_EQ(listener.unpositioned_rows(), 80);
     EXPECT_EQ(log.count("80 committed rows of table events have no position"), 1u);
     check.fire();
     listener.on_check_timer();
     EXPECT_EQ(link.last_params, std::vector<std::string>{"520"}); // they are looked at again
-    listener.on_link_result(link, FakeResult({{std::string("80"), std::string("520")}}));
+    listener.on_link_result(
+        link, FakeResult({{std::string("80"), std::string("520"), std::string("42")}}));
     link.idle(listener);
     EXPECT_EQ(log.count("have no position"), 1u); // said once, not every round trip
     // schema.sql applied again: positions given.
     check.fire();
     listener.on_check_timer();
-    listener.on_link_result(link, FakeResult({{std::string("0"), std::string("700")}}));
+    listener.on_link_result(
+        link, FakeResult({{std::string("0"), std::string("700"), std::string("42")}}));
     link.idle(listener);
     EXPECT_EQ(listener.unpositioned_rows(), 0);
     EXPECT_EQ(log.count("every row of table events has a position again"), 1u);
+}
+
+// The check's third column: the newest committed (notifiable) position.
+FakeResult check_row(const char *newest_committed) {
+    return FakeResult(
+        {{std::string("0"), std::string("0"),
+          newest_committed != nullptr ? std::optional<std::string>(std::string(newest_committed))
+                                      : std::nullopt}});
+}
+
+TEST_F(ListenerTest, PositionsCommittedButNeverNotifiedSendTheStreamsToTheTable) {
+    bring_up("42");
+    auto round = [&](const char *newest_committed) {
+        check.fire();
+        listener.on_check_timer();
+        listener.on_link_result(link, check_row(newest_committed));
+        link.idle(listener);
+    };
+    round("50"); // committed, perhaps not yet notified: nothing yet
+    EXPECT_TRUE(events.notes.empty());
+    round("55"); // a check period later 50 was still not notified: the table has it
+    ASSERT_EQ(events.notes, std::vector<std::string>{"p 50"});
+    EXPECT_EQ(listener.unnotified_hints(), 1u);
+    EXPECT_EQ(log.count("positions up to 50 were committed a check period ago but not notified "
+                        "on channel \"new_events\""),
+              1u);
+    round("55");
+    EXPECT_EQ(events.notes, (std::vector<std::string>{"p 50", "p 55"}));
+    round("55"); // nothing new
+    EXPECT_EQ(events.notes.size(), 2u);
+    EXPECT_EQ(log.count("were committed a check period ago"), 1u); // said once
+    EXPECT_EQ(listener.phase(), Listener::Phase::Live);
+}
+
+TEST_F(ListenerTest, NotifiedPositionsAndAnEmptyTableNeedNoHint) {
+    bring_up("42");
+    auto round = [&](const char *newest_committed) {
+        check.fire();
+        listener.on_check_timer();
+        listener.on_link_result(link, check_row(newest_committed));
+        link.idle(listener);
+    };
+    round(nullptr); // no event yet
+    round("43");
+    listener.on_link_notify(link, "e 43 4 1\ntotot{}");
+    round("45");
+    // Two events of one transaction in one notification; a foreign payload is handed on as is.
+    listener.on_link_notify(link, "b\n44 4 1 2\ntotot{}45 4 1 2\ntotot{}");
+    listener.on_link_notify(link, "hello");
+    round("45");
+    round("42"); // positions at or below what the listener started from (read when it went live)
+    round("42");
+    EXPECT_EQ(listener.unnotified_hints(), 0u);
+    EXPECT_EQ(events.notes.size(), 3u);
+    EXPECT_EQ(log.count("were committed a check period ago"), 0u);
 }
 
 TEST_F(ListenerTest, AChannelMismatchIsReportedOnce) {
