@@ -227,6 +227,27 @@ RETURNS text LANGUAGE sql STABLE AS $$
     END
 $$;
 
+-- Once this transaction's events were positioned and notified (SET CONSTRAINTS ... IMMEDIATE, or
+-- a deferred trigger of the writer's that runs after ours at commit), their notifications are
+-- queued as they were then: changing or deleting those rows would deliver a stale event, to the
+-- old subscriber. Refused, like inserts after that point.
+CREATE OR REPLACE FUNCTION event_piper_refuse_notified(ids bigint[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    notified text := coalesce(current_setting('event_piper.last', true), '');
+BEGIN
+    IF notified <> '' AND EXISTS (
+           SELECT 1 FROM event_positions
+            WHERE event_id = ANY (ids)
+              AND position BETWEEN split_part(notified, ':', 1)::bigint
+                               AND split_part(notified, ':', 2)::bigint) THEN
+        RAISE EXCEPTION 'event_piper: events of this transaction were already notified '
+            '(SET CONSTRAINTS ... IMMEDIATE): they cannot be changed or deleted any more in it; '
+            'change them before, or in another transaction';
+    END IF;
+END;
+$$;
+
 -- The rows of this transaction changed or deleted since their INSERT are read again at commit;
 -- otherwise a lone row is taken as inserted (the trigger's NEW), without reading it again. This
 -- notes, per transaction, that events were updated or deleted; and keeps event_positions in step
@@ -236,6 +257,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     t text;
 BEGIN
+    IF coalesce(current_setting('event_piper.last', true), '') <> '' THEN
+        PERFORM event_piper_refuse_notified(ARRAY(SELECT id FROM new_rows));
+    END IF;
     t := set_config('event_piper.touched', 'on', true);
     -- `= ANY (ARRAY(...))`: an index scan of event_positions whatever the cached plan guessed.
     UPDATE event_positions p SET subscriber = n.subscriber
@@ -251,6 +275,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     t text;
 BEGIN
+    IF coalesce(current_setting('event_piper.last', true), '') <> '' THEN
+        PERFORM event_piper_refuse_notified(ARRAY(SELECT id FROM old_rows));
+    END IF;
     t := set_config('event_piper.touched', 'on', true);
     DELETE FROM event_positions WHERE event_id = ANY (ARRAY(SELECT id FROM old_rows));
     RETURN NULL;
@@ -409,7 +436,9 @@ BEGIN
     -- Done. A later round (SET CONSTRAINTS ... IMMEDIATE, then more inserts) is refused above.
     t := set_config('event_piper.ids', '', true);
     t := set_config('event_piper.chunks', '', true);
-    t := set_config('event_piper.last', pos_last::text, true);
+    -- The range this transaction notified (the statement triggers below refuse to change or
+    -- delete those rows afterwards).
+    t := set_config('event_piper.last', pos_first::text || ':' || pos_last::text, true);
     RETURN NULL;
 END;
 $$;
@@ -448,6 +477,10 @@ CREATE TRIGGER events_deleted
 CREATE OR REPLACE FUNCTION event_piper_events_truncated() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF coalesce(current_setting('event_piper.last', true), '') <> '' THEN
+        RAISE EXCEPTION 'event_piper: events of this transaction were already notified '
+            '(SET CONSTRAINTS ... IMMEDIATE): events cannot be truncated any more in it';
+    END IF;
     TRUNCATE event_positions;
     RETURN NULL;
 END;

@@ -281,6 +281,49 @@ def test_events_inserted_after_set_constraints_immediate_are_refused(db):
     assert db.scalar("select count(*) from event_log where position is not null") == 1
 
 
+def test_events_of_a_transaction_checked_early_cannot_be_changed_or_deleted_in_it(
+        db, nginx, clients):
+    """Found by an attack: after SET CONSTRAINTS ALL IMMEDIATE the transaction's notifications
+    are queued as the rows were then; an UPDATE of the subscriber delivered bob's event to
+    alice at commit, a DELETE delivered an event that was never committed. Both are refused now
+    (and TRUNCATE); older events can still be changed in such a transaction."""
+    ngx = nginx.start(db)
+    alice, bob = clients.stream(ngx, "alice"), clients.stream(ngx, "bob")
+    db.insert("old", '{"n": 0}')
+    for change in ("update events set subscriber = 'bob' where subscriber = 'alice'",
+                   "update events set payload = '{\"n\": 2}' where subscriber = 'alice'",
+                   "delete from events where subscriber = 'alice'",
+                   "truncate events"):
+        w = db.connect(autocommit=False)
+        try:
+            db.run(w, INSERT, ("alice", '{"secret": "for bob"}'))
+            db.run(w, "set constraints all immediate")
+            with pytest.raises(psycopg2.Error, match=r"already notified"):
+                db.run(w, change)
+            w.rollback()
+        finally:
+            w.close()
+    # Changing an event of an earlier transaction is not refused.
+    w = db.connect(autocommit=False)
+    try:
+        db.run(w, INSERT, ("alice", '{"n": 1}'))
+        db.run(w, "set constraints all immediate")
+        db.run(w, "update events set subscriber = 'bob' where subscriber = 'old'")
+        w.commit()
+    finally:
+        w.close()
+    db.insert("bob", '{"n": 3}')
+    alice.wait_events(1)
+    bob.wait_events(1)
+    alice.read_for(0.5)
+    bob.read_for(0.1)
+    # The refused transactions' positions are gaps. "old" became bob's after it was delivered
+    # (to nobody): a later stream of bob's would replay it, a live one does not get it again.
+    pos = dict(db.sql("select payload::text, position from event_log"))
+    assert [e.raw for e in alice.events] == [frame(pos['{"n": 1}'], data='{"n":1}')]
+    assert [e.raw for e in bob.events] == [frame(pos['{"n": 3}'], data='{"n":3}')]
+
+
 def test_the_module_upgraded_before_the_schema_waits_for_it_and_loses_nothing(
         database, nginx, clients):
     """This module reads positions from event_positions. Against a database still on the previous
