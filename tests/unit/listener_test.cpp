@@ -41,6 +41,20 @@ struct ListenerTest : ::testing::Test {
                           std::optional<std::string> start = std::nullopt) {
         return FakeResult({{std::string(newest), start, std::string(channel)}});
     }
+    // The check's third column: the newest committed (notifiable) position (nullptr: none yet).
+    static FakeResult check_row(const char *newest_committed) {
+        return FakeResult({{std::string("0"), std::string("0"),
+                            newest_committed != nullptr
+                                ? std::optional<std::string>(std::string(newest_committed))
+                                : std::nullopt}});
+    }
+    // One answered check round trip.
+    void check_round(const char *newest_committed) {
+        check.fire();
+        listener.on_check_timer();
+        listener.on_link_result(link, check_row(newest_committed));
+        link.idle(listener);
+    }
     // Drives a fresh connection to Live with the given newest position.
     void bring_up(const char *newest = "42") {
         listener.start();
@@ -227,33 +241,19 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     EXPECT_EQ(log.count("every row of table events has a position again"), 1u);
 }
 
-// The check's third column: the newest committed (notifiable) position.
-FakeResult check_row(const char *newest_committed) {
-    return FakeResult(
-        {{std::string("0"), std::string("0"),
-          newest_committed != nullptr ? std::optional<std::string>(std::string(newest_committed))
-                                      : std::nullopt}});
-}
-
 TEST_F(ListenerTest, PositionsCommittedButNeverNotifiedSendTheStreamsToTheTable) {
     bring_up("42");
-    auto round = [&](const char *newest_committed) {
-        check.fire();
-        listener.on_check_timer();
-        listener.on_link_result(link, check_row(newest_committed));
-        link.idle(listener);
-    };
-    round("50"); // committed, perhaps not yet notified: nothing yet
+    check_round("50"); // committed, perhaps not yet notified: nothing yet
     EXPECT_TRUE(events.notes.empty());
-    round("55"); // a check period later 50 was still not notified: the table has it
+    check_round("55"); // a check period later 50 was still not notified: the table has it
     ASSERT_EQ(events.notes, std::vector<std::string>{"p 50"});
     EXPECT_EQ(listener.unnotified_hints(), 1u);
     EXPECT_EQ(log.count("positions up to 50 were committed a check period ago but not notified "
                         "on channel \"new_events\""),
               1u);
-    round("55");
+    check_round("55");
     EXPECT_EQ(events.notes, (std::vector<std::string>{"p 50", "p 55"}));
-    round("55"); // nothing new
+    check_round("55"); // nothing new
     EXPECT_EQ(events.notes.size(), 2u);
     EXPECT_EQ(log.count("were committed a check period ago"), 1u); // said once
     EXPECT_EQ(listener.phase(), Listener::Phase::Live);
@@ -261,22 +261,17 @@ TEST_F(ListenerTest, PositionsCommittedButNeverNotifiedSendTheStreamsToTheTable)
 
 TEST_F(ListenerTest, NotifiedPositionsAndAnEmptyTableNeedNoHint) {
     bring_up("42");
-    auto round = [&](const char *newest_committed) {
-        check.fire();
-        listener.on_check_timer();
-        listener.on_link_result(link, check_row(newest_committed));
-        link.idle(listener);
-    };
-    round(nullptr); // no event yet
-    round("43");
+    check_round(nullptr); // no event yet
+    check_round("43");
     listener.on_link_notify(link, "e 43 4 1\ntotot{}");
-    round("45");
+    check_round("45");
     // Two events of one transaction in one notification; a foreign payload is handed on as is.
     listener.on_link_notify(link, "b\n44 4 1 2\ntotot{}45 4 1 2\ntotot{}");
     listener.on_link_notify(link, "hello");
-    round("45");
-    round("42"); // positions at or below what the listener started from (read when it went live)
-    round("42");
+    check_round("45");
+    check_round(
+        "42"); // positions at or below what the listener started from (read when it went live)
+    check_round("42");
     EXPECT_EQ(listener.unnotified_hints(), 0u);
     EXPECT_EQ(events.notes.size(), 3u);
     EXPECT_EQ(log.count("were committed a check period ago"), 0u);
