@@ -240,7 +240,8 @@ BEGIN
            SELECT 1 FROM event_positions
             WHERE event_id = ANY (ids)
               AND position BETWEEN split_part(notified, ':', 1)::bigint
-                               AND split_part(notified, ':', 2)::bigint) THEN
+                               AND coalesce(nullif(split_part(notified, ':', 2), ''),
+                                            split_part(notified, ':', 1))::bigint) THEN
         RAISE EXCEPTION 'event_piper: events of this transaction were already notified '
             '(SET CONSTRAINTS ... IMMEDIATE): they cannot be changed or deleted any more in it; '
             'change them before, or in another transaction';
