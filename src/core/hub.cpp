@@ -5,6 +5,8 @@
 #include "relay.hpp"
 #include "sse_frame.hpp"
 
+#include <algorithm>
+
 namespace event_piper {
 
 Hub::Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory)
@@ -94,6 +96,7 @@ void Hub::warn_foreign(std::string_view payload) {
 
 void Hub::on_event_notification(const Notification &n) {
     note_position(n.position);
+    newest_notified_ = std::max(newest_notified_, n.position);
     ++stats_.notifications;
     stats_.last_notification_ms = clock_.now_ms();
     bool found = true;

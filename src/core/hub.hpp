@@ -50,6 +50,7 @@ public:
     void on_listener_lost() override;
     void on_notification(std::string_view payload) override;
     uint64_t waiting_since_ms() const override { return waiting_since_ms_; }
+    int64_t newest_notified() const override { return newest_notified_; }
 
     // ReplayEvents
     uint64_t listener_epoch() const override { return epoch_; }
@@ -76,6 +77,7 @@ private:
     std::string frame_;               // one serialisation per event, shared by all its streams
     std::vector<Notification> batch_; // the events of the notification being handled
     int64_t newest_ = -1;
+    int64_t newest_notified_ = 0; // notifications only (newest_ also learns from replays)
     uint64_t epoch_ = 0;
     uint64_t waiting_since_ms_ = 0;
     bool warned_foreign_ = false;

@@ -131,7 +131,7 @@ void Listener::on_link_idle(DbLink &) {
 void Listener::go_live() {
     phase_ = Phase::Live;
     epoch_ = ++listens_;
-    notified_max_ = std::max(notified_max_, newest_); // the hub starts from here
+    announced_floor_ = std::max(announced_floor_, newest_); // the hub starts from here
     checked_newest_ = 0;
     backoff_.reset();
     if (!last_error_.empty() || !ever_live_) {
@@ -195,11 +195,6 @@ void Listener::lose(std::string_view why) {
 }
 
 void Listener::on_link_notify(DbLink &, std::string_view payload) {
-    if (parse_notifications(payload, parsed_)) { // views only: no copy of the payload
-        for (const Notification &n : parsed_) {
-            notified_max_ = std::max(notified_max_, n.position);
-        }
-    }
     events_.on_notification(payload);
 }
 
@@ -209,7 +204,7 @@ void Listener::on_link_notify(DbLink &, std::string_view payload) {
 // missing trigger. A bare position sends every stream to the table for them, so that a stream
 // is late by at most two check periods instead of stalled; the first time, the log says why.
 void Listener::note_committed(int64_t newest_committed) {
-    if (checked_newest_ > notified_max_) {
+    if (checked_newest_ > std::max(announced_floor_, events_.newest_notified())) {
         if (unnotified_hints_ == 0) {
             log_.write(LogLevel::Warn,
                        "event_piper: positions up to " +
@@ -220,7 +215,7 @@ void Listener::note_committed(int64_t newest_committed) {
                            "events_commit_notify installed?): streams read them from the table");
         }
         ++unnotified_hints_;
-        notified_max_ = checked_newest_;
+        announced_floor_ = checked_newest_;
         events_.on_notification("p " + to_text(static_cast<uint64_t>(checked_newest_)));
         events_.on_notifications_done();
     }

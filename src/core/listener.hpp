@@ -5,11 +5,9 @@
 // none) may have missed notifications and must read again before it goes live.
 #pragma once
 
-#include "notification.hpp"
 #include "ports.hpp"
 
 #include <string>
-#include <vector>
 
 namespace event_piper {
 
@@ -24,6 +22,9 @@ public:
     virtual uint64_t waiting_since_ms() const = 0;
     // The notifications of one read have all been handed over (a batch ends here).
     virtual void on_notifications_done() {}
+    // The newest position that a notification announced (kept where notifications are parsed
+    // anyway, so that the listener's check costs the hot path nothing).
+    virtual int64_t newest_notified() const = 0;
 
 protected:
     ~ListenerEvents() = default;
@@ -93,12 +94,11 @@ private:
     std::string last_error_; // logged once per distinct reason
     int64_t unpositioned_ = 0;
     int64_t check_after_id_ = 0; // ids up to here had positions at the last check
-    // The newest position announced to this listener (notifications, or read when it went live)
-    // and the newest committed one the previous check saw.
-    int64_t notified_max_ = 0;
+    // Positions up to here need no announcement (read when the listener went live, or hinted
+    // by the check), and the newest committed one the previous check saw.
+    int64_t announced_floor_ = 0;
     int64_t checked_newest_ = 0;
     uint64_t unnotified_hints_ = 0;
-    std::vector<Notification> parsed_;
     bool ever_live_ = false;
     bool channel_mismatch_ = false;
     bool closed_ = false;

@@ -98,6 +98,7 @@ public:
     void on_listener_lost() override;
     void on_notification(std::string_view payload) override;
     uint64_t waiting_since_ms() const override;
+    int64_t newest_notified() const override { return local_.newest_notified(); }
     void on_notifications_done() override { flush(); }
 
     uint64_t forwarded() const { return forwarded_; }

@@ -121,6 +121,19 @@ TEST_F(HubTest, AnEventForNobodyHereIsCountedAsDropped) {
     EXPECT_EQ(hub.newest(), 2);
 }
 
+TEST_F(HubTest, TheNewestNotifiedPositionCountsNotificationsOnly) {
+    hub.on_listener_ready(1, 7, 7); // read from the table when the listener went live
+    EXPECT_EQ(hub.newest_notified(), 0);
+    hub.on_notification(event(8, "nobody", "{}"));
+    hub.on_notification("b\n9 1 1 2\nat{}10 1 1 2\nbt{}");
+    EXPECT_EQ(hub.newest_notified(), 10);
+    hub.note_position(12); // learned by a replay, not announced
+    EXPECT_EQ(hub.newest(), 12);
+    EXPECT_EQ(hub.newest_notified(), 10);
+    hub.on_notification("p 11");
+    EXPECT_EQ(hub.newest_notified(), 11);
+}
+
 TEST_F(HubTest, AReferenceSendsTheConsumersLiveStreamsToTheTable) {
     hub.on_listener_ready(1, 0, 0);
     auto a = stream("alice"), b = stream("bob");

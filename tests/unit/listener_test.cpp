@@ -3,8 +3,11 @@
 #include "listener.hpp"
 
 #include "fakes.hpp"
+#include "notification.hpp"
 
 #include <gtest/gtest.h>
+
+#include <algorithm>
 
 using namespace event_piper;
 using namespace event_piper::testing;
@@ -16,8 +19,17 @@ struct Events : ListenerEvents {
         ready.push_back({epoch, newest, start});
     }
     void on_listener_lost() override { ++lost; }
-    void on_notification(std::string_view payload) override { notes.emplace_back(payload); }
+    void on_notification(std::string_view payload) override {
+        notes.emplace_back(payload);
+        std::vector<Notification> parsed; // as the hub does
+        if (parse_notifications(payload, parsed)) {
+            for (const Notification &n : parsed) {
+                notified = std::max(notified, n.position);
+            }
+        }
+    }
     uint64_t waiting_since_ms() const override { return waiting_since; }
+    int64_t newest_notified() const override { return notified; }
 
     struct Ready {
         uint64_t epoch;
@@ -28,6 +40,7 @@ struct Events : ListenerEvents {
     int lost = 0;
     std::vector<std::string> notes;
     uint64_t waiting_since = 0;
+    int64_t notified = 0;
 };
 
 struct ListenerTest : ::testing::Test {
