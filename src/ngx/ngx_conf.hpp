@@ -36,6 +36,10 @@ struct LocConf {
     ngx_msec_t retry;     // 0: unset
     ngx_uint_t replay_batch;
     size_t stream_buffer;
+
+    // The reconnect hint sent when nginx ends a stream (reload, stop) or answers a request in
+    // its shutdown: event_piper_retry, or 1000 ms when it is unset.
+    ngx_msec_t end_retry() const { return retry != 0 ? retry : 1000; }
 };
 
 // The module context's configuration callbacks (defaults: README "Configuration").

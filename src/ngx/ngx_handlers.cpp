@@ -3,6 +3,7 @@
 #include "ngx_handlers.hpp"
 
 #include "core/request_check.hpp"
+#include "core/sse_frame.hpp"
 #include "ngx_http_stream.hpp"
 #include "ngx_status_zone.hpp"
 #include "ngx_worker.hpp"
@@ -167,7 +168,9 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
         r->keepalive = 0;
-        return send_text(r, NGX_HTTP_OK, "text/event-stream", "retry: 1000\n\n");
+        std::string hint;
+        append_retry_frame(hint, lcf->end_retry());
+        return send_text(r, NGX_HTTP_OK, "text/event-stream", pool_copy(r, hint));
     }
 
     r->headers_out.status = NGX_HTTP_OK;

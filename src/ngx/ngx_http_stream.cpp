@@ -7,7 +7,6 @@ namespace event_piper {
 
 namespace {
 
-constexpr ngx_msec_t end_retry_default = 1000; // the retry hint when event_piper_retry is unset
 // At shutdown, a client that does not take its final bytes within this time is disconnected
 // (it resumes like after any other disconnect) instead of holding the old worker for
 // send_timeout.
@@ -25,7 +24,8 @@ Stream::Limits limits_of(const LocConf &conf) {
 HttpStream::HttpStream(Hub &hub, ngx_http_request_t *r, const LocConf &conf,
                        std::vector<std::string> consumers, int64_t last_position)
     : stream_(std::move(consumers), last_position, limits_of(conf), this), hub_(&hub), r_(r),
-      heartbeat_(conf.heartbeat), retry_(conf.retry), last_write_(ngx_current_msec) {
+      heartbeat_(conf.heartbeat), retry_(conf.retry), end_retry_(conf.end_retry()),
+      last_write_(ngx_current_msec) {
     ngx_memzero(&heartbeat_ev_, sizeof(heartbeat_ev_));
     heartbeat_ev_.handler = heartbeat_handler;
     heartbeat_ev_.data = this;
@@ -206,7 +206,7 @@ void HttpStream::finish(bool graceful) {
     if (graceful) {
         // What was queued, then a reconnect hint: the client resumes with its Last-Event-ID.
         stream_.take_pending(tail);
-        append_retry_frame(tail, retry_ != 0 ? retry_ : end_retry_default);
+        append_retry_frame(tail, end_retry_);
     }
     auto *b = static_cast<ngx_buf_t *>(ngx_calloc_buf(r->pool));
     ngx_chain_t *cl = ngx_alloc_chain_link(r->pool);

@@ -58,7 +58,8 @@ private:
     ngx_http_request_t *r_;
     ngx_event_t heartbeat_ev_;
     ngx_msec_t heartbeat_;
-    ngx_msec_t retry_;
+    ngx_msec_t retry_;     // sent when the stream starts (0: unset)
+    ngx_msec_t end_retry_; // sent when nginx ends the stream
     ngx_msec_t last_write_;
     std::string inflight_; // bytes handed to nginx, alive until it has sent them
     ngx_chain_t *free_ = nullptr;

@@ -795,6 +795,26 @@ def test_a_request_that_reaches_a_worker_in_its_shutdown_is_told_to_reconnect(
     wait_until(lambda: not pid_alive(old_worker), T(5), what="the old worker to exit")
 
 
+def test_the_answer_in_shutdown_uses_the_configured_retry(db, start_nginx, clients):
+    # The same race with event_piper_retry set: the reconnect hint is the configured one, as on
+    # the streams that the shutdown ends (it was 1000 ms whatever the configuration said).
+    ngx = start_nginx(location={"event_piper_retry": "2500ms"})
+    for attempt in range(5):
+        c = clients.client(ngx)
+        c.send(b"GET /events HTTP/1.1\r\nHost: x\r\nX-Consumer-Id: toto\r\n")
+        old_worker = ngx.wait_worker_of(c)
+        ngx.reload()
+        ngx.wait_log("event_piper: shutting down", 2 * (attempt + 1))
+        c.send(b"Last-Event-ID: 0\r\n\r\n")
+        c.wait_complete(timeout=T(10))
+        wait_until(lambda: not pid_alive(old_worker), T(5), what="the old worker to exit")
+        if c.raw:
+            break
+    assert c.raw, "no attempt reached a worker in its shutdown"
+    assert c.status == 200
+    assert bytes(c.body) == b"retry: 2500\n\n"
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Bad input
 # --------------------------------------------------------------------------------------------
