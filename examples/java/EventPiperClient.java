@@ -7,7 +7,9 @@
 // `retry` (digits only) sets the reconnection delay. When the stream ends or the connection
 // fails, it waits that delay and reconnects with `Last-Event-ID`, so nothing is missed and
 // nothing arrives twice. A 204, a status other than 200 or a body that is not
-// text/event-stream ends it for good, as the specification says.
+// text/event-stream ends it for good, as the specification says. A connection that stays
+// silent longer than the idle timeout (the module sends a heartbeat every 10 s by default) is
+// presumed dead (a network black hole never ends it) and replaced the same way.
 //
 //   javac -d build/java examples/java/EventPiperClient.java
 //   java -cp build/java EventPiperClient http://localhost:4000/events --consumer toto
@@ -15,7 +17,8 @@
 //
 // Options: --consumer ID (sends X-Consumer-Id), --header 'Name: value' (repeatable),
 // --last-event-id ID (resume point of the first request), --count N (exit after N events,
-// heartbeats not counted), --retry MS (delay before the server sends one; default 3000).
+// heartbeats not counted), --retry MS (delay before the server sends one; default 3000),
+// --idle-timeout MS (default 30000, three heartbeats; 0: wait forever).
 // It prints one JSON object a line: {"kind":"open",...}, {"kind":"event","id":...,"type":...,
 // "data":...}, {"kind":"retry","ms":...}, {"kind":"error",...}, {"kind":"done"}.
 // Use it as a library through EventPiperClient.Listener and run().
@@ -31,6 +34,10 @@ import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
+import java.util.concurrent.Executors;
+import java.util.concurrent.ScheduledExecutorService;
+import java.util.concurrent.ScheduledFuture;
+import java.util.concurrent.TimeUnit;
 
 public final class EventPiperClient {
 
@@ -58,11 +65,19 @@ public final class EventPiperClient {
     private final Listener listener;
     private String lastEventId;
     private long retryMillis;
+    private final long idleMillis;
     private int connections;
     private volatile boolean stopped;
+    private volatile long lastBytesAt; // System.nanoTime() of the last bytes received
+    private volatile boolean idleClosed;
+    private final ScheduledExecutorService watchdog = Executors.newSingleThreadScheduledExecutor(r -> {
+        Thread t = new Thread(r, "event-piper-idle-watchdog");
+        t.setDaemon(true);
+        return t;
+    });
 
     public EventPiperClient(URI uri, List<String[]> headers, String lastEventId, long retryMillis,
-                            Listener listener) {
+                            long idleMillis, Listener listener) {
         // HTTP/1.1: over plain http the JDK's HTTP/2 default would ask for an h2c upgrade.
         this.http = HttpClient.newBuilder()
                         .version(HttpClient.Version.HTTP_1_1)
@@ -72,6 +87,7 @@ public final class EventPiperClient {
         this.headers = headers;
         this.lastEventId = lastEventId == null ? "" : lastEventId;
         this.retryMillis = retryMillis;
+        this.idleMillis = idleMillis;
         this.listener = listener;
     }
 
@@ -80,6 +96,14 @@ public final class EventPiperClient {
 
     /** Streams until the listener has enough, stop() is called, or the server refuses for good. */
     public void run() throws InterruptedException {
+        try {
+            loop();
+        } finally {
+            watchdog.shutdownNow();
+        }
+    }
+
+    private void loop() throws InterruptedException {
         while (!stopped && listener.wantsMore()) {
             String failure;
             try {
@@ -113,7 +137,8 @@ public final class EventPiperClient {
         }
         HttpResponse<InputStream> response =
             http.send(request.build(), HttpResponse.BodyHandlers.ofInputStream());
-        try (InputStream body = response.body()) {
+        InputStream body = response.body();
+        try {
             int status = response.statusCode();
             String type = response.headers().firstValue("Content-Type").orElse("");
             if (status != 200 || !type.toLowerCase().startsWith("text/event-stream")) {
@@ -124,7 +149,38 @@ public final class EventPiperClient {
                 return null;
             }
             listener.onOpen(++connections, sent);
-            return read(body);
+            // Closing the body from the watchdog's thread ends a read blocked on a dead
+            // connection with an IOException.
+            lastBytesAt = System.nanoTime();
+            idleClosed = false;
+            ScheduledFuture<?> check = null;
+            if (idleMillis > 0) {
+                long period = Math.max(idleMillis / 4, 50);
+                check = watchdog.scheduleAtFixedRate(() -> {
+                    if (System.nanoTime() - lastBytesAt > TimeUnit.MILLISECONDS.toNanos(idleMillis)) {
+                        idleClosed = true;
+                        try {
+                            body.close();
+                        } catch (IOException ignored) {
+                            // the reader sees the stream end either way
+                        }
+                    }
+                }, period, period, TimeUnit.MILLISECONDS);
+            }
+            try {
+                return read(body);
+            } catch (IOException e) {
+                if (idleClosed) {
+                    return "nothing received for " + idleMillis + " ms: the connection is presumed dead";
+                }
+                throw e;
+            } finally {
+                if (check != null) {
+                    check.cancel(false);
+                }
+            }
+        } finally {
+            body.close();
         }
     }
 
@@ -143,6 +199,7 @@ public final class EventPiperClient {
         byte[] buf = new byte[8192];
         int n;
         while ((n = body.read(buf)) > 0) {
+            lastBytesAt = System.nanoTime();
             for (int i = 0; i < n; i++) {
                 byte b = buf[i];
                 if (afterCr && b == '\n') { // the LF of a CRLF
@@ -166,7 +223,8 @@ public final class EventPiperClient {
             }
         }
         // Whatever was not ended by a blank line is dropped with the connection.
-        return "the stream ended";
+        return idleClosed ? "nothing received for " + idleMillis + " ms: the connection is presumed dead"
+                          : "the stream ended";
     }
 
     // Returns false once the listener has had enough.
@@ -264,7 +322,7 @@ public final class EventPiperClient {
     public static void main(String[] args) throws Exception {
         if (args.length < 1 || args[0].startsWith("--")) {
             System.err.println("usage: EventPiperClient URL [--consumer ID] [--header 'Name: value']..."
-                               + " [--last-event-id ID] [--count N] [--retry MS]");
+                               + " [--last-event-id ID] [--count N] [--retry MS] [--idle-timeout MS]");
             System.exit(2);
         }
         URI uri = URI.create(args[0]);
@@ -272,6 +330,7 @@ public final class EventPiperClient {
         String lastEventId = null;
         long count = 0;
         long retry = 3000;
+        long idle = 30000;
         for (int i = 1; i < args.length; i++) {
             String opt = args[i];
             if (i + 1 >= args.length) {
@@ -299,6 +358,9 @@ public final class EventPiperClient {
                 break;
             case "--retry":
                 retry = Long.parseLong(value);
+                break;
+            case "--idle-timeout":
+                idle = Long.parseLong(value);
                 break;
             default:
                 throw new IllegalArgumentException("unknown option " + opt);
@@ -338,7 +400,7 @@ public final class EventPiperClient {
                 return wanted == 0 || received < wanted;
             }
         };
-        new EventPiperClient(uri, headers, lastEventId, retry, printer).run();
+        new EventPiperClient(uri, headers, lastEventId, retry, idle, printer).run();
         print("{\"kind\":\"done\"}");
     }
 }

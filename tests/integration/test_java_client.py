@@ -114,8 +114,9 @@ SECOND_BODY = b"id: 5\nevent: update\ndata: after\n\n"
 
 
 class ScriptedServer:
-    """Answers the n-th connection with the n-th (status line, headers, body); records each
-    request's headers and the time it arrived."""
+    """Answers the n-th connection with the n-th (status line, headers, body[, seconds to keep
+    the connection open and silent after the body]); records each request's headers and the
+    time it arrived."""
 
     def __init__(self, answers):
         self.answers = list(answers)
@@ -129,7 +130,7 @@ class ScriptedServer:
         self.thread.start()
 
     def _serve(self):
-        for status, headers, body in self.answers:
+        for status, headers, body, *hold in self.answers:
             conn, _ = self.sock.accept()
             with conn:
                 data = b""
@@ -147,6 +148,8 @@ class ScriptedServer:
                 conn.sendall(("HTTP/1.1 %s\r\n%sConnection: close\r\n\r\n"
                               % (status, "".join("%s: %s\r\n" % h for h in headers))).encode()
                              + body)
+                if hold:
+                    time.sleep(hold[0])
                 conn.shutdown(socket.SHUT_WR)
                 time.sleep(0.05)
             self.closed_at.append(time.monotonic())
@@ -210,6 +213,29 @@ def test_a_status_other_than_200_ends_the_client_without_reconnecting(java_class
     assert c.of("open") == [] and c.events() == []
     assert [(e["reconnecting"], "401" in e["message"]) for e in c.of("error")] == [(False, True)]
     assert len(server.requests) == 1
+
+
+def test_a_connection_silent_past_the_idle_timeout_is_replaced_and_resumes(java_classes):
+    """A network black hole never ends the stream: the client gives up on it after
+    --idle-timeout without a byte, and reconnects with its Last-Event-ID."""
+    sse = [("Content-Type", "text/event-stream")]
+    server = ScriptedServer([("200 OK", sse, b"retry: 200\nid: 7\ndata: x\n\n", T(8)),
+                             ("204 No Content", [], b"")])
+    c = JavaClient(java_classes, make_tmp("java-idle"), "http://127.0.0.1:%d/" % server.port,
+                   ["--idle-timeout", "1000"])
+    try:
+        c.wait(lambda: c.of("error"), T(30), "the idle timeout")
+        first = c.of("error")[0]
+        assert first["reconnecting"], c.transcript()
+        assert "nothing received for 1000 ms" in first["message"], c.transcript()
+        # Well before the server's silent connection ended by itself.
+        assert first["at"] - c.of("open")[0]["at"] < T(4), c.transcript()
+        c.wait(lambda: c.of("done"), T(30), "the 204")
+    finally:
+        c.close()
+        server.close()
+    assert c.events() == [("7", "message", "x")]
+    assert [r[2].get("last-event-id") for r in server.requests] == [None, "7"]
 
 
 # --------------------------------------------------------------------------------------------
