@@ -109,23 +109,15 @@ def insert(pg, subscriber, n, type="insert"):
     pg.insert(subscriber, '{"n": %d, "to": "%s"}' % (n, subscriber), type=type)
 
 
-def test_the_page_shows_live_events_resumes_after_a_reload_and_survives_a_postgres_restart(
-        db, nginx, browser):
+def start_run_nginx(nginx, db):
     ngx = RunConfNginx(nginx.tmp, db)
     nginx.instances.append(ngx)  # stopped and its error log checked at the teardown
     ngx.start()
+    return ngx
 
-    # The page itself: served from the project's www/ by the run's nginx.
-    with urllib.request.urlopen("http://127.0.0.1:%d/" % ngx.port, timeout=T(10)) as r:
-        assert r.status == 200
-        assert r.headers["Content-Type"] == "text/html; charset=utf-8"
-        with open(PAGE, "rb") as f:
-            assert r.read() == f.read()
 
-    session = browser.open("http://127.0.0.1:%d/?consumer=alice&groups=everyone" % ngx.port)
-    browser.call("Emulation.setDeviceMetricsOverride", {"width": 1000, "height": 640,
-                                                        "deviceScaleFactor": 1, "mobile": False},
-                 session=session)
+def watch(browser, session):
+    """page(pred, timeout, what): waits until pred(what the page shows) holds; returns it."""
     shown = {}
 
     def page(pred, timeout, what):
@@ -141,6 +133,52 @@ def test_the_page_shows_live_events_resumes_after_a_reload_and_survives_a_postgr
         except AssertionError as e:
             raise AssertionError("%s; the page shows %s" % (e, json.dumps(shown, indent=1)))
         return shown
+    return page
+
+
+def test_the_form_connects_a_consumer_and_disconnects(db, nginx, browser):
+    ngx = start_run_nginx(nginx, db)
+    session = browser.open("http://127.0.0.1:%d/" % ngx.port)
+    page = watch(browser, session)
+    shown = page(lambda s: s["health"] == "UP", T(30), "the page loaded, health UP")
+    assert shown["state"] == "idle" and shown["events"] == []
+    # Typed in and submitted, as a user does.
+    browser.evaluate(session, "document.getElementById('consumer').value = 'bob@example.com';"
+                              "document.getElementById('connect').click(); true")
+    page(lambda s: s["state"] == "open", T(30), "the stream open")
+    assert shown["src"] == "/browser/events?consumer=bob%40example.com"
+    assert browser.evaluate(session, "location.search") == "?consumer=bob%40example.com"
+    insert(db, "bob@example.com", 1)
+    insert(db, "alice", 2)
+    insert(db, "bob@example.com", 3, type="update")
+    page(lambda s: len(s["events"]) >= 2, T(20), "bob's events")
+    assert [tuple(e[:3]) for e in shown["events"]] == expected_events(db, ["bob@example.com"])
+    browser.evaluate(session, "document.getElementById('disconnect').click(); true")
+    page(lambda s: s["state"] == "closed", T(10), "the stream closed")
+    insert(db, "bob@example.com", 4)
+    time.sleep(T(1))
+    page(lambda s: True, T(5), "the page")
+    assert len(shown["events"]) == 2, "an event arrived after Disconnect"
+    browser.close()
+
+
+def test_the_page_shows_live_events_resumes_after_a_reload_and_survives_a_postgres_restart(
+        db, nginx, browser):
+    ngx = start_run_nginx(nginx, db)
+
+    # The page itself: served from the project's www/ by the run's nginx.
+    with urllib.request.urlopen("http://127.0.0.1:%d/" % ngx.port, timeout=T(10)) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+        with open(PAGE, "rb") as f:
+            assert r.read() == f.read()
+
+    session = browser.open("http://127.0.0.1:%d/?consumer=alice&groups=everyone" % ngx.port)
+    browser.call("Emulation.setDeviceMetricsOverride", {"width": 1000, "height": 640,
+                                                        "deviceScaleFactor": 1, "mobile": False},
+                 session=session)
+    page = watch(browser, session)
+    shown = page(lambda s: True, T(30), "the page loaded")
 
     def events():
         return [tuple(e[:3]) for e in shown["events"]]
