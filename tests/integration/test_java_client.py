@@ -16,7 +16,6 @@ Needs javac and java (Debian's openjdk-17-jdk-headless, installed by scripts/dep
 PostgreSQL restart runs on this module's own cluster (conftest.py's `private_pg`).
 """
 
-import json
 import os
 import shutil
 import socket
@@ -30,8 +29,7 @@ import pytest
 sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                               "chaos")))
 
-from harness import (REPO, T, compact_json, make_tmp, sequence_problems,  # noqa: E402
-                     wait_until)
+from harness import REPO, T, compact_json, make_tmp, sequence_problems  # noqa: E402
 from piper_chaos import pg_back_up, wait_all_listening, worker_status  # noqa: E402
 from test_real_clients import NodeClient  # noqa: E402
 
