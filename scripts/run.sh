@@ -5,7 +5,10 @@
 #                          stops both
 #   scripts/run.sh psql    psql as event_piper on that cluster (reads stdin when piped)
 #   scripts/run.sh stop    stops what `start` left running
-# Environment: PORT (HTTP, default 4000), PGPORT (PostgreSQL, default 5433).
+#   scripts/run.sh conf    only writes the run folder's nginx.conf and prints its path (the page
+#                          test, tests/integration/test_watch_page.py, runs nginx with it)
+# Environment: PORT (HTTP, default 4000), PGPORT (PostgreSQL, default 5433), EVENT_PIPER_RUN_DIR
+# (the run folder, default below).
 # Everything lives in the run folder: .run/ in the repo when the `postgres` user can reach it,
 # else /tmp/event_piper-run.
 set -euo pipefail
@@ -16,13 +19,16 @@ PGCTL=${PGCTL:-$ROOT/scripts/pgctl.sh}
 NGINX=${NGINX:-/usr/sbin/nginx}
 MODULE=$ROOT/build/ngx_event_piper_module.so
 EXAMPLE=$ROOT/nginx.conf.example
+WWW=$ROOT/www
 
 die() { echo "run: $*" >&2; exit 1; }
 say() { echo "run: $*" >&2; }
 
 # initdb runs as `postgres`, which must be able to reach the cluster folder.
 pick_run_dir() {
-    if runuser -u postgres -- test -x "$ROOT" -a -r "$ROOT" 2>/dev/null; then
+    if [[ -n ${EVENT_PIPER_RUN_DIR:-} ]]; then
+        RUN=$EVENT_PIPER_RUN_DIR
+    elif runuser -u postgres -- test -x "$ROOT" -a -r "$ROOT" 2>/dev/null; then
         RUN=$ROOT/.run
     else
         RUN=/tmp/event_piper-run
@@ -78,8 +84,9 @@ require_pgctl() {
     [[ -x $PGCTL ]] || die "$PGCTL is missing (written by the test helper)"
 }
 
-# nginx.conf for this run: nginx.conf.example with the built module, our ports, and every path
-# (pid, logs, temp files) inside the run folder; errors go to the terminal.
+# nginx.conf for this run: nginx.conf.example with the built module, our ports, the page at /
+# from the project's www/, and every path (pid, logs, temp files) inside the run folder; errors
+# go to the terminal.
 write_nginx_conf() {
     local conf=$RUN/nginx.conf tmp=$RUN/nginx.conf.tmp
     [[ -f $EXAMPLE ]] || die "$EXAMPLE is missing"
@@ -91,12 +98,14 @@ write_nginx_conf() {
         -e "s#^([[:space:]]*access_log[[:space:]]+)[^;]*;#\1$RUN/access.log;#" \
         -e "s#^([[:space:]]*listen[[:space:]]+)([0-9.]+:)?4000([[:space:];])#\1127.0.0.1:$PORT\3#" \
         -e "/^[[:space:]]*event_piper_postgres[[:space:]]/s#port=[0-9]+#port=$PG_PORT#" \
+        -e "s#^([[:space:]]*root[[:space:]]+)/usr/share/libnginx-mod-http-event-piper/www;#\1$WWW;#" \
         -e "s#^([[:space:]]*)http[[:space:]]*\{#&\n\1    client_body_temp_path $RUN/tmp/body;\n\1    proxy_temp_path $RUN/tmp/proxy;\n\1    fastcgi_temp_path $RUN/tmp/fastcgi;\n\1    uwsgi_temp_path $RUN/tmp/uwsgi;\n\1    scgi_temp_path $RUN/tmp/scgi;#" \
         "$EXAMPLE" >"$tmp"
     # Fail loudly if the example changed shape and a substitution silently did nothing.
     local expect
     for expect in "load_module $MODULE;" "pid $RUN/nginx.pid;" "error_log stderr info;" \
-        "listen 127.0.0.1:$PORT" "port=$PG_PORT" "client_body_temp_path $RUN/tmp/body;"; do
+        "listen 127.0.0.1:$PORT" "port=$PG_PORT" "client_body_temp_path $RUN/tmp/body;" \
+        "root $WWW;"; do
         grep -qF -- "$expect" "$tmp" || die "could not set '$expect' in $conf (check $EXAMPLE)"
     done
     mv -f "$tmp" "$conf"
@@ -207,5 +216,6 @@ case "${1:-}" in
     psql) shift; cmd_psql "$@" ;;
     stop) cmd_stop ;;
     dir) echo "$RUN" ;;
-    *) echo "usage: $0 start|psql|stop|dir" >&2; exit 2 ;;
+    conf) mkdir -p "$RUN" && write_nginx_conf && echo "$RUN/nginx.conf" ;;
+    *) echo "usage: $0 start|psql|stop|dir|conf" >&2; exit 2 ;;
 esac

@@ -44,6 +44,8 @@ AVAILABLE = "/usr/share/nginx/modules-available/mod-http-event-piper.conf"
 ENABLED = os.path.join(ETC, "modules-enabled", "50-mod-http-event-piper.conf")
 SCHEMA = "/usr/share/%s/schema.sql" % PACKAGE
 EXAMPLE = "/usr/share/doc/%s/examples/nginx.conf.example" % PACKAGE
+ALERTS = "/usr/share/doc/%s/examples/event-piper-alerts.yml" % PACKAGE
+PAGE = "/usr/share/%s/www/index.html" % PACKAGE  # the example's `location = /`
 DOC_DIR = "/usr/share/doc/%s" % PACKAGE
 
 INSERT = ("insert into events (type, timestamp, subscriber, payload) "
@@ -166,7 +168,7 @@ def check_installed(deb):
     check(package_state().startswith("ii"), "%s is not installed after apt-get install (%r)"
           % (PACKAGE, package_state()))
     files = run(["dpkg", "-L", PACKAGE]).split()
-    for path in (MODULE, AVAILABLE, SCHEMA, EXAMPLE):
+    for path in (MODULE, AVAILABLE, SCHEMA, EXAMPLE, ALERTS, PAGE):
         check(path in files and os.path.isfile(path), "the package did not install %s" % path)
     check(os.path.islink(ENABLED) and os.readlink(ENABLED) == AVAILABLE,
           "%s is not a link to %s" % (ENABLED, AVAILABLE))
