@@ -30,10 +30,10 @@ ngx_int_t init_zone(ngx_shm_zone_t *zone, void *data) noexcept {
     }
     shpool->data = slots;
     zone->data = slots;
-    // Names this instance's relay sockets (abstract namespace: unique on the host).
-    static_cast<StatusZone *>(slots)->board.instance = (static_cast<uint64_t>(ngx_pid) << 32) ^
-                                                       static_cast<uint64_t>(ngx_time()) ^
-                                                       static_cast<uint64_t>(ngx_random());
+    // The instance names its relay sockets (abstract namespace: unique on the host).
+    init_relay_board(static_cast<StatusZone *>(slots)->board,
+                     (static_cast<uint64_t>(ngx_pid) << 32) ^ static_cast<uint64_t>(ngx_time()) ^
+                         static_cast<uint64_t>(ngx_random()));
     return NGX_OK;
 }
 
@@ -64,6 +64,7 @@ StatusSlot *claim_status_slot(ngx_shm_zone_t *zone, ngx_log_t *log) {
             r.seq = 0;
             r.overruns = 0;
             r.waiting_since_ms = 0;
+            r.beat_ms = 0;
             for (auto &word : r.interest) {
                 word = 0;
             }
