@@ -89,11 +89,18 @@ std::vector<WorkerStats> read_status_zone(ngx_shm_zone_t *zone) {
     if (zone == nullptr || zone->data == nullptr) {
         return workers;
     }
-    for (const StatusSlot &slot : static_cast<StatusZone *>(zone->data)->slots) {
+    const auto *z = static_cast<StatusZone *>(zone->data);
+    // The listener's holder is the one shared memory names: a frozen worker that lost the role
+    // still shows what it published before it stopped.
+    uint64_t holder = z->board.holder.load();
+    for (const StatusSlot &slot : z->slots) {
         ngx_atomic_uint_t owner = slot.owner;
         if (process_alive(owner)) {
             workers.push_back(slot.stats);
             workers.back().pid = static_cast<int64_t>(owner);
+            if (holder != 0) {
+                workers.back().listener_holder = (holder >> 8) == owner ? 1 : 0;
+            }
         }
     }
     return workers;
