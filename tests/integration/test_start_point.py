@@ -119,13 +119,14 @@ def ngx_holder(ngx):
     return int(status(ngx).get("listener_holder_pid", 0))
 
 
-@pytest.mark.parametrize("pg_at_start", ["down", "up"])
+@pytest.mark.parametrize("pg_at_start,mode", [("down", "shared"), ("up", "shared"),
+                                              ("up", "per_worker")])
 def test_a_stream_gets_every_event_above_its_start_and_none_below_on_either_worker(
-        db, nginx, clients, pg_at_start):
+        db, nginx, clients, pg_at_start, mode):
     if pg_at_start == "down":
         hold_tcp(db)
         db.stop()
-    ngx = nginx.start(db, workers=2, wait_listening=False)
+    ngx = nginx.start(db, workers=2, wait_listening=False, http={"event_piper_listener": mode})
     if pg_at_start == "down":
         time.sleep(0.5)
         db.start()

@@ -216,6 +216,14 @@ def test_health_is_down_while_the_database_notifies_another_channel_then_up(db, 
     try:
         terminate_listener(db)  # the setting is read when the listener connects
         health_of_every_worker(ngx, 503, "another channel")
+        # Events still arrive, late, through the check's position hints (counted in status).
+        conn = db.connect()  # a new session: its trigger notifies 'elsewhere'
+        try:
+            db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                   "values ('insert', now(), 'toto', '{}')")
+        finally:
+            conn.close()
+        wait_until(lambda: status(ngx)["position_hints"] >= 1, T(20), what="a position hint")
     finally:
         db.superuser_sql("alter database event_piper reset event_piper.channel")
     terminate_listener(db)
