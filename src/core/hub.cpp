@@ -17,6 +17,9 @@ void Hub::open(Stream &s) {
         for (const std::string &id : s.consumers()) {
             interest_->add(id); // before the stream's first query
         }
+        // A worker that follows the listener's holder hears only of its own consumers: what it
+        // knows may be older than what the holder has already seen (and will not forward here).
+        note_position(interest_->newest_published());
     }
     if (s.last_position() < 0) {
         if (newest_ >= 0) {

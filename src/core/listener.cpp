@@ -30,6 +30,10 @@ void Listener::start() {
 
 void Listener::close() {
     closed_ = true;
+    stop();
+}
+
+void Listener::stop() {
     retry_.cancel();
     check_.cancel();
     link_.close();

@@ -29,6 +29,22 @@ void InterestMap::remove(std::string_view consumer) {
     }
 }
 
+void init_relay_board(RelayBoard &board, uint64_t instance) {
+    board.instance = instance;
+    board.holder = 0;
+    board.epochs = 0;
+    board.epoch = 0;
+    board.live = 0;
+    board.newest = -1;
+    board.start_for_waiting = -1;
+}
+
+void raise_newest(RelayBoard &board, int64_t newest) {
+    int64_t seen = board.newest.load();
+    while (newest > seen && !board.newest.compare_exchange_weak(seen, newest)) {
+    }
+}
+
 // --- the holder ---
 
 void RelaySender::on_listener_ready(uint64_t, int64_t newest, int64_t start_for_waiting) {
@@ -44,6 +60,18 @@ void RelaySender::on_listener_lost() {
     ping();
     epoch_ = 0;
     local_.on_listener_lost();
+}
+
+void RelaySender::abandon() {
+    for (size_t peer : dirty_) {
+        batches_[peer].count = 0;
+        batches_[peer].bytes.clear();
+    }
+    dirty_.clear();
+    if (epoch_ != 0) {
+        epoch_ = 0;
+        local_.on_listener_lost();
+    }
 }
 
 void RelaySender::ping() {
@@ -70,8 +98,9 @@ void RelaySender::on_notification(std::string_view payload) {
         return;
     }
     if (epoch_ != 0) {
-        forward(parsed_, payload);
+        // Published before the interest bits are read (see InterestBits::newest_published).
         peers_.publish_newest(parsed_.back().position);
+        forward(parsed_, payload);
     }
     local_.on_events(parsed_);
 }

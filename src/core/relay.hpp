@@ -9,6 +9,7 @@
 #include "hub.hpp"
 #include "listener.hpp"
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -25,6 +26,11 @@ size_t consumer_bit(std::string_view consumer);
 class InterestBits {
 public:
     virtual void set(size_t bit, bool on) = 0;
+    // Read after setting bits: the newest position the listener's holder has published, if this
+    // worker follows it (-1: none, or this worker holds the listener). The holder publishes a
+    // position before it reads the bits, so every event above it reaches a stream whose bits
+    // were set before this read (forwarded, or re-read from the table).
+    virtual int64_t newest_published() const { return -1; }
 
 protected:
     ~InterestBits() = default;
@@ -37,11 +43,27 @@ public:
     explicit InterestMap(InterestBits &bits) : bits_(bits), counts_(interest_bits, 0) {}
     void add(std::string_view consumer);
     void remove(std::string_view consumer);
+    int64_t newest_published() const { return bits_.newest_published(); }
 
 private:
     InterestBits &bits_;
     std::vector<uint32_t> counts_;
 };
+
+// The instance's listener in shared memory (atomics in zeroed memory: lock-free words across
+// processes). init_relay_board() gives it the state it starts from: no position known.
+struct RelayBoard {
+    std::atomic<uint64_t> instance; // random at zone creation: names the instance's sockets
+    std::atomic<uint64_t> holder;   // the role's word: (pid << 8) | slot of its holder (0: none)
+    std::atomic<uint64_t> epochs;   // the last epoch handed out
+    std::atomic<uint64_t> epoch;    // the holder's listening session
+    std::atomic<uint64_t> live;     // 1: the holder's listener is listening
+    std::atomic<int64_t> newest;    // the newest position the holder knows (-1: none yet)
+    std::atomic<int64_t> start_for_waiting;
+};
+void init_relay_board(RelayBoard &board, uint64_t instance);
+// Two holders may overlap for a moment (a frozen one waking up): the newest only grows.
+void raise_newest(RelayBoard &board, int64_t newest);
 
 // What shared memory says about the instance's listener, as one receiver sees it.
 struct RelayView {
@@ -101,6 +123,10 @@ public:
     int64_t newest_notified() const override { return local_.newest_notified(); }
     void on_notifications_done() override { flush(); }
 
+    // This worker lost the role (another took it over while it was frozen): its session ends
+    // without a word to shared memory, which belongs to the new holder now.
+    void abandon();
+
     uint64_t forwarded() const { return forwarded_; }
     uint64_t overruns() const { return overruns_; }
 
@@ -140,6 +166,8 @@ public:
     void sync(const RelayView &view);
     // This worker takes the listener role: its own listener reports from now on.
     void stop();
+    // This worker lost the role: it follows the holder again.
+    void resume() { stopped_ = false; }
 
     bool ready() const { return hub_epoch_ != 0; }
     uint64_t received() const { return received_; }

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <memory>
 #include <new>
+#include <vector>
 
 namespace event_piper {
 
@@ -37,7 +38,7 @@ const Field fields[] = {
     {"notifications", "event_piper_notifications_total", "counter", "Notifications received.",
      &WorkerStats::notifications},
     {"notifications_dropped", "event_piper_notifications_dropped_total", "counter",
-     "Notifications for consumers with no stream on the worker.",
+     "Notifications for consumers with no stream on the worker: skipped, not lost.",
      &WorkerStats::notifications_dropped},
     {"stream_overflows", "event_piper_stream_overflows_total", "counter",
      "Slow streams that fell back to reading the table.", &WorkerStats::stream_overflows},
@@ -65,6 +66,14 @@ const Field fields[] = {
     {"unpositioned_rows", "event_piper_unpositioned_rows", "gauge",
      "Committed rows of events without a position: no client receives them.",
      &WorkerStats::unpositioned_rows},
+    {"position_hints", "event_piper_position_hints_total", "counter",
+     "Times the listener's check found positions no notification announced and sent every "
+     "stream to the table (the late path).",
+     &WorkerStats::position_hints},
+    {"listener_takeovers", "event_piper_listener_takeovers_total", "counter",
+     "Times the worker took the instance's listener over from a holder gone or frozen "
+     "(event_piper_listener shared).",
+     &WorkerStats::listener_takeovers},
 };
 
 void append_number(std::string &out, unsigned long long v) {
@@ -128,10 +137,33 @@ std::string print(const cJSON *document) {
     return std::string(text.get());
 }
 
-std::string render_health(const char *status) {
+std::string render_health(const char *status, const char *reason) {
     Json document(checked(cJSON_CreateObject()));
     checked(cJSON_AddStringToObject(document.get(), "status", status));
+    if (reason != nullptr) {
+        checked(cJSON_AddStringToObject(document.get(), "reason", reason));
+    }
     return print(document.get());
+}
+
+const char *health_reason(Health health) {
+    switch (health) {
+    case Health::Up:
+        return nullptr;
+    case Health::ListenerDown:
+        return "the listener is not connected to PostgreSQL";
+    case Health::NoHolder:
+        return "no worker holds the listener";
+    case Health::HolderFrozen:
+        return "the worker holding the listener is frozen (no heartbeat within "
+               "event_piper_listener_timeout / 2)";
+    case Health::ChannelMismatch:
+        return "the database notifies another channel than event_piper_channel";
+    case Health::Unpositioned:
+        return "committed events have no position (is the trigger events_commit_notify "
+               "enabled?)";
+    }
+    return "unknown";
 }
 
 uint64_t newest_notification(const std::vector<WorkerStats> &workers) {
@@ -174,10 +206,31 @@ std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t
     return print(document.get()) + "\n";
 }
 
-const std::string &health_body(bool up) {
-    static const std::string up_body = render_health("UP");
-    static const std::string down_body = render_health("DOWN");
-    return up ? up_body : down_body;
+Health decide_health(const HealthInput &in) {
+    if (in.listener != Health::Up) {
+        return in.listener;
+    }
+    if (in.channel_mismatch) {
+        return Health::ChannelMismatch;
+    }
+    if (in.unpositioned_rows > 0) {
+        return Health::Unpositioned;
+    }
+    return Health::Up;
+}
+
+const std::string &health_body(Health health) {
+    static const Health all[] = {
+        Health::Up,           Health::ListenerDown,    Health::NoHolder,
+        Health::HolderFrozen, Health::ChannelMismatch, Health::Unpositioned};
+    static const std::vector<std::string> bodies = [] {
+        std::vector<std::string> out;
+        for (Health h : all) {
+            out.push_back(render_health(h == Health::Up ? "UP" : "DOWN", health_reason(h)));
+        }
+        return out;
+    }();
+    return bodies.at(static_cast<size_t>(health));
 }
 
 std::string render_status_prometheus(const std::vector<WorkerStats> &workers, uint64_t now_ms) {

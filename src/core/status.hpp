@@ -22,10 +22,12 @@ struct WorkerStats {
     uint64_t replay_queries = 0;
     uint64_t replay_queued = 0;
     uint64_t notifications = 0;
-    uint64_t notifications_dropped = 0; // for consumers with no stream on this worker
-    uint64_t stream_overflows = 0;      // slow clients sent back to the table
-    uint64_t last_notification_ms = 0;  // wall clock, 0: never
-    uint64_t channel_mismatch = 0;      // 1: the database notifies another channel than ours
+    // Notifications for consumers with no stream on this worker: skipped, nothing lost (the
+    // holder of a shared listener hears of every consumer).
+    uint64_t notifications_dropped = 0;
+    uint64_t stream_overflows = 0;     // slow clients sent back to the table
+    uint64_t last_notification_ms = 0; // wall clock, 0: never
+    uint64_t channel_mismatch = 0;     // 1: the database notifies another channel than ours
     // event_piper_listener shared: the worker that holds the instance's LISTEN connection, and
     // what it forwarded to this one.
     uint64_t listener_holder = 0;   // 1: this worker holds it
@@ -33,14 +35,36 @@ struct WorkerStats {
     uint64_t relay_dropped = 0;     // notifications the holder could not send it (buffer full)
     uint64_t relay_catchups = 0;    // times its streams re-read the table after a loss on the way
     uint64_t unpositioned_rows = 0; // committed rows without a position (listener's count)
+    // Times the listener's check found positions no notification announced and sent every
+    // stream to the table with a bare position hint (the late path).
+    uint64_t position_hints = 0;
+    uint64_t listener_takeovers = 0; // roles this worker took from a holder gone or frozen
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.
 std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t now_ms);
 std::string render_status_prometheus(const std::vector<WorkerStats> &workers, uint64_t now_ms);
 
-// The event_piper_health body: {"status":"UP"} or {"status":"DOWN"}. Built once per process and
-// kept for its lifetime, so nginx may send it without copying it into the request's pool.
-const std::string &health_body(bool up);
+// Whether the instance delivers what commits, for event_piper_health: UP, or DOWN for one reason.
+enum class Health {
+    Up,
+    ListenerDown,    // the listener is not connected to PostgreSQL (or not listening yet)
+    NoHolder,        // shared listener: no worker holds it (its holder gone)
+    HolderFrozen,    // shared listener: its holder's heartbeat is older than the stale time
+    ChannelMismatch, // the database notifies another channel than event_piper_channel
+    Unpositioned,    // the listener's check found committed events without a position
+};
+
+struct HealthInput {
+    Health listener = Health::Up; // Up, ListenerDown, NoHolder or HolderFrozen
+    bool channel_mismatch = false;
+    uint64_t unpositioned_rows = 0;
+};
+Health decide_health(const HealthInput &in);
+
+// The event_piper_health body: {"status":"UP"}, or {"status":"DOWN","reason":"..."}. Built once
+// per process and kept for its lifetime, so nginx may send it without copying it into the
+// request's pool.
+const std::string &health_body(Health health);
 
 } // namespace event_piper

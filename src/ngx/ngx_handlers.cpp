@@ -240,8 +240,40 @@ ngx_int_t stream_handler(ngx_http_request_t *r) noexcept {
     return NGX_HTTP_INTERNAL_SERVER_ERROR;
 }
 
-// The original's /manage/health: UP while the listener is connected (the instance's, with
-// event_piper_listener shared; this worker's with per_worker).
+// The original's /manage/health: UP while this instance delivers what commits; DOWN with a
+// one-line reason when it cannot (see Health). With event_piper_listener shared, the figures are
+// those of the worker holding the listener (its slot, published once a second); with
+// per_worker, this worker's.
+static HealthInput health_input(const Worker &worker, const MainConf &mcf) {
+    HealthInput in;
+    if (!worker.shared_listener()) {
+        in.listener = worker.listening() ? Health::Up : Health::ListenerDown;
+        in.channel_mismatch = worker.listener().channel_mismatch();
+        in.unpositioned_rows = static_cast<uint64_t>(worker.listener().unpositioned_rows());
+        return in;
+    }
+    InstanceListener il = instance_listener(mcf.status_zone, worker.role_stale_ms());
+    switch (il.state) {
+    case InstanceListener::State::Listening:
+        in.listener = Health::Up;
+        break;
+    case InstanceListener::State::NotConnected:
+        in.listener = Health::ListenerDown;
+        break;
+    case InstanceListener::State::NoHolder:
+        in.listener = Health::NoHolder;
+        break;
+    case InstanceListener::State::HolderFrozen:
+        in.listener = Health::HolderFrozen;
+        break;
+    }
+    if (il.holder_slot != nullptr) {
+        in.channel_mismatch = il.holder_slot->stats.channel_mismatch != 0;
+        in.unpositioned_rows = il.holder_slot->stats.unpositioned_rows;
+    }
+    return in;
+}
+
 ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
     try {
         ngx_int_t rc = accept_method(r, "method not allowed: use GET\n");
@@ -251,13 +283,10 @@ ngx_int_t health_handler(ngx_http_request_t *r) noexcept {
         Worker *worker = current_worker();
         auto *mcf =
             static_cast<MainConf *>(ngx_http_get_module_main_conf(r, ngx_event_piper_module));
-        bool up =
-            worker != nullptr && (worker->shared_listener() ? instance_listening(mcf->status_zone)
-                                                            : worker->listening());
-        if (up) {
-            return send_text(r, NGX_HTTP_OK, "application/json", health_body(true));
-        }
-        return send_text(r, NGX_HTTP_SERVICE_UNAVAILABLE, "application/json", health_body(false));
+        Health health =
+            worker == nullptr ? Health::ListenerDown : decide_health(health_input(*worker, *mcf));
+        return send_text(r, health == Health::Up ? NGX_HTTP_OK : NGX_HTTP_SERVICE_UNAVAILABLE,
+                         "application/json", health_body(health));
     } catch (...) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0, "event_piper: health failed");
         return NGX_HTTP_INTERNAL_SERVER_ERROR;

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <unistd.h>
 
 namespace event_piper {
@@ -20,27 +21,53 @@ constexpr size_t max_datagram = 65536; // NOTIFY payloads are under 8000 bytes
 
 // The holder word: pid and status slot together, so that one compare-and-swap claims both and
 // a follower never pairs a new holder with the previous holder's socket.
-ngx_atomic_uint_t holder_word(ngx_pid_t pid, size_t slot) {
-    return (static_cast<ngx_atomic_uint_t>(pid) << 8) | slot;
+uint64_t holder_word(ngx_pid_t pid, size_t slot) {
+    return (static_cast<uint64_t>(pid) << 8) | slot;
 }
-ngx_atomic_uint_t holder_pid(ngx_atomic_uint_t word) {
-    return word >> 8;
+ngx_atomic_uint_t holder_pid(uint64_t word) {
+    return static_cast<ngx_atomic_uint_t>(word >> 8);
 }
-size_t holder_slot(ngx_atomic_uint_t word) {
+size_t holder_slot(uint64_t word) {
     return static_cast<size_t>(word & 0xff);
 }
 static_assert(status_slots <= 256, "the holder word keeps the slot in 8 bits");
 
+// The role as shared memory shows it. `check_process`: also ask the kernel whether the pid
+// exists (a syscall: not per datagram). A pid that exists proves nothing (frozen, or reused):
+// the heartbeat in the holder's own slot does.
+RoleSight sight(const StatusZone *zone, bool check_process) {
+    RoleSight seen;
+    seen.holder = zone->board.holder.load();
+    if (seen.holder == 0) {
+        return seen;
+    }
+    size_t slot = holder_slot(seen.holder);
+    ngx_atomic_uint_t pid = holder_pid(seen.holder);
+    if (slot >= status_slots || zone->slots[slot].owner != pid ||
+        (check_process && !process_alive(pid))) {
+        seen.holder_gone = true;
+        return seen;
+    }
+    seen.holder_beat_ms = zone->slots[slot].relay.beat_ms.load();
+    return seen;
+}
+
 } // namespace
+
+uint64_t monotonic_ms() {
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<uint64_t>(ts.tv_sec) * 1000 + static_cast<uint64_t>(ts.tv_nsec) / 1000000;
+}
 
 std::unique_ptr<NgxRelay> NgxRelay::create(ngx_log_t *log, ngx_shm_zone_t *zone, StatusSlot *slot,
                                            size_t send_buffer, Hub &hub, EpochSource &epochs,
-                                           Log &logger, std::function<void()> take_role) {
+                                           Log &logger, RoleHooks &listener, uint64_t stale_ms) {
     if (zone == nullptr || zone->data == nullptr || slot == nullptr) {
         return nullptr;
     }
     std::unique_ptr<NgxRelay> relay(new NgxRelay(log, static_cast<StatusZone *>(zone->data), slot,
-                                                 hub, epochs, logger, std::move(take_role)));
+                                                 hub, epochs, logger, listener, stale_ms));
     int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         ngx_log_error(NGX_LOG_WARN, log, ngx_errno, "event_piper: relay socket() failed");
@@ -61,9 +88,10 @@ std::unique_ptr<NgxRelay> NgxRelay::create(ngx_log_t *log, ngx_shm_zone_t *zone,
 }
 
 NgxRelay::NgxRelay(ngx_log_t *log, StatusZone *zone, StatusSlot *slot, Hub &hub,
-                   EpochSource &epochs, Log &logger, std::function<void()> take_role)
+                   EpochSource &epochs, Log &logger, RoleHooks &listener, uint64_t stale_ms)
     : log_(log), zone_(zone), slot_(slot), hub_(hub), sender_(hub, *this, epochs),
-      receiver_(hub, epochs, logger), interest_(*this), take_role_(std::move(take_role)),
+      receiver_(hub, epochs, logger), interest_(*this), role_(stale_ms), hooks_{&listener},
+      word_(holder_word(ngx_pid, static_cast<size_t>(slot - zone->slots))),
       tick_timer_(log, "listener role check", [this] { tick(); }), addrs_(status_slots),
       buf_(max_datagram) {
     unsigned long long instance = zone_->board.instance;
@@ -109,8 +137,11 @@ void NgxRelay::release() {
     tick_timer_.cancel();
     if (holder_) {
         holder_ = false; // first: this worker publishes and forwards nothing any more
-        zone_->board.live = 0;
-        ngx_atomic_cmp_set(&zone_->board.holder, holder_word(ngx_pid, index()), 0);
+        uint64_t mine = word_;
+        if (zone_->board.holder.load() == mine) {
+            zone_->board.live = 0;
+            zone_->board.holder.compare_exchange_strong(mine, 0);
+        }
     }
     if (fd_ < 0) {
         return; // released already
@@ -129,8 +160,7 @@ void NgxRelay::release() {
 RelayView NgxRelay::view(bool check_holder) const {
     const RelayBoard &b = zone_->board;
     RelayView v;
-    ngx_atomic_uint_t holder = b.holder;
-    v.live = b.live == 1 && holder != 0 && (!check_holder || process_alive(holder_pid(holder)));
+    v.live = b.live == 1 && role_.holder_live(sight(zone_, check_holder), monotonic_ms());
     v.epoch = b.epoch;
     v.newest = b.newest;
     v.start_for_waiting = b.start_for_waiting;
@@ -140,30 +170,81 @@ RelayView NgxRelay::view(bool check_holder) const {
 }
 
 void NgxRelay::tick() {
-    RelayBoard &b = zone_->board;
+    slot_->relay.beat_ms = monotonic_ms(); // this worker's event loop runs
+    if (fd_ >= 0) {
+        check_role();
+    }
     if (!holder_ && fd_ >= 0) {
-        ngx_atomic_uint_t holder = b.holder;
-        if ((holder == 0 || !process_alive(holder_pid(holder))) &&
-            ngx_atomic_cmp_set(&b.holder, holder, holder_word(ngx_pid, index()))) {
-            // The role is ours: the previous holder's session is over for everyone.
-            b.live = 0;
-            holder_ = true;
-            receiver_.stop();
-            sockaddr unspec{};
-            unspec.sa_family = AF_UNSPEC; // dissolve the association with the previous holder
-            connect(fd_, &unspec, sizeof unspec);
-            ngx_log_error(NGX_LOG_NOTICE, log_, 0, "event_piper: this worker holds the listener");
-            take_role_();
-        } else {
-            follow(holder);
-            receiver_.sync(view(true));
-        }
+        follow(zone_->board.holder.load());
+        receiver_.sync(view(true));
     }
     slot_->relay.waiting_since_ms = hub_.waiting_since_ms();
     tick_timer_.arm(tick_ms);
 }
 
-void NgxRelay::follow(ngx_atomic_uint_t holder) {
+void NgxRelay::check_role() {
+    RoleSight seen = sight(zone_, true);
+    switch (role_.decide(word_, holder_, seen, monotonic_ms())) {
+    case Role::Step::Claim: {
+        uint64_t expected = seen.holder;
+        if (zone_->board.holder.compare_exchange_strong(expected, word_)) {
+            gain(seen);
+        }
+        return;
+    }
+    case Role::Step::StepDown:
+        step_down(seen.holder);
+        return;
+    case Role::Step::Keep:
+        return;
+    }
+}
+
+void NgxRelay::gain(const RoleSight &seen) {
+    // The role is ours: the previous holder's session is over for everyone.
+    zone_->board.live = 0;
+    holder_ = true;
+    receiver_.stop();
+    sockaddr unspec{};
+    unspec.sa_family = AF_UNSPEC; // dissolve the association with the previous holder
+    connect(fd_, &unspec, sizeof unspec);
+    following_ = 0;
+    if (seen.holder != 0 && seen.holder != word_) {
+        ++takeovers_;
+        if (seen.holder_gone) {
+            ngx_log_error(NGX_LOG_WARN, log_, 0,
+                          "event_piper: this worker took the listener over from worker %P, which "
+                          "is gone",
+                          static_cast<ngx_pid_t>(holder_pid(seen.holder)));
+        } else {
+            ngx_log_error(NGX_LOG_WARN, log_, 0,
+                          "event_piper: this worker took the listener over from worker %P, whose "
+                          "last heartbeat is %uL ms old (frozen?)",
+                          static_cast<ngx_pid_t>(holder_pid(seen.holder)),
+                          static_cast<uint64_t>(Role::silence_ms(seen, monotonic_ms())));
+        }
+    } else {
+        ngx_log_error(NGX_LOG_NOTICE, log_, 0, "event_piper: this worker holds the listener");
+    }
+    for (RoleHooks *hooks : hooks_) {
+        hooks->on_role_gained();
+    }
+}
+
+void NgxRelay::step_down(uint64_t by) {
+    ngx_log_error(NGX_LOG_WARN, log_, 0,
+                  "event_piper: worker %P took the listener over while this worker was not "
+                  "running (stopped or stalled): this worker steps down and follows it",
+                  static_cast<ngx_pid_t>(holder_pid(by)));
+    holder_ = false; // first: this worker publishes and forwards nothing any more
+    for (auto it = hooks_.rbegin(); it != hooks_.rend(); ++it) {
+        (*it)->on_role_lost();
+    }
+    sender_.abandon(); // its streams re-read the table before they follow the new holder
+    receiver_.resume();
+}
+
+void NgxRelay::follow(uint64_t holder) {
     if (holder == 0 || holder == following_) {
         return;
     }
@@ -213,10 +294,14 @@ bool NgxRelay::wants(size_t peer, size_t bit) const {
     if (!holder_ || &s == slot_ || s.owner == 0 || s.relay.bound != 1) {
         return false;
     }
+    if (!mine()) {
+        return false; // woken after a takeover: the role is another worker's now
+    }
     if (bit == any_stream) {
         return true; // a bare position: every stream may need the table
     }
-    return (s.relay.interest[bit / 64].load(std::memory_order_relaxed) >> (bit % 64)) & 1;
+    // seq_cst, after the newest position was published (see InterestBits::newest_published).
+    return (s.relay.interest[bit / 64].load() >> (bit % 64)) & 1;
 }
 
 uint64_t NgxRelay::next_seq(size_t peer) {
@@ -243,7 +328,7 @@ uint64_t NgxRelay::new_epoch() {
 }
 
 void NgxRelay::publish(bool live, uint64_t epoch, int64_t newest, int64_t start_for_waiting) {
-    if (!holder_) {
+    if (!mine()) {
         return; // the role went to another worker: its board now
     }
     RelayBoard &b = zone_->board;
@@ -255,9 +340,13 @@ void NgxRelay::publish(bool live, uint64_t epoch, int64_t newest, int64_t start_
 }
 
 void NgxRelay::publish_newest(int64_t newest) {
-    if (holder_ && newest > zone_->board.newest.load(std::memory_order_relaxed)) {
-        zone_->board.newest.store(newest, std::memory_order_relaxed);
+    if (holder_) {
+        raise_newest(zone_->board, newest);
     }
+}
+
+int64_t NgxRelay::newest_published() const {
+    return holder_ ? -1 : zone_->board.newest.load();
 }
 
 uint64_t NgxRelay::waiting_since_ms(uint64_t mine) const {
@@ -282,6 +371,7 @@ void NgxRelay::set(size_t bit, bool on) {
 
 void NgxRelay::fill_stats(WorkerStats &stats) const {
     stats.listener_holder = holder_ ? 1 : 0;
+    stats.listener_takeovers = takeovers_;
     stats.relay_forwarded = receiver_.received();
     stats.relay_dropped = slot_->relay.overruns;
     stats.relay_catchups = receiver_.catchups();
@@ -290,13 +380,21 @@ void NgxRelay::fill_stats(WorkerStats &stats) const {
     }
 }
 
-bool instance_listening(ngx_shm_zone_t *zone) {
+InstanceListener instance_listener(ngx_shm_zone_t *zone, uint64_t stale_ms) {
+    using State = InstanceListener::State;
     if (zone == nullptr || zone->data == nullptr) {
-        return false;
+        return {State::NoHolder, nullptr};
     }
-    const RelayBoard &b = static_cast<StatusZone *>(zone->data)->board;
-    ngx_atomic_uint_t holder = b.holder;
-    return b.live == 1 && holder != 0 && process_alive(holder_pid(holder));
+    const auto *z = static_cast<const StatusZone *>(zone->data);
+    RoleSight seen = sight(z, true);
+    if (seen.holder == 0 || seen.holder_gone) {
+        return {State::NoHolder, nullptr};
+    }
+    if (!Role(stale_ms).holder_live(seen, monotonic_ms())) {
+        return {State::HolderFrozen, nullptr};
+    }
+    const StatusSlot *slot = &z->slots[holder_slot(seen.holder)];
+    return {z->board.live == 1 ? State::Listening : State::NotConnected, slot};
 }
 
 } // namespace event_piper

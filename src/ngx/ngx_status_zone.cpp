@@ -30,10 +30,10 @@ ngx_int_t init_zone(ngx_shm_zone_t *zone, void *data) noexcept {
     }
     shpool->data = slots;
     zone->data = slots;
-    // Names this instance's relay sockets (abstract namespace: unique on the host).
-    static_cast<StatusZone *>(slots)->board.instance = (static_cast<uint64_t>(ngx_pid) << 32) ^
-                                                       static_cast<uint64_t>(ngx_time()) ^
-                                                       static_cast<uint64_t>(ngx_random());
+    // The instance names its relay sockets (abstract namespace: unique on the host).
+    init_relay_board(static_cast<StatusZone *>(slots)->board,
+                     (static_cast<uint64_t>(ngx_pid) << 32) ^ static_cast<uint64_t>(ngx_time()) ^
+                         static_cast<uint64_t>(ngx_random()));
     return NGX_OK;
 }
 
@@ -64,6 +64,7 @@ StatusSlot *claim_status_slot(ngx_shm_zone_t *zone, ngx_log_t *log) {
             r.seq = 0;
             r.overruns = 0;
             r.waiting_since_ms = 0;
+            r.beat_ms = 0;
             for (auto &word : r.interest) {
                 word = 0;
             }
@@ -88,11 +89,18 @@ std::vector<WorkerStats> read_status_zone(ngx_shm_zone_t *zone) {
     if (zone == nullptr || zone->data == nullptr) {
         return workers;
     }
-    for (const StatusSlot &slot : static_cast<StatusZone *>(zone->data)->slots) {
+    const auto *z = static_cast<StatusZone *>(zone->data);
+    // The listener's holder is the one shared memory names: a frozen worker that lost the role
+    // still shows what it published before it stopped.
+    uint64_t holder = z->board.holder.load();
+    for (const StatusSlot &slot : z->slots) {
         ngx_atomic_uint_t owner = slot.owner;
         if (process_alive(owner)) {
             workers.push_back(slot.stats);
             workers.back().pid = static_cast<int64_t>(owner);
+            if (holder != 0) {
+                workers.back().listener_holder = (holder >> 8) == owner ? 1 : 0;
+            }
         }
     }
     return workers;

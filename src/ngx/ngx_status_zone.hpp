@@ -23,18 +23,8 @@ struct RelaySlot {
     std::atomic<uint64_t> seq;              // last sequence number the holder took for it
     std::atomic<uint64_t> overruns;         // sends to it that failed (buffer full)
     std::atomic<uint64_t> waiting_since_ms; // its hub's oldest stream waiting for a position
+    std::atomic<uint64_t> beat_ms;          // its heartbeat (CLOCK_MONOTONIC), every 500 ms
     std::atomic<uint64_t> interest[interest_bits / 64];
-};
-
-// The instance's listener role.
-struct RelayBoard {
-    std::atomic<uint64_t> instance; // random at zone creation: names the instance's sockets
-    ngx_atomic_t holder;            // (pid << 8) | slot of the listener's holder (0: none)
-    std::atomic<uint64_t> epochs;   // the last epoch handed out
-    std::atomic<uint64_t> epoch;    // the holder's listening session
-    std::atomic<uint64_t> live;     // 1: the holder's listener is listening
-    std::atomic<int64_t> newest;
-    std::atomic<int64_t> start_for_waiting;
 };
 
 struct StatusSlot {

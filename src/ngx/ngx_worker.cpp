@@ -43,13 +43,14 @@ void destroy_worker() {
 // Members are built in declaration order; a link keeps a reference to its owner (the replay
 // queue or the listener) and calls it only once connect() has been called, after construction.
 Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
-    : log_(cycle->log), logger_(cycle->log),
+    : log_(cycle->log), role_stale_ms_(event_piper::role_stale_ms(conf.listener_timeout)),
+      logger_(cycle->log),
       replay_retry_(cycle->log, "replay dispatch", [this] { hub_.replay().on_retry_timer(); }),
       hub_(replay_retry_, clock_, logger_, conf.replay_memory),
       slot_(claim_status_slot(conf.status_zone, cycle->log)),
       relay_(conf.listener_shared
                  ? NgxRelay::create(cycle->log, conf.status_zone, slot_, conf.relay_buffer, hub_,
-                                    epochs_, logger_, [this] { listener_.start(); })
+                                    epochs_, logger_, *this, role_stale_ms_)
                  : nullptr),
       listener_retry_(cycle->log, "listener restart", [this] { listener_.on_retry_timer(); }),
       listener_check_(cycle->log, "listener check", [this] { listener_.on_check_timer(); }),
@@ -125,6 +126,7 @@ void Worker::publish() {
     stats.listener_state = listening() ? 1 : 0;
     stats.listener_reconnects = listener_.reconnects();
     stats.channel_mismatch = listener_.channel_mismatch() ? 1 : 0;
+    stats.position_hints = listener_.unnotified_hints();
     stats.unpositioned_rows = static_cast<uint64_t>(listener_.unpositioned_rows());
     stats.replay_queries = hub_.replay().queries();
     stats.replay_queued = hub_.replay().queued();

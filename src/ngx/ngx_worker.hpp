@@ -22,7 +22,7 @@ extern "C" {
 
 namespace event_piper {
 
-class Worker {
+class Worker final : private RoleHooks {
 public:
     Worker(ngx_cycle_t *cycle, const MainConf &conf);
     ~Worker();
@@ -36,13 +36,22 @@ public:
     Hub &hub() { return hub_; }
     bool listening() const { return hub_.listening(); }
     bool shared_listener() const { return relay_ != nullptr; }
+    const Listener &listener() const { return listener_; }
+
+    // event_piper_listener shared: what shared memory says of the instance's listener, and
+    // the time after which a silent holder counts as frozen.
+    uint64_t role_stale_ms() const { return role_stale_ms_; }
 
 private:
+    // RoleHooks: the shared listener's role starts and stops this worker's listener.
+    void on_role_gained() override { listener_.start(); }
+    void on_role_lost() override { listener_.stop(); }
     static void quit_handler(ngx_event_t *ev) noexcept;
     void publish();
     ListenerEvents &listener_events();
 
     ngx_log_t *log_;
+    uint64_t role_stale_ms_;
     NgxLog logger_;
     NgxClock clock_;
     NgxTimer replay_retry_;

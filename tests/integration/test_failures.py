@@ -324,7 +324,8 @@ def test_nginx_starts_streams_wait_health_is_down_then_everything_arrives(db, st
     pids = ngx.worker_pids()
     c = clients.stream(ngx, "toto", settle=0)
     assert c.header("Content-Type") == "text/event-stream"
-    assert_health(ngx, 503, b'{"status":"DOWN"}')
+    assert_health(ngx, 503,
+                  b'{"status":"DOWN","reason":"the listener is not connected to PostgreSQL"}')
     c.read_for(1.0)
     assert not c.eof, "the stream ended while PostgreSQL is down"
     assert without_heartbeats(c.body) == b""

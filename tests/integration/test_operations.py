@@ -195,7 +195,8 @@ def test_health_is_up_while_listening_and_down_without_the_database(db, nginx, c
         wait_until(lambda: get(clients, ngx, "/manage/health").status == 503, T(15),
                    what="health DOWN")
         c = get(clients, ngx, "/manage/health")
-        assert bytes(c.body) == b'{"status":"DOWN"}'
+        assert bytes(c.body) == \
+            b'{"status":"DOWN","reason":"the listener is not connected to PostgreSQL"}'
     finally:
         db.start()
     wait_until(lambda: all(get(clients, ngx, "/manage/health").status == 200 for _ in range(4)),

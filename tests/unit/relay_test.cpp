@@ -36,9 +36,10 @@ struct FakePeer {
     std::vector<std::string> got;
 };
 
+// The holder's side, over a real RelayBoard that starts as the shared zone's does.
 class FakePeers : public RelayPeers {
 public:
-    explicit FakePeers(size_t n) : peers(n) {}
+    explicit FakePeers(size_t n) : peers(n) { init_relay_board(board, 1); }
     size_t size() const override { return peers.size(); }
     bool wants(size_t peer, size_t bit) const override {
         const auto &p = peers[peer];
@@ -52,29 +53,34 @@ public:
         return peers[peer].answer;
     }
     void overrun(size_t peer) override { ++peers[peer].overruns; }
-    uint64_t new_epoch() override { return ++epochs; }
+    uint64_t new_epoch() override { return ++board.epochs; }
     void publish(bool l, uint64_t e, int64_t n, int64_t s) override {
-        live = l;
-        epoch = e;
-        newest = n;
-        start = s;
+        board.live = 0;
+        board.epoch = e;
+        board.newest = n;
+        board.start_for_waiting = s;
+        board.live = l ? 1 : 0;
     }
-    void publish_newest(int64_t n) override { newest = n; }
+    void publish_newest(int64_t n) override {
+        raise_newest(board, n);
+        ++newest_published;
+    }
     uint64_t waiting_since_ms(uint64_t mine) const override {
         return mine == 0 || (others != 0 && others < mine) ? others : mine;
     }
     // What a receiver `peer` reads in shared memory.
     RelayView view(size_t peer) const {
-        return RelayView{live, epoch, newest, start, peers[peer].seq, peers[peer].overruns};
+        return RelayView{board.live == 1,         board.epoch,     board.newest,
+                         board.start_for_waiting, peers[peer].seq, peers[peer].overruns};
     }
+    bool live() const { return board.live == 1; }
+    uint64_t epoch() const { return board.epoch; }
+    int64_t newest() const { return board.newest; }
 
     std::vector<FakePeer> peers;
-    uint64_t epochs = 100;
-    bool live = false;
-    uint64_t epoch = 0;
-    int64_t newest = -1;
-    int64_t start = -1;
+    RelayBoard board{};
     uint64_t others = 0;
+    int newest_published = 0;
 };
 
 std::string event(int64_t pos, const std::string &sub) {
@@ -123,6 +129,35 @@ struct Worker {
             link.idle(hub.replay());
         }
     }
+    // The same, against a table holding events of `s`'s consumer at `table`'s positions.
+    void catch_up(Stream &s, const std::vector<int64_t> &table) {
+        for (int i = 0; i < 5 && (s.wants_query(true) || s.query_in_flight()); ++i) {
+            if (!s.query_in_flight()) {
+                hub.request_batch(s);
+            }
+            if (link.state() != DbLink::State::Busy) {
+                link.connected(hub.replay());
+            }
+            std::vector<FakeResult::Row> rows;
+            int64_t newest = table.empty() ? 0 : table.back();
+            for (int64_t p : table) {
+                if (p > s.last_position()) {
+                    rows.push_back(
+                        {std::to_string(p), "insert", "{}", "1", std::to_string(newest)});
+                }
+            }
+            if (rows.empty()) {
+                rows.push_back({std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                                std::to_string(newest)});
+            } else {
+                for (auto &row : rows) {
+                    row[3] = std::to_string(rows.size());
+                }
+            }
+            hub.replay().on_link_result(link, FakeResult(rows));
+            link.idle(hub.replay());
+        }
+    }
 };
 
 } // namespace
@@ -166,9 +201,9 @@ TEST(RelaySenderTest, ForwardsOnlyToWorkersThatWantTheConsumerAndNumbersPerWorke
     peers.peers[0].interest = {consumer_bit("alice")};
     peers.peers[2].interest = {consumer_bit("bob")};
     sender.on_listener_ready(1, 7, 5);
-    EXPECT_TRUE(peers.live);
-    EXPECT_EQ(peers.epoch, 101u);
-    EXPECT_EQ(peers.newest, 7);
+    EXPECT_TRUE(peers.live());
+    EXPECT_EQ(peers.epoch(), 1u);
+    EXPECT_EQ(peers.newest(), 7);
     EXPECT_TRUE(holder.hub.listening());
 
     peers.peers[0].got.clear(); // the session's pings
@@ -180,14 +215,14 @@ TEST(RelaySenderTest, ForwardsOnlyToWorkersThatWantTheConsumerAndNumbersPerWorke
     EXPECT_TRUE(peers.peers[0].got.empty()); // one datagram per read of the listener's socket
     sender.on_notifications_done();
     EXPECT_EQ(peers.peers[0].got, std::vector<std::string>{datagram(
-                                      101, 1, {event(8, "alice"), event(10, "alice"), "p 11"})});
+                                      1, 1, {event(8, "alice"), event(10, "alice"), "p 11"})});
     EXPECT_TRUE(peers.peers[1].got.empty()); // no stream for either: never woken
     EXPECT_EQ(peers.peers[2].got,
-              std::vector<std::string>{datagram(101, 1, {event(9, "bob"), "p 11"})});
+              std::vector<std::string>{datagram(1, 1, {event(9, "bob"), "p 11"})});
     sender.on_notification(event(12, "bob"));
     sender.on_notifications_done();
-    EXPECT_EQ(peers.peers[2].got.back(), datagram(101, 2, {event(12, "bob")}));
-    EXPECT_EQ(peers.newest, 12);
+    EXPECT_EQ(peers.peers[2].got.back(), datagram(1, 2, {event(12, "bob")}));
+    EXPECT_EQ(peers.newest(), 12);
     EXPECT_EQ(sender.forwarded(), 6u);
 }
 
@@ -206,10 +241,10 @@ TEST(RelaySenderTest, ATransactionsBatchGoesToEveryWorkerThatWantsAnyOfItsEvents
     std::string batch = "b\n8 5 1 2\nalicet{}9 3 1 2\nbobt{}";
     sender.on_notification(batch);
     sender.on_notifications_done();
-    EXPECT_EQ(peers.peers[0].got, std::vector<std::string>{datagram(101, 1, {batch})});
+    EXPECT_EQ(peers.peers[0].got, std::vector<std::string>{datagram(1, 1, {batch})});
     EXPECT_TRUE(peers.peers[1].got.empty());
-    EXPECT_EQ(peers.peers[2].got, std::vector<std::string>{datagram(101, 1, {batch})});
-    EXPECT_EQ(peers.newest, 9);
+    EXPECT_EQ(peers.peers[2].got, std::vector<std::string>{datagram(1, 1, {batch})});
+    EXPECT_EQ(peers.newest(), 9);
 }
 
 TEST(RelaySenderTest, AFullWorkerIsCountedAndSkippedNeverWaitedFor) {
@@ -238,10 +273,10 @@ TEST(RelaySenderTest, NothingIsForwardedOutsideAListeningSessionAndLossIsPublish
     EXPECT_TRUE(peers.peers[0].got.empty());
     sender.on_listener_ready(1, 1, 1);
     sender.on_listener_lost();
-    EXPECT_FALSE(peers.live);
+    EXPECT_FALSE(peers.live());
     EXPECT_FALSE(holder.hub.listening());
     sender.on_listener_ready(2, 1, 1);
-    EXPECT_EQ(peers.epoch, 102u); // a new session, instance-wide
+    EXPECT_EQ(peers.epoch(), 2u); // a new session, instance-wide
     peers.others = 1000;
     EXPECT_EQ(sender.waiting_since_ms(), 1000u);
 }
@@ -342,9 +377,9 @@ TEST_F(ReceiverTest, TheHolderLosingPostgresParksTheStreamsUntilItIsBack) {
 TEST_F(ReceiverTest, ANewSessionSeenFirstInADatagramResyncsAndAStaleOneIsIgnored) {
     w.receiver.sync(peers.view(0));
     w.catch_up(*s);
-    std::string stale = datagram(101, 1, {event(1, "alice")});
+    std::string stale = datagram(1, 1, {event(1, "alice")});
     sender.on_listener_lost();
-    sender.on_listener_ready(2, 0, 0); // another holder or session: epoch 102
+    sender.on_listener_ready(2, 0, 0); // another holder or session: epoch 2
     notify(event(2, "alice"));
     deliver();
     EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
@@ -360,7 +395,7 @@ TEST_F(ReceiverTest, ADatagramOfADeadSessionDoesNotMakeStreamsLive) {
     w.catch_up(*s);
     notify(event(1, "alice"));
     sender.on_listener_lost(); // sent just before the holder lost PostgreSQL
-    w.receiver.on_datagram(datagram(101, 5, {event(3, "alice")}), peers.view(0));
+    w.receiver.on_datagram(datagram(1, 5, {event(3, "alice")}), peers.view(0));
     EXPECT_FALSE(w.receiver.ready());
     EXPECT_FALSE(w.hub.listening());
 }
@@ -381,7 +416,7 @@ TEST_F(ReceiverTest, MalformedDatagramsAreIgnoredAndLoggedOnce) {
     EXPECT_EQ(w.log.count("malformed relay datagram"), 1u);
     EXPECT_TRUE(w.receiver.ready());
     w.catch_up(*s);
-    std::string cut = datagram(101, peers.peers[0].seq + 1, {event(1, "alice")});
+    std::string cut = datagram(1, peers.peers[0].seq + 1, {event(1, "alice")});
     cut.resize(cut.size() - 2); // a record cut short: what it carried may be lost
     peers.peers[0].seq += 1;
     w.receiver.on_datagram(cut, peers.view(0));
@@ -417,4 +452,161 @@ TEST(RelaySenderTest, ALargeBatchIsSplitIntoSeveralNumberedDatagrams) {
     }
     EXPECT_EQ(peers.peers[0].seq, 2u);
     EXPECT_EQ(sender.forwarded(), 6u);
+}
+
+// A follower's interest bits are the holder's view of it (FakePeers' peer), and it reads the
+// holder's newest position from the same board, as NgxRelay does.
+class FollowerBits : public InterestBits {
+public:
+    FollowerBits(FakePeers &peers, size_t peer) : peers_(peers), peer_(peer) {}
+    void set(size_t bit, bool on) override {
+        if (on) {
+            peers_.peers[peer_].interest.insert(bit);
+        } else {
+            peers_.peers[peer_].interest.erase(bit);
+        }
+    }
+    int64_t newest_published() const override { return peers_.board.newest; }
+
+private:
+    FakePeers &peers_;
+    size_t peer_;
+};
+
+struct StartPointTest : ::testing::Test {
+    Worker holder;
+    FakePeers peers{1};
+    RelaySender sender{holder.hub, peers, holder.epochs};
+    Worker w;
+    FollowerBits bits{peers, 0};
+    InterestMap interest{bits};
+    void SetUp() override { w.hub.set_interest(&interest); }
+    void TearDown() override { w.hub.set_interest(nullptr); }
+    void notify(const std::string &payload) {
+        sender.on_notification(payload);
+        sender.on_notifications_done();
+    }
+    void deliver() {
+        for (const auto &d : peers.peers[0].got) {
+            w.receiver.on_datagram(d, peers.view(0));
+        }
+        peers.peers[0].got.clear();
+    }
+};
+
+TEST_F(StartPointTest, AFreshZoneKnowsNoPositionSoAStreamWaitsForTheListenersReading) {
+    EXPECT_EQ(peers.view(0).newest, -1); // what ngx_slab_calloc + init_relay_board give
+    w.receiver.sync(peers.view(0));      // no holder yet, or it cannot reach PostgreSQL
+    EXPECT_EQ(w.hub.newest(), -1);
+    auto s = w.open("alice", -1);
+    EXPECT_EQ(s->last_position(), -1); // not 0: that would replay the consumer's history
+    EXPECT_FALSE(s->wants_query(true));
+    sender.on_listener_ready(1, 500, 498); // 498: committed before the stream opened
+    w.receiver.sync(peers.view(0));
+    EXPECT_EQ(s->last_position(), 498);
+}
+
+TEST_F(StartPointTest, AStreamOnAFollowerStartsAfterWhatTheHolderHeardNotAStaleValue) {
+    sender.on_listener_ready(1, 10, 10);
+    w.receiver.sync(peers.view(0));
+    EXPECT_EQ(w.hub.newest(), 10);
+    notify(event(11, "bob")); // no stream of bob's here: not forwarded, not seen by w
+    deliver();
+    EXPECT_EQ(w.hub.newest(), 10);
+    auto s = w.open("bob", -1);
+    EXPECT_EQ(s->last_position(), 11); // committed before it opened: not its to receive
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+    notify(event(12, "bob"));
+    deliver();
+    std::string out;
+    s->take_pending(out);
+    EXPECT_EQ(out.find("id: 11"), std::string::npos);
+    EXPECT_NE(out.find("id: 12"), std::string::npos);
+}
+
+TEST_F(StartPointTest, TheHolderPublishesAPositionBeforeItReadsTheInterestBits) {
+    // The order that makes newest_published() safe: a follower that sets its bit and then reads
+    // a position below p is asked for p, because p was published before the bit was read.
+    struct OrderPeers : FakePeers {
+        OrderPeers() : FakePeers(1) {}
+        bool wants(size_t peer, size_t bit) const override {
+            wants_saw_newest.push_back(board.newest);
+            return FakePeers::wants(peer, bit);
+        }
+        mutable std::vector<int64_t> wants_saw_newest;
+    } order;
+    RelaySender s2{holder.hub, order, holder.epochs};
+    s2.on_listener_ready(1, 1, 1);
+    order.wants_saw_newest.clear();
+    s2.on_notification(event(7, "carol"));
+    ASSERT_FALSE(order.wants_saw_newest.empty());
+    EXPECT_EQ(order.wants_saw_newest.front(), 7);
+}
+
+// Two holders at once (a frozen one waking up before it notices the takeover): a follower may
+// hear the same events from both; its streams deliver each once, in order.
+TEST_F(StartPointTest, TwoHoldersAtOnceDeliverNothingTwice) {
+    Worker old_holder;
+    RelaySender old_sender{old_holder.hub, peers, old_holder.epochs};
+    old_sender.on_listener_ready(1, 0, 0); // epoch 1
+    w.receiver.sync(peers.view(0));
+    auto s = w.open("alice", 0);
+    w.catch_up(*s, {});
+    ASSERT_EQ(s->mode(), Stream::Mode::Live);
+    std::vector<int64_t> table;
+    std::string out;
+    auto step = [&] { // the receiver reads its socket; the client takes the bytes; re-reads
+        deliver();
+        std::string some;
+        s->take_pending(some);
+        out += some;
+        w.catch_up(*s, table);
+        s->take_pending(some);
+        out += some;
+    };
+    auto both = [&](int64_t p) { // committed, and heard by both holders' LISTEN connections
+        table.push_back(p);
+        old_sender.on_notification(event(p, "alice"));
+        old_sender.on_notifications_done();
+        step();
+        notify(event(p, "alice"));
+        step();
+    };
+    table.push_back(1);
+    old_sender.on_notification(event(1, "alice"));
+    old_sender.on_notifications_done();
+    step();
+    sender.on_listener_ready(1, 1, 1); // another worker took the role: epoch 2
+    step();
+    both(2);
+    both(3);
+    old_sender.abandon(); // it noticed the takeover and steps down
+    EXPECT_FALSE(old_holder.hub.listening());
+    EXPECT_TRUE(peers.live());
+    std::vector<std::string> ids;
+    for (size_t at = out.find("id: "); at != std::string::npos; at = out.find("id: ", at + 1)) {
+        ids.push_back(out.substr(at + 4, out.find('\n', at) - at - 4));
+    }
+    EXPECT_EQ(ids, (std::vector<std::string>{"1", "2", "3"}));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+}
+
+TEST_F(StartPointTest, AHolderThatLostTheRoleFollowsTheNewHolder) {
+    sender.on_listener_ready(1, 5, 5);
+    auto s = holder.open("alice", 5);
+    holder.catch_up(*s, {});
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+    // Another worker took the role: this one abandons its session without touching the board.
+    Worker new_holder;
+    RelaySender new_sender{new_holder.hub, peers, new_holder.epochs};
+    new_sender.on_listener_ready(1, 6, 6);
+    sender.abandon();
+    EXPECT_TRUE(peers.live()); // the new holder's session stands
+    EXPECT_FALSE(holder.hub.listening());
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
+    holder.receiver.stop();
+    holder.receiver.resume();
+    holder.receiver.sync(peers.view(0));
+    EXPECT_TRUE(holder.receiver.ready());
+    EXPECT_TRUE(holder.hub.listening());
 }

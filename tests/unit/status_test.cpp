@@ -33,12 +33,13 @@ std::string text(const cJSON *object, const char *name) {
     return cJSON_IsString(item) ? item->valuestring : "";
 }
 
-const char *const counters[] = {"streams",          "consumers",           "streams_catching_up",
-                                "events_delivered", "bytes_sent",          "replay_queries",
-                                "replay_queued",    "notifications",       "notifications_dropped",
-                                "stream_overflows", "listener_reconnects", "channel_mismatch",
-                                "listener_holder",  "relay_forwarded",     "relay_dropped",
-                                "relay_catchups",   "unpositioned_rows"};
+const char *const counters[] = {"streams",           "consumers",           "streams_catching_up",
+                                "events_delivered",  "bytes_sent",          "replay_queries",
+                                "replay_queued",     "notifications",       "notifications_dropped",
+                                "stream_overflows",  "listener_reconnects", "channel_mismatch",
+                                "listener_holder",   "relay_forwarded",     "relay_dropped",
+                                "relay_catchups",    "unpositioned_rows",   "position_hints",
+                                "listener_takeovers"};
 const int counter_count = sizeof counters / sizeof counters[0];
 
 std::vector<WorkerStats> two_workers() {
@@ -131,16 +132,42 @@ TEST(Status, JsonWithoutNotificationsHasNullAge) {
         cJSON_GetObjectItemCaseSensitive(document.get(), "last_notification_age_seconds")));
 }
 
-TEST(Status, HealthBodiesAreTheOriginalJson) {
-    EXPECT_EQ(health_body(true), "{\"status\":\"UP\"}");
-    EXPECT_EQ(health_body(false), "{\"status\":\"DOWN\"}");
-    for (bool up : {true, false}) {
-        Json document = parse(health_body(up));
+TEST(Status, HealthUpIsTheOriginalJsonAndDownSaysWhyInOneLine) {
+    EXPECT_EQ(health_body(Health::Up), "{\"status\":\"UP\"}");
+    EXPECT_EQ(health_body(Health::ListenerDown),
+              "{\"status\":\"DOWN\",\"reason\":\"the listener is not connected to "
+              "PostgreSQL\"}");
+    for (Health h : {Health::Up, Health::ListenerDown, Health::NoHolder, Health::HolderFrozen,
+                     Health::ChannelMismatch, Health::Unpositioned}) {
+        Json document = parse(health_body(h));
         ASSERT_NE(document, nullptr);
+        bool up = h == Health::Up;
         EXPECT_EQ(text(document.get(), "status"), up ? "UP" : "DOWN");
-        EXPECT_EQ(cJSON_GetArraySize(document.get()), 1);
+        EXPECT_EQ(cJSON_GetArraySize(document.get()), up ? 1 : 2);
+        EXPECT_EQ(health_body(h).find('\n'), std::string::npos);
     }
-    EXPECT_EQ(&health_body(true), &health_body(true)); // one string for the process's lifetime
+    EXPECT_EQ(&health_body(Health::Up), &health_body(Health::Up)); // one string for the process
+}
+
+TEST(Status, HealthIsDownForTheFirstReasonThatStopsDelivery) {
+    EXPECT_EQ(decide_health({}), Health::Up);
+    EXPECT_EQ(decide_health({Health::HolderFrozen, true, 5}), Health::HolderFrozen);
+    EXPECT_EQ(decide_health({Health::ListenerDown, false, 0}), Health::ListenerDown);
+    EXPECT_EQ(decide_health({Health::Up, true, 5}), Health::ChannelMismatch);
+    EXPECT_EQ(decide_health({Health::Up, false, 5}), Health::Unpositioned);
+}
+
+TEST(Status, PositionHintsAndTakeoversAreCounted) {
+    WorkerStats w;
+    w.pid = 10;
+    w.position_hints = 3;
+    w.listener_takeovers = 1;
+    std::string json = render_status_json({w}, 2000);
+    EXPECT_NE(json.find("\"position_hints\":3"), std::string::npos) << json;
+    EXPECT_NE(json.find("\"listener_takeovers\":1"), std::string::npos) << json;
+    std::string text = render_status_prometheus({w}, 2000);
+    EXPECT_NE(text.find("event_piper_position_hints_total{pid=\"10\"} 3\n"), std::string::npos);
+    EXPECT_NE(text.find("event_piper_listener_takeovers_total{pid=\"10\"} 1\n"), std::string::npos);
 }
 
 TEST(Status, PrometheusHasTypedMetricsPerWorker) {
