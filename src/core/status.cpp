@@ -65,6 +65,12 @@ const Field fields[] = {
     {"unpositioned_rows", "event_piper_unpositioned_rows", "gauge",
      "Committed rows of events without a position: no client receives them.",
      &WorkerStats::unpositioned_rows},
+    {"writers_waiting", "event_piper_writers_waiting", "gauge",
+     "Event writers that had waited in COMMIT for over a second at the listener's last check.",
+     &WorkerStats::writers_waiting},
+    {"replay_failures", "event_piper_replay_failures_total", "counter",
+     "Replay queries that failed (the server refused them or cancelled them).",
+     &WorkerStats::replay_failures},
 };
 
 void append_number(std::string &out, unsigned long long v) {

@@ -33,6 +33,8 @@ struct WorkerStats {
     uint64_t relay_dropped = 0;     // notifications the holder could not send it (buffer full)
     uint64_t relay_catchups = 0;    // times its streams re-read the table after a loss on the way
     uint64_t unpositioned_rows = 0; // committed rows without a position (listener's count)
+    uint64_t writers_waiting = 0;   // event writers held back in COMMIT over 1 s (listener's)
+    uint64_t replay_failures = 0;   // replay queries the server refused
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

@@ -126,6 +126,8 @@ void Worker::publish() {
     stats.listener_reconnects = listener_.reconnects();
     stats.channel_mismatch = listener_.channel_mismatch() ? 1 : 0;
     stats.unpositioned_rows = static_cast<uint64_t>(listener_.unpositioned_rows());
+    stats.writers_waiting = static_cast<uint64_t>(listener_.writers_waiting());
+    stats.replay_failures = hub_.replay().failures();
     stats.replay_queries = hub_.replay().queries();
     stats.replay_queued = hub_.replay().queued();
     if (relay_ != nullptr) {

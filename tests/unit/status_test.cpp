@@ -38,7 +38,8 @@ const char *const counters[] = {"streams",          "consumers",           "stre
                                 "replay_queued",    "notifications",       "notifications_dropped",
                                 "stream_overflows", "listener_reconnects", "channel_mismatch",
                                 "listener_holder",  "relay_forwarded",     "relay_dropped",
-                                "relay_catchups",   "unpositioned_rows"};
+                                "relay_catchups",   "unpositioned_rows",   "writers_waiting",
+                                "replay_failures"};
 const int counter_count = sizeof counters / sizeof counters[0];
 
 std::vector<WorkerStats> two_workers() {
