@@ -296,6 +296,23 @@ def test_a_prepared_transaction_that_holds_writers_is_named_by_its_gid(db, nginx
     ngx.wait_log("event writers no longer wait in COMMIT", 1, T(10))
 
 
+def test_a_long_lock_on_events_is_named_in_the_checks_log_line(db, nginx, clients):
+    """Before: a 45 s LOCK TABLE events made the listener log "no answer from the server ...
+    (server or network frozen?)". Nothing is lost either way."""
+    ngx = nginx.start(db, http=FAST_CHECK)
+    c = clients.stream(ngx, "toto", settle=0)
+    tx = db.connect(autocommit=False)
+    run(tx, "LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+    try:
+        ngx.wait_log("a lock held on table events", 1, T(15))
+    finally:
+        tx.rollback()
+        tx.close()
+    db.insert("toto")
+    c.wait_events(1)
+    assert c.events[0].raw == frame(1)
+
+
 # --------------------------------------------------------------------------------------------
 # Changed ids, misleading types
 # --------------------------------------------------------------------------------------------
