@@ -106,9 +106,13 @@ void Listener::on_link_result(DbLink &, const QueryResult &result) {
             // An answer is an answer: the link is alive. Without this query (a server that does
             // not know pg_locks.waitstart, before PostgreSQL 14) the check goes on without it.
             writers_check_ = false;
+            std::string why = result.error();
+            while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
+                why.pop_back();
+            }
             log_.write(LogLevel::Warn, "event_piper: cannot look for event writers held back in "
                                        "COMMIT (" +
-                                           result.error() + "); not looking any more");
+                                           why + "); not looking any more");
         }
         return;
     }
