@@ -111,6 +111,15 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_single_line') THEN
         ALTER TABLE events ADD CONSTRAINT events_type_single_line CHECK (type !~ '[\r\n]');
     END IF;
+    -- Types a client would take for something else: empty (`event: ` is a plain message to
+    -- EventSource), the module's own `heartbeat`, and EventSource's own `error` and `open` (a
+    -- listener for them, onerror and onopen included, would take the event for the connection's).
+    -- NOT VALID: refused for new and changed rows; rows already stored stay and are sent as they
+    -- are (README "HTTP contract").
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_not_reserved') THEN
+        ALTER TABLE events ADD CONSTRAINT events_type_not_reserved
+            CHECK (type NOT IN ('', 'heartbeat', 'error', 'open')) NOT VALID;
+    END IF;
     IF current_setting('event_piper.layout') = 'column' THEN
         INSERT INTO event_positions (position, event_id, subscriber, committed_at)
             SELECT position, id, subscriber, coalesce(committed_at, clock_timestamp())
@@ -312,6 +321,7 @@ DECLARE
     sub1      text;
     typ1      text;
     body1     text;
+    shortest  int;  -- the shortest subscriber of a batch (none under 7,900 bytes: no NOTIFY)
     t         text; -- answers of void functions (an assignment is cheaper than PERFORM)
     -- The channel: `new_events` unless the setting event_piper.channel names another one
     -- (ALTER DATABASE ... SET event_piper.channel = '...'), to match event_piper_channel.
@@ -323,6 +333,19 @@ BEGIN
         RAISE EXCEPTION 'event_piper: events inserted after the transaction''s deferred '
             'constraints were checked (SET CONSTRAINTS ... IMMEDIATE) cannot be ordered; '
             'insert them before, or in another transaction';
+    END IF;
+    -- Two-phase commit: a prepared transaction would keep its place in the commit order, and
+    -- every later event writer would wait in COMMIT until COMMIT or ROLLBACK PREPARED, however
+    -- long. Refused here with a clear message when the statement is a PREPARE TRANSACTION (its
+    -- first 7 bytes, then a pattern for those few: well under a microsecond); in any other form
+    -- (after a comment, in a multi-statement string), by the NOTIFY that every such transaction
+    -- sends (see the end of step 2), with PostgreSQL's message.
+    IF upper(left(current_query(), 7)) = 'PREPARE'
+       AND current_query() ~* '^prepare\s+transaction\M' THEN
+        RAISE EXCEPTION 'event_piper: a transaction that inserts events cannot be prepared '
+            '(PREPARE TRANSACTION): it would hold back every later event writer until it is '
+            'committed or rolled back; insert events in a transaction of its own'
+            USING ERRCODE = 'feature_not_supported';
     END IF;
     -- The transaction's rows: the noted ids, with the lists set aside.
     IF coalesce(chunks, '') <> '' THEN
@@ -391,8 +414,9 @@ BEGIN
         SELECT count(*),
                max(octet_length(sub) + octet_length(typ) + octet_length(body)),
                string_agg(event_piper_batch_record(position, sub, typ, body), ''
-                          ORDER BY position)
-          INTO n, size, buf
+                          ORDER BY position),
+               min(octet_length(sub))
+          INTO n, size, buf, shortest
           FROM mine;
         IF n > 1 AND size <= 7900 AND octet_length(buf) <= 7997 THEN
             t := pg_notify(chan, E'b\n' || buf)::text;
@@ -429,6 +453,13 @@ BEGIN
                                           ELSE E'b\n' || buf END)::text;
             END IF;
         END IF;
+    END IF;
+    -- Nothing was notified (the rows were deleted again, or their subscribers are too long to
+    -- name): NOTIFY anyway, on a channel nobody listens to, so that PREPARE TRANSACTION refuses
+    -- this transaction like every other that reserved positions (PostgreSQL cannot prepare a
+    -- transaction that notified).
+    IF coalesce(octet_length(sub1), shortest, 7900) >= 7900 THEN
+        t := pg_notify('event_piper_unprepared', '')::text;
     END IF;
     -- 3. Wait until every smaller position is visible or rolled back: the transaction that
     --    reserved pos_first - 1 holds this lock until it is visible.
@@ -490,3 +521,43 @@ DROP TRIGGER IF EXISTS events_truncated ON events;
 CREATE TRIGGER events_truncated
     AFTER TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION event_piper_events_truncated();
+
+-- An event's id is what its position points to (and what its own transaction noted for the
+-- commit-time trigger): a changed id would leave the event without a position, out of every
+-- replay, unreported. Refused; insert a new event instead. Only updates that set `id` fire this.
+CREATE OR REPLACE FUNCTION event_piper_refuse_id_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'event_piper: the id of an event cannot change (event %): its position '
+        'refers to it; insert a new event instead', OLD.id
+        USING ERRCODE = 'feature_not_supported';
+END;
+$$;
+DROP TRIGGER IF EXISTS events_id_unchanged ON events;
+CREATE TRIGGER events_id_unchanged
+    BEFORE UPDATE OF id ON events
+    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id)
+    EXECUTE FUNCTION event_piper_refuse_id_change();
+
+-- Grants. The trigger functions run as their owner (the role that applied this script first:
+-- make it the owner of `events`, not a superuser), with a fixed search_path (this schema, then
+-- pg_temp, so that no temporary table of the writer's can stand in for ours). A writer then needs
+-- only what its own statements need: INSERT on events and USAGE on events_id_seq to insert;
+-- UPDATE, DELETE (with SELECT for a WHERE clause) or TRUNCATE on events to change them. It needs
+-- nothing on event_positions or events_position_seq, so it cannot forge, move or delete
+-- positions, nor set the position sequence back. Set after every CREATE OR REPLACE above, which
+-- resets them.
+DO $$
+DECLARE
+    f text;
+    home text := (SELECT relnamespace::regnamespace::text FROM pg_class
+                   WHERE oid = to_regclass('events'));
+BEGIN
+    FOREACH f IN ARRAY ARRAY['events_commit_notify()', 'event_piper_events_updated()',
+                             'event_piper_events_deleted()', 'event_piper_events_truncated()']
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s.%s SECURITY DEFINER SET search_path = %s, pg_temp',
+                       home, f, home);
+    END LOOP;
+END;
+$$;

@@ -10,7 +10,7 @@
 namespace event_piper {
 
 Hub::Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory)
-    : clock_(clock), log_(log), replay_(replay_retry, *this, log, replay_memory) {}
+    : clock_(clock), log_(log), replay_(replay_retry, *this, log, replay_memory, &clock) {}
 
 void Hub::open(Stream &s) {
     if (interest_ != nullptr) {

@@ -77,7 +77,49 @@ const char *const check_sql =
     "   ORDER BY position DESC LIMIT 1)"
     " FROM event_piper_unpositioned($1)";
 
+// The check's second query: event writers held back in COMMIT. Each transaction that reserved
+// positions holds the commit-order lock named after its last position (advisory, key 1 =
+// 1885958245, see schema.sql) until it ends, and the next one waits for it in COMMIT; a wait of a
+// second means the chain is stuck behind a transaction that does not end. It reads the lock table
+// only (no table of ours, so no lock on `events` can hold it up): how many writers have waited
+// over a second, the longest wait, and the head of the chain (a holder of a waited-for lock that
+// waits for none): its backend pid, user and application, or its gid if it is prepared (no pid).
+const char *const held_writers_sql =
+    "WITH l AS (SELECT objid, pid, virtualtransaction AS vxid, granted, waitstart, mode"
+    "   FROM pg_locks WHERE locktype = 'advisory' AND classid = 1885958245 AND objsubid = 2"
+    "   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())),"
+    " w AS (SELECT waitstart FROM l"
+    "   WHERE NOT granted AND waitstart < clock_timestamp() - interval '1 second'),"
+    " h AS (SELECT pid, vxid FROM l WHERE granted AND mode = 'ExclusiveLock'"
+    "   AND objid IN (SELECT objid FROM l WHERE NOT granted)"
+    "   AND vxid NOT IN (SELECT vxid FROM l WHERE NOT granted) LIMIT 1)"
+    " SELECT (SELECT count(*) FROM w),"
+    " (SELECT (extract(epoch FROM clock_timestamp() - min(waitstart)) * 1000)::bigint FROM w),"
+    " h.pid,"
+    " (SELECT p.gid FROM pg_prepared_xacts p JOIN pg_locks x ON x.locktype = 'transactionid'"
+    "   AND x.transactionid = p.transaction"
+    "   WHERE h.pid IS NULL AND x.pid IS NULL AND x.virtualtransaction = h.vxid LIMIT 1),"
+    " a.usename, a.application_name"
+    " FROM (SELECT 1) one LEFT JOIN h ON true LEFT JOIN pg_stat_activity a ON a.pid = h.pid";
+
 void Listener::on_link_result(DbLink &, const QueryResult &result) {
+    if (phase_ == Phase::Checking && checking_writers_) {
+        if (result.ok()) {
+            note_held_writers(result);
+        } else {
+            // An answer is an answer: the link is alive. Without this query (a server that does
+            // not know pg_locks.waitstart, before PostgreSQL 14) the check goes on without it.
+            writers_check_ = false;
+            std::string why = result.error();
+            while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
+                why.pop_back();
+            }
+            log_.write(LogLevel::Warn, "event_piper: cannot look for event writers held back in "
+                                       "COMMIT (" +
+                                           why + "); not looking any more");
+        }
+        return;
+    }
     if (result.ok() && phase_ == Phase::Checking) {
         if (result.rows() == 1 && result.columns() >= 3) {
             note_unpositioned(result.number(0, 0));
@@ -122,6 +164,12 @@ void Listener::on_link_idle(DbLink &) {
         go_live();
         return;
     case Phase::Checking:
+        if (!checking_writers_ && writers_check_) {
+            checking_writers_ = true; // the same round, within the same timeout
+            link_.send(held_writers_sql, 0, nullptr);
+            return;
+        }
+        checking_writers_ = false;
         phase_ = Phase::Live; // the server answered: the link is alive
         if (settings_.check_ms != 0) {
             check_.arm(settings_.check_ms);
@@ -162,7 +210,8 @@ void Listener::on_check_timer() {
     if (phase_ == Phase::Checking) {
         link_.close();
         lose("no answer from the server for " + to_text(settings_.timeout_ms) +
-             " ms (server or network frozen?)");
+             " ms (server or network frozen? or a lock held on table events, such as a long "
+             "LOCK TABLE events, that the check's query waits for)");
     }
 }
 
@@ -173,6 +222,7 @@ void Listener::on_link_lost(DbLink &, std::string_view why) {
 void Listener::lose(std::string_view why) {
     bool was_live = epoch_ != 0;
     epoch_ = 0;
+    checking_writers_ = false;
     phase_ = Phase::Down;
     check_.cancel();
     if (closed_) {
@@ -240,6 +290,53 @@ void Listener::note_unpositioned(int64_t rows) {
         }
     }
     unpositioned_ = rows;
+}
+
+// Logged when the head of a held-back chain changes (once while the same transaction holds the
+// writers), and once when they no longer wait.
+void Listener::note_held_writers(const QueryResult &result) {
+    if (result.rows() != 1 || result.columns() < 6) {
+        return;
+    }
+    int64_t waiting = result.number(0, 0);
+    writers_waiting_ = waiting;
+    if (waiting == 0) {
+        if (!writers_blocker_.empty()) {
+            log_.write(LogLevel::Notice, "event_piper: event writers no longer wait in COMMIT");
+            writers_blocker_.clear();
+        }
+        return;
+    }
+    std::string blocker, release;
+    if (!result.is_null(0, 2)) {
+        std::string pid(result.value(0, 2));
+        blocker = "backend pid " + pid;
+        if (!result.is_null(0, 4)) {
+            blocker += " (user \"" + std::string(result.value(0, 4)) + "\", application \"" +
+                       std::string(result.is_null(0, 5) ? "" : result.value(0, 5)) + "\")";
+        }
+        release = "the end of that transaction (pg_terminate_backend(" + pid + ") if it is stuck)";
+    } else if (!result.is_null(0, 3)) {
+        std::string gid(result.value(0, 3));
+        blocker = "prepared transaction '" + gid + "'";
+        release = "COMMIT PREPARED or ROLLBACK PREPARED '" + gid + "'";
+    } else {
+        blocker = "a transaction that ended meanwhile";
+        release = "the next check";
+    }
+    if (blocker == writers_blocker_) {
+        return;
+    }
+    writers_blocker_ = blocker;
+    uint64_t ms = result.is_null(0, 1) ? 0 : static_cast<uint64_t>(result.number(0, 1));
+    log_.write(LogLevel::Warn,
+               "event_piper: " + to_text(static_cast<uint64_t>(waiting)) +
+                   " event writers have waited in COMMIT for up to " + to_text(ms / 1000) + "." +
+                   to_text(ms % 1000 / 100) + " s behind " + blocker +
+                   ", whose transaction reserved positions before theirs and has not ended (open "
+                   "after SET CONSTRAINTS ... IMMEDIATE, a slow deferred trigger, a synchronous "
+                   "standby, a transaction prepared under an older schema.sql); they wait for " +
+                   release + "; lock_timeout bounds their wait, statement_timeout does not");
 }
 
 } // namespace event_piper

@@ -1,6 +1,7 @@
 // The LISTEN connection's state machine: connect, LISTEN, read the newest position, then hand
 // notifications on; check the connection with a timed round trip now and then (which also counts
-// committed rows that never got a position); reconnect with backoff.
+// committed rows that never got a position, then looks for event writers held back in COMMIT);
+// reconnect with backoff.
 // Each successful LISTEN has a new epoch: a stream that read the table during another epoch (or
 // none) may have missed notifications and must read again before it goes live.
 #pragma once
@@ -65,6 +66,9 @@ public:
     // notification had announced (another channel, a foreign or missing trigger): each time the
     // streams were sent to the table with a bare position hint.
     uint64_t unnotified_hints() const { return unnotified_hints_; }
+    // Event writers that had waited in COMMIT for more than a second at the last check: a
+    // transaction that reserved positions before them has not ended (see held_writers_sql).
+    int64_t writers_waiting() const { return writers_waiting_; }
 
     void on_link_ready(DbLink &link) override;
     void on_link_result(DbLink &link, const QueryResult &result) override;
@@ -79,6 +83,7 @@ private:
     void go_live();
     void note_unpositioned(int64_t rows);
     void note_committed(int64_t newest_committed);
+    void note_held_writers(const QueryResult &result);
 
     DbLink &link_;
     Timer &retry_;
@@ -102,6 +107,12 @@ private:
     int64_t announced_floor_ = 0;
     int64_t checked_newest_ = 0;
     uint64_t unnotified_hints_ = 0;
+    // The second query of a check round (held writers) is in flight; false after the server
+    // refused it once (then only the first query runs).
+    bool checking_writers_ = false;
+    bool writers_check_ = true;
+    int64_t writers_waiting_ = 0;
+    std::string writers_blocker_; // as last logged ("" : none)
     bool ever_live_ = false;
     bool channel_mismatch_ = false;
     bool closed_ = false;

@@ -39,8 +39,9 @@ struct Number {
 
 } // namespace
 
-ReplayQueue::ReplayQueue(Timer &retry, ReplayEvents &events, Log &log, size_t memory_budget)
-    : retry_(retry), events_(events), log_(log), budget_(memory_budget) {}
+ReplayQueue::ReplayQueue(Timer &retry, ReplayEvents &events, Log &log, size_t memory_budget,
+                         const Clock *clock)
+    : retry_(retry), events_(events), log_(log), budget_(memory_budget), clock_(clock) {}
 
 ReplayQueue::Slot &ReplayQueue::slot_of(DbLink &link) {
     for (Slot &slot : slots_) {
@@ -196,7 +197,8 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
         while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
             why.pop_back();
         }
-        log_.write(LogLevel::Error, "event_piper: replay query failed: " + why);
+        ++failures_;
+        log_failure(why);
         slot.failed = true;
         return;
     }
@@ -295,6 +297,37 @@ void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
     }
     if (!retry_.armed()) {
         retry_.arm(backoff_.next());
+    }
+}
+
+// A tiny statement_timeout on the role, a missing grant: every catching-up stream fails the same
+// way, over and over (each retries after its client reconnects). One line per reason per
+// period, saying how many failed since the last one; status counts them all.
+void ReplayQueue::log_failure(const std::string &why) {
+    uint64_t now = clock_ != nullptr ? clock_->now_ms() : 0;
+    FailureLine *line = nullptr;
+    for (FailureLine &l : failure_lines_) {
+        if (l.why == why) {
+            line = &l;
+        }
+    }
+    if (line != nullptr && clock_ != nullptr && now - line->logged_ms < failure_log_period_ms) {
+        ++line->unlogged;
+        return;
+    }
+    std::string text = "event_piper: replay query failed: " + why;
+    if (line != nullptr && line->unlogged > 0) {
+        text += " (" + std::to_string(line->unlogged) + " more since the last such line)";
+    }
+    log_.write(LogLevel::Error, text);
+    if (line == nullptr) {
+        if (failure_lines_.size() >= 16) {
+            failure_lines_.erase(failure_lines_.begin()); // the oldest reason
+        }
+        failure_lines_.push_back({why, now, 0});
+    } else {
+        line->logged_ms = now;
+        line->unlogged = 0;
     }
 }
 

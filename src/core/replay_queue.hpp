@@ -40,8 +40,14 @@ public:
     static std::string batch_sql(size_t ids);
 
     // `retry` fires on_retry_timer. `memory_budget`: bytes of served batches that clients have
-    // not taken yet, beyond which no batch is sent (0: no limit).
-    ReplayQueue(Timer &retry, ReplayEvents &events, Log &log, size_t memory_budget = 0);
+    // not taken yet, beyond which no batch is sent (0: no limit). `clock` spaces out the log
+    // lines of failed queries (nullptr: every failure is logged).
+    ReplayQueue(Timer &retry, ReplayEvents &events, Log &log, size_t memory_budget = 0,
+                const Clock *clock = nullptr);
+
+    // A failed query is logged at most once per reason per this period, with the number of
+    // failures for that reason since its previous line.
+    static constexpr uint64_t failure_log_period_ms = 10000;
     // A connection for the pool; its owner (DbLinkOwner) must be this queue.
     void add_link(DbLink &link) {
         Slot slot;
@@ -61,6 +67,7 @@ public:
     void on_retry_timer() { dispatch(); }
 
     uint64_t queries() const { return queries_; }
+    uint64_t failures() const { return failures_; } // queries the server refused
     size_t queued() const { return queue_.size(); }
 
     void on_link_ready(DbLink &link) override;
@@ -82,6 +89,7 @@ private:
     void dispatch();
     Slot &slot_of(DbLink &link);
     static void reset(Slot &slot);
+    void log_failure(const std::string &why);
 
     std::vector<Slot> slots_;
     Timer &retry_;
@@ -97,6 +105,14 @@ private:
     size_t held_ = 0; // sum of the streams' replay_held()
     Backoff backoff_;
     uint64_t queries_ = 0;
+    uint64_t failures_ = 0;
+    const Clock *clock_;
+    struct FailureLine {
+        std::string why;
+        uint64_t logged_ms = 0;
+        uint64_t unlogged = 0; // failures for this reason since its last line
+    };
+    std::vector<FailureLine> failure_lines_; // a few reasons (bounded)
     bool reported_down_ = false;
 };
 

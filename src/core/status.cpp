@@ -74,6 +74,12 @@ const Field fields[] = {
      "Times the worker took the instance's listener over from a holder gone or frozen "
      "(event_piper_listener shared).",
      &WorkerStats::listener_takeovers},
+    {"writers_waiting", "event_piper_writers_waiting", "gauge",
+     "Event writers that had waited in COMMIT for over a second at the listener's last check.",
+     &WorkerStats::writers_waiting},
+    {"replay_failures", "event_piper_replay_failures_total", "counter",
+     "Replay queries that failed (the server refused them or cancelled them).",
+     &WorkerStats::replay_failures},
 };
 
 void append_number(std::string &out, unsigned long long v) {

@@ -39,6 +39,8 @@ struct WorkerStats {
     // stream to the table with a bare position hint (the late path).
     uint64_t position_hints = 0;
     uint64_t listener_takeovers = 0; // roles this worker took from a holder gone or frozen
+    uint64_t writers_waiting = 0;    // event writers held back in COMMIT over 1 s (listener's)
+    uint64_t replay_failures = 0;    // replay queries the server refused
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

@@ -1,6 +1,10 @@
 // The module's configuration structures: creation, defaults and inheritance (nginx's merge).
 #include "ngx_conf.hpp"
 
+#include "core/request_check.hpp"
+
+#include <string_view>
+
 namespace event_piper {
 
 void *create_main_conf(ngx_conf_t *cf) noexcept {
@@ -96,6 +100,11 @@ char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
     if (conf->consumer == nullptr || conf->last_event_id == nullptr) {
         return static_cast<char *>(NGX_CONF_ERROR);
     }
+    // The compiled value keeps its source text (configuration memory): "$http_last_event_id".
+    std::string_view header = header_of_variable(std::string_view(
+        reinterpret_cast<char *>(conf->last_event_id->value.data), conf->last_event_id->value.len));
+    conf->last_event_id_header.data = reinterpret_cast<u_char *>(const_cast<char *>(header.data()));
+    conf->last_event_id_header.len = header.size();
     ngx_conf_merge_msec_value(conf->heartbeat, prev->heartbeat, 10000);
     ngx_conf_merge_msec_value(conf->retry, prev->retry, 0);
     ngx_conf_merge_uint_value(conf->replay_batch, prev->replay_batch, 500);

@@ -140,6 +140,11 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
         return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain", pool_copy(r, error));
     }
 
+    // Two resume points: which one the client meant is a guess (nginx's variable takes the first).
+    if (lcf->last_event_id_header.len > 0 && count_header(r, lcf->last_event_id_header) > 1) {
+        return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
+                         "more than one Last-Event-ID header in the request\n");
+    }
     ngx_str_t last;
     if (ngx_http_complex_value(r, lcf->last_event_id, &last) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;

@@ -128,6 +128,8 @@ void Worker::publish() {
     stats.channel_mismatch = listener_.channel_mismatch() ? 1 : 0;
     stats.position_hints = listener_.unnotified_hints();
     stats.unpositioned_rows = static_cast<uint64_t>(listener_.unpositioned_rows());
+    stats.writers_waiting = static_cast<uint64_t>(listener_.writers_waiting());
+    stats.replay_failures = hub_.replay().failures();
     stats.replay_queries = hub_.replay().queries();
     stats.replay_queued = hub_.replay().queued();
     if (relay_ != nullptr) {

@@ -165,6 +165,27 @@ def test_a_last_event_id_that_is_not_a_non_negative_integer_is_400(db, nginx, cl
     assert without_heartbeats(good.body) == frame(6) + frame(7) + frame(8)
 
 
+def test_two_last_event_id_headers_are_400(db, nginx, clients):
+    """Which of two resume points the client meant is a guess (nginx's variable takes the
+    first): refused like two consumer headers."""
+    for _ in range(3):
+        db.insert("toto")
+    ngx = nginx.start(db)
+    for values in ((b"1", b"2"), (b"2", b"2"), (b"", b"1")):
+        c = clients.client(ngx)
+        c.request("GET", "/events", [("X-Consumer-Id", "toto")]
+                  + [("Last-Event-ID", v) for v in values])
+        assert_400(c, "Last-Event-ID twice: %r" % (values,))
+        assert b"more than one Last-Event-ID header" in bytes(c.body)
+    c = clients.client(ngx)
+    c.request("GET", "/events", [("X-Consumer-Id", "toto"), ("Last-Event-ID", "1"),
+                                 ("last-event-id", "2")])
+    assert_400(c, "Last-Event-ID twice, in two cases")
+    one = clients.stream(ngx, "toto", last_event_id="1", settle=0)
+    one.wait_events(2)
+    assert without_heartbeats(one.body) == frame(2) + frame(3)
+
+
 def assert_400(c, what):
     c.wait_complete()
     assert c.status == 400, "%s: %r" % (what, bytes(c.raw[:400]))

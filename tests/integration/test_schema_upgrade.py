@@ -208,6 +208,54 @@ def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(
     assert db.scalar("select event_piper_unpositioned_count()") == 0
 
 
+TRIGGER_FUNCTIONS = ("events_commit_notify", "event_piper_events_updated",
+                     "event_piper_events_deleted", "event_piper_events_truncated")
+
+
+def test_the_writers_rules_reach_a_database_of_the_previous_schema_while_writers_insert(
+        database):
+    """The previous schema, as far as the writers' rules go: trigger functions that run as the
+    writer, no type check, no id trigger; and a row of a type now refused. schema.sql applied
+    while writers insert gives them all; the stored row stays."""
+    db = database("upgrade_writers_rules")
+    db.apply(SCHEMA)
+    db.sql("alter table events drop constraint events_type_not_reserved; "
+           "drop trigger events_id_unchanged on events; " + "".join(
+               "alter function %s() security invoker reset search_path; " % f
+               for f in TRIGGER_FUNCTIONS))
+    db.sql(INSERT.replace("'insert'", "'heartbeat'"), ("old", '{"stored": true}'))
+    writers = Writers(db)
+    time.sleep(0.3)
+    for _ in range(2):
+        db.apply(SCHEMA)
+        time.sleep(0.2)
+    writers.stop()
+    assert writers.errors == []
+    assert db.scalar("select event_piper_unpositioned_count()") == 0
+    assert db.sql("select proname, prosecdef, proconfig from pg_proc where proname = any(%s) "
+                  "order by proname", (list(TRIGGER_FUNCTIONS),)) == [
+        (f, True, ["search_path=public, pg_temp"]) for f in sorted(TRIGGER_FUNCTIONS)]
+    assert db.scalar("select convalidated from pg_constraint "
+                     "where conname = 'events_type_not_reserved'") is False
+    assert db.sql("select type, subscriber from event_log where position = 1") == [
+        ("heartbeat", "old")]
+    # A writer with the documented grants only.
+    db.cluster.superuser_sql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'piper_writer_up') "
+        "THEN CREATE ROLE piper_writer_up LOGIN; END IF; END $$")
+    db.sql("grant insert on events to piper_writer_up; "
+           "grant usage on sequence events_id_seq to piper_writer_up")
+    w = db.connect(user="piper_writer_up")
+    try:
+        db.run(w, "insert into events (type, timestamp, subscriber, payload) values "
+                  "('insert', now(), 'new', '{}'), ('insert', now(), 'new', '{}')")
+    finally:
+        w.close()
+    assert len(db.positions("new")) == 2
+    with pytest.raises(psycopg2.Error):
+        db.sql("update events set id = id + 1000 where subscriber = 'new'")
+
+
 def test_the_original_services_rows_keep_their_ids_and_its_clients_resume(
         database, nginx, clients):
     db = database("migrate_from_original")

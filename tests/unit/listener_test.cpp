@@ -61,12 +61,28 @@ struct ListenerTest : ::testing::Test {
                                 ? std::optional<std::string>(std::string(newest_committed))
                                 : std::nullopt}});
     }
-    // One answered check round trip.
-    void check_round(const char *newest_committed) {
+    // The check's second query: event writers held back in COMMIT (none by default).
+    static FakeResult writers_row(const char *waiting = "0", const char *longest_ms = nullptr,
+                                  const char *pid = nullptr, const char *gid = nullptr) {
+        auto opt = [](const char *v) {
+            return v != nullptr ? std::optional<std::string>(v) : std::nullopt;
+        };
+        return FakeResult({{std::string(waiting), opt(longest_ms), opt(pid), opt(gid),
+                            pid != nullptr ? opt("w") : std::nullopt,
+                            pid != nullptr ? opt("psql") : std::nullopt}});
+    }
+    void answer_writers(const FakeResult &row = writers_row()) {
+        ASSERT_NE(link.sent.back().find("FROM pg_locks"), std::string::npos);
+        listener.on_link_result(link, row);
+        link.idle(listener);
+    }
+    // One answered check round trip (both queries).
+    void check_round(const char *newest_committed, const FakeResult &writers = writers_row()) {
         check.fire();
         listener.on_check_timer();
         listener.on_link_result(link, check_row(newest_committed));
         link.idle(listener);
+        answer_writers(writers);
     }
     // Drives a fresh connection to Live with the given newest position.
     void bring_up(const char *newest = "42") {
@@ -212,6 +228,8 @@ TEST_F(ListenerTest, ASilentLinkIsCheckedAndAFrozenOneIsReplaced) {
     EXPECT_EQ(events.lost, 1);
     EXPECT_EQ(listener.epoch(), 0u);
     EXPECT_EQ(log.count("listener connection lost: no answer from the server for 20000 ms"), 1u);
+    // A long LOCK TABLE events looks the same from here: the line names it.
+    EXPECT_EQ(log.count("a lock held on table events"), 1u);
     EXPECT_TRUE(retry.armed());
 }
 
@@ -222,6 +240,8 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     listener.on_link_result(
         link, FakeResult({{std::string("0"), std::string("500"), std::string("42")}}));
     link.idle(listener);
+    EXPECT_EQ(listener.phase(), Listener::Phase::Checking); // then the held writers
+    answer_writers();
     EXPECT_EQ(listener.phase(), Listener::Phase::Live);
     EXPECT_EQ(listener.epoch(), 1u);
     EXPECT_EQ(check.armed_ms, 20000u); // the next round trip
@@ -235,6 +255,7 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     listener.on_link_result(
         link, FakeResult({{std::string("80"), std::string("520"), std::string("42")}}));
     link.idle(listener);
+    answer_writers();
     EXPECT_EQ(listener.unpositioned_rows(), 80);
     EXPECT_EQ(log.count("80 committed rows of table events have no position"), 1u);
     check.fire();
@@ -243,6 +264,7 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     listener.on_link_result(
         link, FakeResult({{std::string("80"), std::string("520"), std::string("42")}}));
     link.idle(listener);
+    answer_writers();
     EXPECT_EQ(log.count("have no position"), 1u); // said once, not every round trip
     // schema.sql applied again: positions given.
     check.fire();
@@ -250,6 +272,7 @@ TEST_F(ListenerTest, AnAnsweredCheckKeepsTheLinkAndCountsRowsWithoutAPosition) {
     listener.on_link_result(
         link, FakeResult({{std::string("0"), std::string("700"), std::string("42")}}));
     link.idle(listener);
+    answer_writers();
     EXPECT_EQ(listener.unpositioned_rows(), 0);
     EXPECT_EQ(log.count("every row of table events has a position again"), 1u);
 }
@@ -306,6 +329,53 @@ TEST_F(ListenerTest, AChannelMismatchIsReportedOnce) {
     listener.on_link_result(link, newest_row("1", "other_channel"));
     link.idle(listener);
     EXPECT_EQ(log.count("notifies channel \"other_channel\""), 1u);
+}
+
+TEST_F(ListenerTest, WritersHeldBackInCommitAreCountedAndTheirBlockerNamedOnce) {
+    bring_up();
+    check_round("42");
+    EXPECT_EQ(listener.writers_waiting(), 0);
+    // A transaction left open after SET CONSTRAINTS ALL IMMEDIATE holds two writers back.
+    check_round("42", writers_row("2", "3450", "4242"));
+    EXPECT_EQ(listener.writers_waiting(), 2);
+    EXPECT_EQ(log.count("2 event writers have waited in COMMIT for up to 3.4 s behind backend "
+                        "pid 4242 (user \"w\", application \"psql\")"),
+              1u);
+    EXPECT_EQ(log.count("pg_terminate_backend(4242)"), 1u);
+    EXPECT_EQ(log.count("statement_timeout does not"), 1u);
+    check_round("42", writers_row("3", "23450", "4242")); // the same blocker: said once
+    EXPECT_EQ(listener.writers_waiting(), 3);
+    EXPECT_EQ(log.count("event writers have waited in COMMIT"), 1u);
+    // Then a prepared transaction (under an older schema.sql) holds them: named by its gid.
+    check_round("42", writers_row("1", "1200", nullptr, "tx-17"));
+    EXPECT_EQ(log.count("behind prepared transaction 'tx-17'"), 1u);
+    EXPECT_EQ(log.count("COMMIT PREPARED or ROLLBACK PREPARED 'tx-17'"), 1u);
+    check_round("42");
+    EXPECT_EQ(listener.writers_waiting(), 0);
+    EXPECT_EQ(log.count("event writers no longer wait in COMMIT"), 1u);
+    check_round("42");
+    EXPECT_EQ(log.count("no longer wait"), 1u);
+}
+
+TEST_F(ListenerTest, AServerThatCannotLookForHeldWritersKeepsTheLink) {
+    bring_up();
+    check.fire();
+    listener.on_check_timer();
+    listener.on_link_result(link, check_row("42"));
+    link.idle(listener);
+    listener.on_link_result(link, FakeResult::failure("ERROR: column \"waitstart\" does not "
+                                                      "exist\n"));
+    link.idle(listener);
+    EXPECT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_EQ(listener.epoch(), 1u);
+    EXPECT_EQ(log.count("cannot look for event writers held back in COMMIT"), 1u);
+    // The next rounds run the first query only.
+    check.fire();
+    listener.on_check_timer();
+    listener.on_link_result(link, check_row("42"));
+    link.idle(listener);
+    EXPECT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_EQ(link.sent.back().find("pg_locks"), std::string::npos);
 }
 
 TEST_F(ListenerTest, CloseIsForGood) {

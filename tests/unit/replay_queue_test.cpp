@@ -182,6 +182,40 @@ TEST_F(ReplayQueueTest, ARefusedQueryFailsTheStreamInsteadOfLooping) {
     EXPECT_EQ(log.count("replay query failed: ERROR: permission denied for table events"), 1u);
 }
 
+TEST_F(ReplayQueueTest, FailedQueriesAreCountedAndLoggedOncePerReasonPerPeriod) {
+    FakeClock clock;
+    FakeTimer t;
+    Events ev;
+    ReplayQueue q(t, ev, log, 0, &clock);
+    FakeLink l;
+    q.add_link(l);
+    std::vector<std::unique_ptr<Stream>> streams;
+    auto fail_one = [&](const char *why) {
+        streams.push_back(stream("alice", 0));
+        q.request(*streams.back());
+        if (l.state() == DbLink::State::Down) {
+            l.connected(q);
+        }
+        q.on_link_result(l, FakeResult::failure(why));
+        l.idle(q);
+    };
+    const char *timeout = "ERROR: canceling statement due to statement timeout\n";
+    for (int i = 0; i < 25; ++i) {
+        fail_one(timeout);
+        clock.now += 100;
+    }
+    fail_one("ERROR: permission denied for table events\n");
+    EXPECT_EQ(q.failures(), 26u);
+    EXPECT_EQ(log.count("replay query failed: ERROR: canceling statement due to statement "
+                        "timeout"),
+              1u);
+    EXPECT_EQ(log.count("permission denied"), 1u); // another reason: its own line
+    clock.now += ReplayQueue::failure_log_period_ms;
+    fail_one(timeout);
+    EXPECT_EQ(log.count("statement timeout (24 more since the last such line)"), 1u);
+    EXPECT_EQ(q.failures(), 27u);
+}
+
 TEST_F(ReplayQueueTest, AStreamCancelledWhileItsBatchIsInFlightIsForgotten) {
     auto s1 = stream("alice", 0);
     auto s2 = stream("bob", 0);

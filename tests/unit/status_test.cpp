@@ -33,13 +33,27 @@ std::string text(const cJSON *object, const char *name) {
     return cJSON_IsString(item) ? item->valuestring : "";
 }
 
-const char *const counters[] = {"streams",           "consumers",           "streams_catching_up",
-                                "events_delivered",  "bytes_sent",          "replay_queries",
-                                "replay_queued",     "notifications",       "notifications_dropped",
-                                "stream_overflows",  "listener_reconnects", "channel_mismatch",
-                                "listener_holder",   "relay_forwarded",     "relay_dropped",
-                                "relay_catchups",    "unpositioned_rows",   "position_hints",
-                                "listener_takeovers"};
+const char *const counters[] = {"streams",
+                                "consumers",
+                                "streams_catching_up",
+                                "events_delivered",
+                                "bytes_sent",
+                                "replay_queries",
+                                "replay_queued",
+                                "notifications",
+                                "notifications_dropped",
+                                "stream_overflows",
+                                "listener_reconnects",
+                                "channel_mismatch",
+                                "listener_holder",
+                                "relay_forwarded",
+                                "relay_dropped",
+                                "relay_catchups",
+                                "unpositioned_rows",
+                                "position_hints",
+                                "listener_takeovers",
+                                "writers_waiting",
+                                "replay_failures"};
 const int counter_count = sizeof counters / sizeof counters[0];
 
 std::vector<WorkerStats> two_workers() {
