@@ -13,12 +13,29 @@ std::string to_text(uint64_t v) {
     return std::string(buf, std::to_chars(buf, buf + sizeof buf, v).ptr);
 }
 
+// "12,15,40" (NULL or empty: none).
+void parse_ids(std::string_view text, std::vector<int64_t> &out) {
+    out.clear();
+    const char *p = text.data();
+    const char *end = p + text.size();
+    while (p < end) {
+        int64_t v = 0;
+        auto r = std::from_chars(p, end, v);
+        if (r.ec != std::errc()) {
+            return;
+        }
+        out.push_back(v);
+        p = r.ptr < end && *r.ptr == ',' ? r.ptr + 1 : end;
+    }
+}
+
 } // namespace
 
-Listener::Listener(DbLink &link, Timer &retry, Timer &check, ListenerEvents &events, Log &log,
-                   Settings settings)
-    : link_(link), retry_(retry), check_(check), events_(events), log_(log),
-      settings_(std::move(settings)), listen_sql_("LISTEN \"" + settings_.channel + "\"") {}
+Listener::Listener(DbLink &link, DbLink &table_link, Timer &retry, Timer &check,
+                   ListenerEvents &events, Log &log, Settings settings)
+    : link_(link), table_link_(table_link), retry_(retry), check_(check), events_(events),
+      log_(log), settings_(std::move(settings)),
+      listen_sql_("LISTEN \"" + settings_.channel + "\"") {}
 
 void Listener::start() {
     if (closed_) {
@@ -33,11 +50,16 @@ void Listener::close() {
     retry_.cancel();
     check_.cancel();
     link_.close();
+    table_link_.close();
     phase_ = Phase::Down;
     epoch_ = 0;
 }
 
-void Listener::on_link_ready(DbLink &) {
+void Listener::on_link_ready(DbLink &link) {
+    if (&link == &table_link_) {
+        send_table_check();
+        return;
+    }
     phase_ = Phase::Listening;
     link_.send(listen_sql_.c_str(), 0, nullptr);
 }
@@ -61,24 +83,52 @@ void Listener::read_newest() {
                1, params);
 }
 
-// The check's round trip. Rows without a position: those with an id above the one the previous
-// check found settled (the first check looks at the newest 100,000 ids), an anti-join of
-// events' primary key against event_positions' index on event_id. Answers the count and where
-// the next check starts: usually a handful of rows, cheap enough to run every few seconds.
-// The third column is the newest committed position that the trigger notifies (a subscriber
-// of 7,900 bytes or more is never notified: see schema.sql), for note_committed().
-const char *const check_sql =
-    "SELECT unpositioned, next_after_id,"
-    " (SELECT position FROM event_positions WHERE octet_length(subscriber) < 7900"
-    "   ORDER BY position DESC LIMIT 1)"
-    " FROM event_piper_unpositioned($1)";
+// The check's round trip on the LISTEN connection, which must stay trivial (notifications wait
+// behind it): the newest committed position that the trigger notifies (a subscriber of 7,900
+// bytes or more is never notified: see schema.sql), for note_committed(), among the newest 100
+// positions, so that its cost is bounded whatever the rows hold.
+const char *const round_trip_sql =
+    "SELECT (SELECT position FROM (SELECT position, subscriber FROM event_positions"
+    "   ORDER BY position DESC LIMIT 100) AS newest"
+    " WHERE octet_length(subscriber) < 7900 ORDER BY position DESC LIMIT 1)";
 
-void Listener::on_link_result(DbLink &, const QueryResult &result) {
+// The table check, on the second connection: ids of events above $1 (and at most 100,000 below
+// the newest: the first round, writers faster than the check, or ids that started again after
+// a TRUNCATE ... RESTART IDENTITY), at most 10,000 of them in id
+// order, and which of them have no row in event_positions (each one index probe: a correlated
+// subquery, so that no plan can turn it into a scan of event_positions); then which of the ids
+// found before ($2) still have none. Answers the last id read (NULL: none above $1), how many
+// of the ids read have no position, the first 1,000 of those, and the ids of $2 still without.
+// Its cost depends on neither the table's size nor the rows that never get a position.
+const char *const table_check_sql =
+    "WITH newest AS (SELECT coalesce(max(id), 0) AS id FROM events),"
+    " window_ids AS MATERIALIZED ("
+    "   SELECT e.id FROM events e"
+    "    WHERE e.id > greatest(CASE WHEN $1::bigint > (SELECT id FROM newest) THEN 0"
+    "                               ELSE $1::bigint END, (SELECT id FROM newest) - 100000)"
+    "    ORDER BY e.id LIMIT 10000),"
+    " missing AS MATERIALIZED ("
+    "   SELECT w.id FROM window_ids w"
+    "    WHERE (SELECT true FROM event_positions p WHERE p.event_id = w.id LIMIT 1) IS NULL)"
+    " SELECT (SELECT max(id) FROM window_ids),"
+    "  (SELECT count(*) FROM missing),"
+    "  (SELECT string_agg(m.id::text, ',' ORDER BY m.id)"
+    "     FROM (SELECT id FROM missing ORDER BY id LIMIT 1000) m),"
+    "  (SELECT string_agg(k.id::text, ',' ORDER BY k.id) FROM unnest($2::bigint[]) AS k(id)"
+    "    WHERE EXISTS (SELECT 1 FROM events e WHERE e.id = k.id)"
+    "      AND (SELECT true FROM event_positions p WHERE p.event_id = k.id LIMIT 1) IS NULL)";
+static_assert(Listener::ids_per_check == 10000 && Listener::oldest_id_scanned == 100000 &&
+                  Listener::unpositioned_followed == 1000,
+              "table_check_sql spells these out");
+
+void Listener::on_link_result(DbLink &link, const QueryResult &result) {
+    if (&link == &table_link_) {
+        on_table_result(result);
+        return;
+    }
     if (result.ok() && phase_ == Phase::Checking) {
-        if (result.rows() == 1 && result.columns() >= 3) {
-            note_unpositioned(result.number(0, 0));
-            check_after_id_ = result.number(0, 1);
-            note_committed(result.is_null(0, 2) ? 0 : result.number(0, 2));
+        if (result.rows() == 1 && result.columns() >= 1) {
+            note_committed(result.is_null(0, 0) ? 0 : result.number(0, 0));
         }
         return;
     }
@@ -109,7 +159,11 @@ void Listener::on_link_result(DbLink &, const QueryResult &result) {
     lose(why.empty() ? "unexpected result" : why);
 }
 
-void Listener::on_link_idle(DbLink &) {
+void Listener::on_link_idle(DbLink &link) {
+    if (&link == &table_link_) {
+        on_table_idle();
+        return;
+    }
     switch (phase_) {
     case Phase::Listening:
         read_newest();
@@ -150,9 +204,9 @@ void Listener::on_check_timer() {
     if (phase_ == Phase::Live) {
         phase_ = Phase::Checking;
         check_.arm(settings_.timeout_ms);
-        std::string after = to_text(static_cast<uint64_t>(check_after_id_));
-        const char *params[1] = {after.c_str()};
-        link_.send(check_sql, 1, params); // failure: on_link_lost has run
+        if (link_.send(round_trip_sql, 0, nullptr)) { // failure: on_link_lost has run
+            start_table_check();
+        }
         return;
     }
     if (phase_ == Phase::Checking) {
@@ -162,7 +216,11 @@ void Listener::on_check_timer() {
     }
 }
 
-void Listener::on_link_lost(DbLink &, std::string_view why) {
+void Listener::on_link_lost(DbLink &link, std::string_view why) {
+    if (&link == &table_link_) {
+        table_failed(why);
+        return;
+    }
     lose(why);
 }
 
@@ -171,6 +229,8 @@ void Listener::lose(std::string_view why) {
     epoch_ = 0;
     phase_ = Phase::Down;
     check_.cancel();
+    table_link_.close(); // opened again at the first check after the listener is back
+    answer_ = TableAnswer{};
     if (closed_) {
         return;
     }
@@ -222,11 +282,108 @@ void Listener::note_committed(int64_t newest_committed) {
     checked_newest_ = newest_committed;
 }
 
+void Listener::start_table_check() {
+    switch (table_link_.state()) {
+    case DbLink::State::Down:
+        table_busy_rounds_ = 0;
+        table_link_.connect(); // on_link_ready sends the query, or on_link_lost says why not
+        return;
+    case DbLink::State::Ready:
+        send_table_check();
+        return;
+    default:
+        // Still busy since an earlier round (a slow or frozen server): it holds back no
+        // notification, and is replaced after two whole check periods.
+        if (++table_busy_rounds_ >= 2) {
+            table_link_.close();
+            table_failed("no answer for two check periods");
+            table_busy_rounds_ = 0;
+            table_link_.connect();
+        }
+        return;
+    }
+}
+
+void Listener::send_table_check() {
+    known_param_ = "{";
+    for (int64_t id : unpositioned_ids_) {
+        if (known_param_.size() > 1) {
+            known_param_ += ',';
+        }
+        known_param_ += to_text(static_cast<uint64_t>(id));
+    }
+    known_param_ += '}';
+    std::string after = to_text(static_cast<uint64_t>(scanned_to_));
+    const char *params[2] = {after.c_str(), known_param_.c_str()};
+    answer_ = TableAnswer{};
+    table_busy_rounds_ = 0;
+    table_link_.send(table_check_sql, 2, params); // failure: on_link_lost has run
+}
+
+void Listener::on_table_result(const QueryResult &result) {
+    if (!result.ok()) {
+        std::string why = result.error();
+        while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
+            why.pop_back();
+        }
+        table_failed(why.empty() ? "unexpected result" : why);
+        return;
+    }
+    if (result.rows() == 1 && result.columns() >= 4) {
+        answer_.ok = true;
+        answer_.scanned_to = result.is_null(0, 0) ? 0 : result.number(0, 0);
+        answer_.found = result.number(0, 1);
+        parse_ids(result.is_null(0, 2) ? std::string_view() : result.value(0, 2),
+                  answer_.found_ids);
+        parse_ids(result.is_null(0, 3) ? std::string_view() : result.value(0, 3),
+                  answer_.still_ids);
+    }
+}
+
+// The ids read before that still have no position, then those found now, lowest first, up to
+// unpositioned_followed; the next round reads ids after the last one read, or again from the
+// first row found that is not followed.
+void Listener::on_table_idle() {
+    table_busy_rounds_ = 0;
+    if (!answer_.ok) {
+        return;
+    }
+    TableAnswer a = std::move(answer_);
+    answer_ = TableAnswer{};
+    table_error_.clear();
+    std::vector<int64_t> ids = std::move(a.still_ids);
+    size_t taken = 0;
+    while (taken < a.found_ids.size() && ids.size() < unpositioned_followed) {
+        ids.push_back(a.found_ids[taken++]);
+    }
+    int64_t next = a.scanned_to != 0 ? a.scanned_to : scanned_to_;
+    if (static_cast<int64_t>(taken) < a.found && !a.found_ids.empty()) {
+        next = taken < a.found_ids.size() ? a.found_ids[taken] - 1 : a.found_ids.back();
+    }
+    scanned_to_ = next; // lower only when the ids started again
+    int64_t rows = static_cast<int64_t>(ids.size()) + a.found - static_cast<int64_t>(taken);
+    unpositioned_ids_ = std::move(ids);
+    note_unpositioned(rows);
+}
+
+void Listener::table_failed(std::string_view why) {
+    std::string reason(why.empty() ? "unknown error" : why);
+    if (reason != table_error_) {
+        log_.write(LogLevel::Warn, "event_piper: the check for rows without a position failed: " +
+                                       reason + "; tried again at the next check");
+    }
+    table_error_ = reason;
+}
+
 void Listener::note_unpositioned(int64_t rows) {
-    if (rows != unpositioned_) {
+    // Beyond the rows followed by id the count is a lower bound that moves from round to round:
+    // said when it gets there, not at every move.
+    auto capped = [](int64_t n) { return n >= static_cast<int64_t>(unpositioned_followed); };
+    if (rows != unpositioned_ && !(capped(rows) && capped(unpositioned_))) {
         if (rows > 0) {
             log_.write(LogLevel::Warn,
-                       "event_piper: " + to_text(static_cast<uint64_t>(rows)) +
+                       "event_piper: " + std::string(capped(rows) ? "at least " : "") +
+                           to_text(static_cast<uint64_t>(rows)) +
                            " committed rows of table events have no position (was the trigger "
                            "events_commit_notify disabled or dropped?): no client can receive "
                            "them; apply postgresql/schema.sql again to give them positions");

@@ -1,6 +1,8 @@
 // The LISTEN connection's state machine: connect, LISTEN, read the newest position, then hand
-// notifications on; check the connection with a timed round trip now and then (which also counts
-// committed rows that never got a position); reconnect with backoff.
+// notifications on; check the connection with a timed round trip now and then; reconnect with
+// backoff. A backend sends notifications only between queries, so every query on the LISTEN
+// connection is a trivial round trip; the periodic read of table events (rows that never got a
+// position) runs on a second connection, and reads a bounded number of ids.
 // Each successful LISTEN has a new epoch: a stream that read the table during another epoch (or
 // none) may have missed notifications and must read again before it goes live.
 #pragma once
@@ -8,6 +10,7 @@
 #include "ports.hpp"
 
 #include <string>
+#include <vector>
 
 namespace event_piper {
 
@@ -40,9 +43,17 @@ public:
         uint64_t timeout_ms = 0; // how long that round trip may take
     };
 
-    // `retry` fires on_retry_timer, `check` fires on_check_timer.
-    Listener(DbLink &link, Timer &retry, Timer &check, ListenerEvents &events, Log &log,
-             Settings settings);
+    // `retry` fires on_retry_timer, `check` fires on_check_timer. `table_link` (its owner must
+    // be this listener too) runs the check of table events, opened at the first check.
+    Listener(DbLink &link, DbLink &table_link, Timer &retry, Timer &check, ListenerEvents &events,
+             Log &log, Settings settings);
+
+    // The table check reads at most this many ids of events per round, never further back than
+    // oldest_id_scanned below the newest id, and follows at most this many rows without a
+    // position by id (beyond, unpositioned_rows() is a lower bound).
+    static constexpr int64_t ids_per_check = 10000;
+    static constexpr int64_t oldest_id_scanned = 100000;
+    static constexpr size_t unpositioned_followed = 1000;
 
     void start();
     void close(); // for good: nothing is reported after this
@@ -56,7 +67,8 @@ public:
     // channel: no notification arrives, streams get events only from the check's hints.
     bool channel_mismatch() const { return channel_mismatch_; }
     // Committed rows without a position (the trigger was disabled or dropped): no client can
-    // receive them until schema.sql is applied again. Counted by every check round trip.
+    // receive them until schema.sql is applied again. Counted by the table check that runs
+    // with every check round trip (exact up to unpositioned_followed rows).
     int64_t unpositioned_rows() const { return unpositioned_; }
     // Times the check found positions committed a whole check period earlier that no
     // notification had announced (another channel, a foreign or missing trigger): each time the
@@ -76,8 +88,14 @@ private:
     void go_live();
     void note_unpositioned(int64_t rows);
     void note_committed(int64_t newest_committed);
+    void start_table_check();
+    void send_table_check();
+    void on_table_result(const QueryResult &result);
+    void on_table_idle();
+    void table_failed(std::string_view why);
 
     DbLink &link_;
+    DbLink &table_link_;
     Timer &retry_;
     Timer &check_;
     ListenerEvents &events_;
@@ -93,7 +111,20 @@ private:
     int64_t start_for_waiting_ = 0;
     std::string last_error_; // logged once per distinct reason
     int64_t unpositioned_ = 0;
-    int64_t check_after_id_ = 0; // ids up to here had positions at the last check
+    // The table check: ids up to scanned_to_ were read (those without a position are in
+    // unpositioned_ids_, lowest first, and read again by id every round); what the round in
+    // flight answered; rounds that found it still busy; its last error (logged once).
+    int64_t scanned_to_ = 0;
+    std::vector<int64_t> unpositioned_ids_;
+    std::string known_param_;
+    struct TableAnswer {
+        bool ok = false;
+        int64_t scanned_to = 0; // 0: no id above scanned_to_
+        int64_t found = 0;      // rows without a position among the ids read
+        std::vector<int64_t> found_ids, still_ids;
+    } answer_;
+    int table_busy_rounds_ = 0;
+    std::string table_error_;
     // Positions up to here need no announcement (read when the listener went live, or hinted
     // by the check), and the newest committed one the previous check saw.
     int64_t announced_floor_ = 0;
