@@ -92,20 +92,22 @@ const char *const round_trip_sql =
     "   ORDER BY position DESC LIMIT 100) AS newest"
     " WHERE octet_length(subscriber) < 7900 ORDER BY position DESC LIMIT 1)";
 
-// The table check, on the second connection: ids of events above $1 (and at most 100,000 below
-// the newest: the first round, writers faster than the check, or ids that started again after
-// a TRUNCATE ... RESTART IDENTITY), at most 10,000 of them in id
-// order, and which of them have no row in event_positions (each one index probe: a correlated
-// subquery, so that no plan can turn it into a scan of event_positions); then which of the ids
-// found before ($2) still have none. Answers the last id read (NULL: none above $1), how many
-// of the ids read have no position, the first 1,000 of those, and the ids of $2 still without.
-// Its cost depends on neither the table's size nor the rows that never get a position.
+// The table check, on the second connection: ids of events above $1 (the first round, or after
+// the ids started again with TRUNCATE ... RESTART IDENTITY: the newest 10,000; never further
+// back than 100,000 below the newest, when writers outpace the check), at most 10,000 of them
+// in id order, and which of them have no row in event_positions (one index probe each: a
+// correlated subquery, so that no plan can turn it into a scan of event_positions); then which
+// of the ids found before ($2) still have none. Answers the last id read (NULL: none above
+// $1), how many of the ids read have no position, the first 1,000 of those, and the ids of $2
+// still without. Its cost depends on neither the table's size nor the rows that never get a
+// position.
 const char *const table_check_sql =
     "WITH newest AS (SELECT coalesce(max(id), 0) AS id FROM events),"
     " window_ids AS MATERIALIZED ("
     "   SELECT e.id FROM events e"
-    "    WHERE e.id > greatest(CASE WHEN $1::bigint > (SELECT id FROM newest) THEN 0"
-    "                               ELSE $1::bigint END, (SELECT id FROM newest) - 100000)"
+    "    WHERE e.id > CASE WHEN $1::bigint = 0 OR $1::bigint > (SELECT id FROM newest)"
+    "                      THEN (SELECT id FROM newest) - 10000"
+    "                      ELSE greatest($1::bigint, (SELECT id FROM newest) - 100000) END"
     "    ORDER BY e.id LIMIT 10000),"
     " missing AS MATERIALIZED ("
     "   SELECT w.id FROM window_ids w"

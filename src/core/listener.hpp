@@ -48,9 +48,10 @@ public:
     Listener(DbLink &link, DbLink &table_link, Timer &retry, Timer &check, ListenerEvents &events,
              Log &log, Settings settings);
 
-    // The table check reads at most this many ids of events per round, never further back than
-    // oldest_id_scanned below the newest id, and follows at most this many rows without a
-    // position by id (beyond, unpositioned_rows() is a lower bound).
+    // The table check reads at most this many ids of events per round (the first round: the
+    // newest ones), never further back than oldest_id_scanned below the newest id, and follows
+    // at most this many rows without a position by id (beyond, unpositioned_rows() is a lower
+    // bound).
     static constexpr int64_t ids_per_check = 10000;
     static constexpr int64_t oldest_id_scanned = 100000;
     static constexpr size_t unpositioned_followed = 1000;

@@ -47,8 +47,9 @@ SECONDS = 6        # six checks at least (one a second with event_piper_listener
 @pytest.fixture(scope="module")
 def big(private_pg):
     """ROWS events with positions (written the way a bulk load bypasses the trigger), and one
-    row, 90,000 ids below the newest, that never got a position."""
-    unpositioned_id = ROWS - 90000
+    row, 5,000 ids below the newest (where the listener's first check looks), that never got a
+    position."""
+    unpositioned_id = ROWS - 5000
     conn = private_pg.connect(user="postgres")
     try:
         cur = conn.cursor()
