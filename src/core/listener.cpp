@@ -93,22 +93,22 @@ const char *const round_trip_sql =
     " WHERE octet_length(subscriber) < 7900 ORDER BY position DESC LIMIT 1)";
 
 // The table check, on the second connection: ids of events above $1 (the first round, or after
-// the ids started again with TRUNCATE ... RESTART IDENTITY: the newest 10,000; never further
-// back than 100,000 below the newest, when writers outpace the check), at most 10,000 of them
-// in id order, and which of them have no row in event_positions (one index probe each: a
-// correlated subquery, so that no plan can turn it into a scan of event_positions); then which
-// of the ids found before ($2) still have none. Answers the last id read (NULL: none above
-// $1), how many of the ids read have no position, the first 1,000 of those, and the ids of $2
-// still without. Its cost depends on neither the table's size nor the rows that never get a
-// position.
+// the ids started again with TRUNCATE ... RESTART IDENTITY: from 100,000 below the newest; never
+// further back than that, when writers outpace the check), at most $3 of them in id order (the
+// first round 100,000, later ones 10,000), and which of them have no row in event_positions (one
+// index probe each: a correlated subquery, so that no plan can turn it into a scan of
+// event_positions); then which of the ids found before ($2) still have none. Answers the last
+// id read (NULL: none above $1), how many of the ids read have no position, the first 1,000 of
+// those, and the ids of $2 still without. Its cost depends on neither the table's size nor the
+// rows that never get a position.
 const char *const table_check_sql =
     "WITH newest AS (SELECT coalesce(max(id), 0) AS id FROM events),"
     " window_ids AS MATERIALIZED ("
     "   SELECT e.id FROM events e"
     "    WHERE e.id > CASE WHEN $1::bigint = 0 OR $1::bigint > (SELECT id FROM newest)"
-    "                      THEN (SELECT id FROM newest) - 10000"
+    "                      THEN (SELECT id FROM newest) - 100000"
     "                      ELSE greatest($1::bigint, (SELECT id FROM newest) - 100000) END"
-    "    ORDER BY e.id LIMIT 10000),"
+    "    ORDER BY e.id LIMIT $3::int),"
     " missing AS MATERIALIZED ("
     "   SELECT w.id FROM window_ids w"
     "    WHERE (SELECT true FROM event_positions p WHERE p.event_id = w.id LIMIT 1) IS NULL)"
@@ -119,8 +119,7 @@ const char *const table_check_sql =
     "  (SELECT string_agg(k.id::text, ',' ORDER BY k.id) FROM unnest($2::bigint[]) AS k(id)"
     "    WHERE EXISTS (SELECT 1 FROM events e WHERE e.id = k.id)"
     "      AND (SELECT true FROM event_positions p WHERE p.event_id = k.id LIMIT 1) IS NULL)";
-static_assert(Listener::ids_per_check == 10000 && Listener::oldest_id_scanned == 100000 &&
-                  Listener::unpositioned_followed == 1000,
+static_assert(Listener::oldest_id_scanned == 100000 && Listener::unpositioned_followed == 1000,
               "table_check_sql spells these out");
 
 void Listener::on_link_result(DbLink &link, const QueryResult &result) {
@@ -316,10 +315,12 @@ void Listener::send_table_check() {
     }
     known_param_ += '}';
     std::string after = to_text(static_cast<uint64_t>(scanned_to_));
-    const char *params[2] = {after.c_str(), known_param_.c_str()};
+    std::string limit =
+        to_text(static_cast<uint64_t>(scanned_to_ == 0 ? oldest_id_scanned : ids_per_check));
+    const char *params[3] = {after.c_str(), known_param_.c_str(), limit.c_str()};
     answer_ = TableAnswer{};
     table_busy_rounds_ = 0;
-    table_link_.send(table_check_sql, 2, params); // failure: on_link_lost has run
+    table_link_.send(table_check_sql, 3, params); // failure: on_link_lost has run
 }
 
 void Listener::on_table_result(const QueryResult &result) {

@@ -48,9 +48,10 @@ public:
     Listener(DbLink &link, DbLink &table_link, Timer &retry, Timer &check, ListenerEvents &events,
              Log &log, Settings settings);
 
-    // The table check reads at most this many ids of events per round (the first round: the
-    // newest ones), never further back than oldest_id_scanned below the newest id, and follows
-    // at most this many rows without a position by id (beyond, unpositioned_rows() is a lower
+    // The table check's first round reads the newest oldest_id_scanned ids of events, later
+    // rounds at most ids_per_check ids above those read (never further back than
+    // oldest_id_scanned below the newest); the rows without a position it finds are followed
+    // by id, at most unpositioned_followed of them (beyond, unpositioned_rows() is a lower
     // bound).
     static constexpr int64_t ids_per_check = 10000;
     static constexpr int64_t oldest_id_scanned = 100000;

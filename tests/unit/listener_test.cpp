@@ -250,8 +250,8 @@ TEST_F(ListenerTest, TheListenConnectionRunsATrivialRoundTripAndTheTableIsReadEl
     table.connected(listener);
     ASSERT_EQ(table.sent.size(), 1u);
     EXPECT_NE(table.sent.back().find("FROM events e"), std::string::npos);
-    EXPECT_NE(table.sent.back().find("LIMIT 10000"), std::string::npos);
-    EXPECT_EQ(table.last_params, (std::vector<std::string>{"0", "{}"})); // first: newest ids
+    EXPECT_NE(table.sent.back().find("LIMIT $3::int"), std::string::npos);
+    EXPECT_EQ(table.last_params, (std::vector<std::string>{"0", "{}", "100000"})); // the newest
     // The round trip answers; notifications flow while the table check is still reading.
     listener.on_link_result(link, check_row("42"));
     link.idle(listener);
@@ -262,7 +262,8 @@ TEST_F(ListenerTest, TheListenConnectionRunsATrivialRoundTripAndTheTableIsReadEl
     table_answers("500", "0", nullptr, nullptr);
     EXPECT_EQ(listener.unpositioned_rows(), 0);
     EXPECT_EQ(log.count("have no position"), 0u);
-    EXPECT_EQ(table_round(), (std::vector<std::string>{"500", "{}"})); // the same connection
+    EXPECT_EQ(table_round(),
+              (std::vector<std::string>{"500", "{}", "10000"})); // the same connection
     EXPECT_EQ(table.connects, 1);
 }
 
@@ -271,26 +272,26 @@ TEST_F(ListenerTest, RowsWithoutAPositionAreCountedAndFollowedByIdSoTheReadMoves
     table_round();
     table_answers("500", "0", nullptr, nullptr);
     // The trigger was disabled for a while: 3 committed rows have no position, ids 521 to 523.
-    EXPECT_EQ(table_round(), (std::vector<std::string>{"500", "{}"}));
+    EXPECT_EQ(table_round(), (std::vector<std::string>{"500", "{}", "10000"}));
     table_answers("700", "3", "521,522,523", nullptr);
     EXPECT_EQ(listener.unpositioned_rows(), 3);
     EXPECT_EQ(log.count("3 committed rows of table events have no position"), 1u);
     // The next round reads after 700, not after 520 again: those three are asked about by id.
-    EXPECT_EQ(table_round(), (std::vector<std::string>{"700", "{521,522,523}"}));
+    EXPECT_EQ(table_round(), (std::vector<std::string>{"700", "{521,522,523}", "10000"}));
     table_answers("750", "0", nullptr, "521,522,523");
     EXPECT_EQ(listener.unpositioned_rows(), 3);
     EXPECT_EQ(log.count("have no position"), 1u); // said once, not every round
-    EXPECT_EQ(table_round(), (std::vector<std::string>{"750", "{521,522,523}"}));
+    EXPECT_EQ(table_round(), (std::vector<std::string>{"750", "{521,522,523}", "10000"}));
     table_answers(nullptr, "0", nullptr, "521,522,523"); // nothing new
-    EXPECT_EQ(table_round(), (std::vector<std::string>{"750", "{521,522,523}"}));
+    EXPECT_EQ(table_round(), (std::vector<std::string>{"750", "{521,522,523}", "10000"}));
     // schema.sql applied again: positions given.
     table_answers("760", "0", nullptr, nullptr);
     EXPECT_EQ(listener.unpositioned_rows(), 0);
     EXPECT_EQ(log.count("every row of table events has a position again"), 1u);
-    EXPECT_EQ(table_round(), (std::vector<std::string>{"760", "{}"}));
+    EXPECT_EQ(table_round(), (std::vector<std::string>{"760", "{}", "10000"}));
     // The table emptied with TRUNCATE ... RESTART IDENTITY: ids start again below 760.
     table_answers("12", "0", nullptr, nullptr);
-    EXPECT_EQ(table_round(), (std::vector<std::string>{"12", "{}"}));
+    EXPECT_EQ(table_round(), (std::vector<std::string>{"12", "{}", "10000"}));
 }
 
 TEST_F(ListenerTest, BeyondTheRowsFollowedByIdTheCountIsALowerBoundAndTheReadWaitsForRoom) {
