@@ -653,8 +653,8 @@ def main():
                         for r in select(runs, "j") if r.get("part") == "status"}
         L.append("## (j) Latency while the listener checks a large table (issue 20)\n")
         L.append("1 stream of the module, %s events/s for %s s, on a table of %s events of which "
-                 "one never got a position (5,000 ids below the newest, where the listener's "
-                 "first check looks); nginx restarted before each repetition, the default "
+                 "one never got a position (5,000 ids below the newest, among those the "
+                 "listener's first check reads); nginx restarted before each repetition, the default "
                  "`event_piper_listener_timeout` (60 s: a check every 20 s, so each repetition "
                  "spans at least two). Commit-to-receipt latency as in (c); `unpositioned_rows` "
                  "is read from `/status` after each repetition (1 expected).\n"

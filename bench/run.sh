@@ -586,7 +586,7 @@ test_i() {
 # listener checks every 20 s, so each repetition spans at least two checks; nginx is restarted
 # before each, so its first check starts from nothing. The rows are added after whatever the
 # table holds (positions continue); the row without a position is 5,000 ids below the newest,
-# where the listener's first check looks. unpositioned_rows from /status is recorded after each run.
+# within the newest 100,000 ids that the listener's first check reads. unpositioned_rows from /status is recorded after each run.
 STALL_LOADED=0
 load_stall_rows() {
     (( STALL_LOADED )) && return 0

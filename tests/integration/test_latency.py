@@ -47,8 +47,8 @@ SECONDS = 6        # six checks at least (one a second with event_piper_listener
 @pytest.fixture(scope="module")
 def big(private_pg):
     """ROWS events with positions (written the way a bulk load bypasses the trigger), and one
-    row, 5,000 ids below the newest (where the listener's first check looks), that never got a
-    position."""
+    row, 5,000 ids below the newest (among those the listener's first check reads), that never
+    got a position."""
     unpositioned_id = ROWS - 5000
     conn = private_pg.connect(user="postgres")
     try:
