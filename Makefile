@@ -8,7 +8,7 @@ export PORT
 SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
-        test test-asan test-deb deb format clean bench bench-quick bench-writers clients \
+        test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall clients \
         docker-build docker-run test-docker
 
 all: build
@@ -165,6 +165,13 @@ bench-quick: deps-bench
 	$(BENCH_CHECK)
 	@scripts/build.sh
 	bench/run.sh --quick
+
+# Only section (j), latency while the listener checks a table of 10,000,000 events (issue 20);
+# its results go to build/bench-stall/, bench/results.md is left as it is.
+bench-stall: deps-bench
+	$(BENCH_CHECK)
+	@scripts/build.sh
+	BENCH_TESTS=j BENCH_OUT=build/bench-stall BENCH_COMMAND="make bench-stall" bench/run.sh
 
 # Only the writer section (what an event costs the database; PostgreSQL only, no nginx).
 bench-writers: deps

@@ -14,11 +14,14 @@
 # stopped on exit, Ctrl-C or SIGTERM.
 #
 # Environment (all optional):
-#   BENCH_TESTS="a b c d e f g h i"  which measurements to run (i: shared listener vs per_worker)
+#   BENCH_TESTS="a b c d e f g h i j"  which measurements to run (i: shared listener vs
+#                              per_worker; j: latency on a large table, alone: make bench-stall)
 #   BENCH_REPS=N               repetitions (default 5, quick 2)
 #   BENCH_WORKERS=N            worker_processes for both nginx (default 2 = nproc here)
 #   BENCH_RATE=N               publish rate of the latency test, events/s (default 50)
 #   BENCH_REPLAY_ROWS=N        stored events for the replay test (default 1000000)
+#   BENCH_STALL_ROWS=N         events in the table for (j) (default 10000000, quick 1000000)
+#   BENCH_STALL_MS=N           publishing time of (j) (default 60000: three listener checks)
 #   BENCH_NGINX_EXTRA="..."    extra http{} directives for both nginx (e.g. "request_pool_size 1k;")
 #   BENCH_KEEP=1               keep the temporary folder (logs, configs)
 #   EVENT_PIPER_MODULE=path    module to load (default build/ngx_event_piper_module.so)
@@ -38,7 +41,7 @@ for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
         --writers) BENCH_COMMAND=${BENCH_COMMAND:-"bench/run.sh --writers"} exec "$BENCH/writers.sh" ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -49,7 +52,7 @@ else
 fi
 COMMAND=${BENCH_COMMAND:-$COMMAND}
 
-TESTS=${BENCH_TESTS:-"a b c d e f g h i"}
+TESTS=${BENCH_TESTS:-"a b c d e f g h i j"}
 WORKERS=${BENCH_WORKERS:-2}
 RATE=${BENCH_RATE:-50}
 REPLAY_ROWS=${BENCH_REPLAY_ROWS:-1000000}
@@ -59,13 +62,16 @@ if [[ $QUICK == 1 ]]; then
     LAT_MS=4000      # latency run
     HOLD_MS=1000     # idle time before the memory sample
     FANOUT_SIZES=${BENCH_FANOUT_SIZES:-"1 100 1000 10000"}
+    STALL_ROWS=${BENCH_STALL_ROWS:-1000000}
 else
     REPS=${BENCH_REPS:-5}
     PUB_MS=4000
     LAT_MS=10000
     HOLD_MS=2000
     FANOUT_SIZES=${BENCH_FANOUT_SIZES:-"1 100 1000 10000"}
+    STALL_ROWS=${BENCH_STALL_ROWS:-10000000}
 fi
+STALL_MS=${BENCH_STALL_MS:-60000}
 NGINX_EXTRA=${BENCH_NGINX_EXTRA:-}   # extra http{} directives, the same for both systems
 MEM_STREAMS=10000
 LAT_STREAMS=1000
@@ -201,6 +207,7 @@ EOF
             event_piper_consumer_groups \$http_x_consumer_groups;
         }
         location = /health { event_piper_health; }
+        location = /status { event_piper_status; }
         # Baseline of test (a): a plain request that waits for its body (no module involved).
         location = /hold { client_body_timeout 3600s; proxy_pass http://127.0.0.1:9; }
     }
@@ -574,6 +581,53 @@ test_i() {
     start_nginx module
 }
 
+# (j) issue 20: latency at 1 stream, 50 events/s for 60 s, on a table of STALL_ROWS events with
+# one row that never got a position. With the default event_piper_listener_timeout (60s) the
+# listener checks every 20 s, so each repetition spans at least two checks; nginx is restarted
+# before each, so its first check starts from nothing. The rows are added after whatever the
+# table holds (positions continue); the row without a position is 5,000 ids below the newest,
+# within the newest 100,000 ids that the listener's first check reads. unpositioned_rows from /status is recorded after each run.
+STALL_LOADED=0
+load_stall_rows() {
+    (( STALL_LOADED )) && return 0
+    log "(j) storing $STALL_ROWS events (trigger bypassed), one of them without a position"
+    psql_su >/dev/null <<EOF
+SET session_replication_role = replica;  -- no commit trigger: positions are set here, no NOTIFY
+CREATE TEMP TABLE stall_from AS
+SELECT (SELECT coalesce(max(id), 0) FROM events) AS id,
+       (SELECT coalesce(max(position), 0) FROM event_positions) AS position;
+INSERT INTO events (type, timestamp, subscriber, payload)
+SELECT 'bench', now(), 'stall' || (g % 1000), jsonb_build_object('t', 0, 's', g, 'p', repeat('x', 64))
+  FROM generate_series(1, $STALL_ROWS) g;
+INSERT INTO event_positions (position, event_id, subscriber)
+SELECT f.position + row_number() OVER (ORDER BY e.id), e.id, e.subscriber
+  FROM events e, stall_from f
+ WHERE e.id > f.id AND e.id <> (SELECT max(id) - 5000 FROM events);
+SELECT setval('events_position_seq', (SELECT max(position) FROM event_positions));
+RESET session_replication_role;
+VACUUM ANALYZE events;
+VACUUM ANALYZE event_positions;
+EOF
+    STALL_LOADED=1
+}
+
+test_j() {
+    local rep unpositioned
+    load_stall_rows
+    for rep in $(seq 1 "$REPS"); do
+        restart_nginx module
+        log "(j) latency on $STALL_ROWS events: 1 stream, $RATE events/s for $(( STALL_MS / 1000 )) s, rep $rep"
+        run_client "\"test\":\"j\",\"rep\":$rep,\"n\":1,\"rate\":$RATE,\"rows\":$STALL_ROWS" \
+            stream $(stream_args module) $(pub_args module) --pub-conns 1 --pg-conninfo "$CONNINFO" \
+            --conns 1 --consumer stall_live --pids "${WPIDS[module]}" --duration-ms "$STALL_MS" \
+            --rate "$RATE" --payload-bytes "$PAYLOAD_BYTES" --drain-ms 10000
+        unpositioned=$(python3 -c 'import json, sys, urllib.request
+print(json.load(urllib.request.urlopen("http://127.0.0.1:%s/status" % sys.argv[1], timeout=5)).get("unpositioned_rows", -1))' "${PORTS[module]}" 2>/dev/null || echo -1)
+        log "    unpositioned_rows $unpositioned"
+        echo "{\"test\":\"j\",\"part\":\"status\",\"rep\":$rep,\"unpositioned_rows\":$unpositioned}" >>"$JSONL"
+    done
+}
+
 # --- run ------------------------------------------------------------------------------------
 STARTED=$(date +%s)
 log "temp folder $TMP; workers $WORKERS; reps $REPS; tests: $TESTS"
@@ -592,6 +646,7 @@ for t in $TESTS; do
         g) test_g ;;
         h) test_h ;;
         i) test_i ;;
+        j) test_j ;;
         *) die "unknown test $t" ;;
     esac
 done
@@ -613,6 +668,8 @@ cat >"$TMP/meta.json" <<EOF
   "workers": $WORKERS,
   "rate": $RATE,
   "replay_rows": $REPLAY_ROWS,
+  "stall_rows": $STALL_ROWS,
+  "stall_ms": $STALL_MS,
   "pub_ms": $PUB_MS,
   "lat_ms": $LAT_MS,
   "hold_ms": $HOLD_MS,

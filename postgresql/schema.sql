@@ -168,9 +168,12 @@ DROP INDEX IF EXISTS events_subscriber_position_idx;
 -- schema.sql is applied again.
 --   event_piper_unpositioned_count()     all of them (reads every event: for operators);
 --   event_piper_unpositioned(after_id)   those with an id above after_id, and the id to pass next
---                                        time (the module's periodic check, which thus reads only
---                                        rows it has not seen settled; after_id 0 looks at the
---                                        newest 100,000 ids).
+--                                        time (the periodic check of earlier modules;
+--                                        after_id 0 looks at the newest 100,000 ids). Its plan
+--                                        scans all of event_positions (the argument is unknown
+--                                        when a SQL function is planned): the module now counts
+--                                        these rows itself, in bounded windows, on a connection
+--                                        of its own (README, "Rows that never got a position").
 CREATE OR REPLACE FUNCTION event_piper_unpositioned_count() RETURNS bigint
 LANGUAGE sql STABLE AS $$
     SELECT count(*) FROM events e

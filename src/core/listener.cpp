@@ -13,12 +13,29 @@ std::string to_text(uint64_t v) {
     return std::string(buf, std::to_chars(buf, buf + sizeof buf, v).ptr);
 }
 
+// "12,15,40" (NULL or empty: none).
+void parse_ids(std::string_view text, std::vector<int64_t> &out) {
+    out.clear();
+    const char *p = text.data();
+    const char *end = p + text.size();
+    while (p < end) {
+        int64_t v = 0;
+        auto r = std::from_chars(p, end, v);
+        if (r.ec != std::errc()) {
+            return;
+        }
+        out.push_back(v);
+        p = r.ptr < end && *r.ptr == ',' ? r.ptr + 1 : end;
+    }
+}
+
 } // namespace
 
-Listener::Listener(DbLink &link, Timer &retry, Timer &check, ListenerEvents &events, Log &log,
-                   Settings settings)
-    : link_(link), retry_(retry), check_(check), events_(events), log_(log),
-      settings_(std::move(settings)), listen_sql_("LISTEN \"" + settings_.channel + "\"") {}
+Listener::Listener(DbLink &link, DbLink &table_link, Timer &retry, Timer &check,
+                   ListenerEvents &events, Log &log, Settings settings)
+    : link_(link), table_link_(table_link), retry_(retry), check_(check), events_(events),
+      log_(log), settings_(std::move(settings)),
+      listen_sql_("LISTEN \"" + settings_.channel + "\"") {}
 
 void Listener::start() {
     if (closed_) {
@@ -30,18 +47,19 @@ void Listener::start() {
 
 void Listener::close() {
     closed_ = true;
-    stop();
-}
-
-void Listener::stop() {
     retry_.cancel();
     check_.cancel();
     link_.close();
+    table_link_.close();
     phase_ = Phase::Down;
     epoch_ = 0;
 }
 
-void Listener::on_link_ready(DbLink &) {
+void Listener::on_link_ready(DbLink &link) {
+    if (&link == &table_link_) {
+        send_table_round();
+        return;
+    }
     phase_ = Phase::Listening;
     link_.send(listen_sql_.c_str(), 0, nullptr);
 }
@@ -65,25 +83,23 @@ void Listener::read_newest() {
                1, params);
 }
 
-// The check's round trip. Rows without a position: those with an id above the one the previous
-// check found settled (the first check looks at the newest 100,000 ids), an anti-join of
-// events' primary key against event_positions' index on event_id. Answers the count and where
-// the next check starts: usually a handful of rows, cheap enough to run every few seconds.
-// The third column is the newest committed position that the trigger notifies (a subscriber
-// of 7,900 bytes or more is never notified: see schema.sql), for note_committed().
-const char *const check_sql =
-    "SELECT unpositioned, next_after_id,"
-    " (SELECT position FROM event_positions WHERE octet_length(subscriber) < 7900"
-    "   ORDER BY position DESC LIMIT 1)"
-    " FROM event_piper_unpositioned($1)";
+// The check's round trip on the LISTEN connection, which must stay trivial (notifications wait
+// behind it): the newest committed position that the trigger notifies (a subscriber of 7,900
+// bytes or more is never notified: see schema.sql), for note_committed(), among the newest 100
+// positions, so that its cost is bounded whatever the rows hold.
+const char *const round_trip_sql =
+    "SELECT (SELECT position FROM (SELECT position, subscriber FROM event_positions"
+    "   ORDER BY position DESC LIMIT 100) AS newest"
+    " WHERE octet_length(subscriber) < 7900 ORDER BY position DESC LIMIT 1)";
 
-// The check's second query: event writers held back in COMMIT. Each transaction that reserved
-// positions holds the commit-order lock named after its last position (advisory, key 1 =
-// 1885958245, see schema.sql) until it ends, and the next one waits for it in COMMIT; a wait of a
-// second means the chain is stuck behind a transaction that does not end. It reads the lock table
-// only (no table of ours, so no lock on `events` can hold it up): how many writers have waited
-// over a second, the longest wait, and the head of the chain (a holder of a waited-for lock that
-// waits for none): its backend pid, user and application, or its gid if it is prepared (no pid).
+// The first query of a round on the second connection: event writers held back in COMMIT. Each
+// transaction that reserved positions holds the commit-order lock named after its last position
+// (advisory, key 1 = 1885958245, see schema.sql) until it ends, and the next one waits for it in
+// COMMIT; a wait of a second means the chain is stuck behind a transaction that does not end. It
+// reads the lock table only (no table of ours, so no lock on `events` can hold it up): how many
+// writers have waited over a second, the longest wait, and the head of the chain (a holder of a
+// waited-for lock that waits for none): its backend pid, user and application, or its gid if it is
+// prepared (no pid).
 const char *const held_writers_sql =
     "WITH l AS (SELECT objid, pid, virtualtransaction AS vxid, granted, waitstart, mode"
     "   FROM pg_locks WHERE locktype = 'advisory' AND classid = 1885958245 AND objsubid = 2"
@@ -102,29 +118,44 @@ const char *const held_writers_sql =
     " a.usename, a.application_name"
     " FROM (SELECT 1) one LEFT JOIN h ON true LEFT JOIN pg_stat_activity a ON a.pid = h.pid";
 
-void Listener::on_link_result(DbLink &, const QueryResult &result) {
-    if (phase_ == Phase::Checking && checking_writers_) {
-        if (result.ok()) {
-            note_held_writers(result);
-        } else {
-            // An answer is an answer: the link is alive. Without this query (a server that does
-            // not know pg_locks.waitstart, before PostgreSQL 14) the check goes on without it.
-            writers_check_ = false;
-            std::string why = result.error();
-            while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
-                why.pop_back();
-            }
-            log_.write(LogLevel::Warn, "event_piper: cannot look for event writers held back in "
-                                       "COMMIT (" +
-                                           why + "); not looking any more");
-        }
+// The table check, on the second connection: ids of events above $1 (the first round, or after
+// the ids started again with TRUNCATE ... RESTART IDENTITY: from 100,000 below the newest; never
+// further back than that, when writers outpace the check), at most $3 of them in id order (the
+// first round 100,000, later ones 10,000), and which of them have no row in event_positions (one
+// index probe each: a correlated subquery, so that no plan can turn it into a scan of
+// event_positions); then which of the ids found before ($2) still have none. Answers the last
+// id read (NULL: none above $1), how many of the ids read have no position, the first 1,000 of
+// those, and the ids of $2 still without. Its cost depends on neither the table's size nor the
+// rows that never get a position.
+const char *const table_check_sql =
+    "WITH newest AS (SELECT coalesce(max(id), 0) AS id FROM events),"
+    " window_ids AS MATERIALIZED ("
+    "   SELECT e.id FROM events e"
+    "    WHERE e.id > CASE WHEN $1::bigint = 0 OR $1::bigint > (SELECT id FROM newest)"
+    "                      THEN (SELECT id FROM newest) - 100000"
+    "                      ELSE greatest($1::bigint, (SELECT id FROM newest) - 100000) END"
+    "    ORDER BY e.id LIMIT $3::int),"
+    " missing AS MATERIALIZED ("
+    "   SELECT w.id FROM window_ids w"
+    "    WHERE (SELECT true FROM event_positions p WHERE p.event_id = w.id LIMIT 1) IS NULL)"
+    " SELECT (SELECT max(id) FROM window_ids),"
+    "  (SELECT count(*) FROM missing),"
+    "  (SELECT string_agg(m.id::text, ',' ORDER BY m.id)"
+    "     FROM (SELECT id FROM missing ORDER BY id LIMIT 1000) m),"
+    "  (SELECT string_agg(k.id::text, ',' ORDER BY k.id) FROM unnest($2::bigint[]) AS k(id)"
+    "    WHERE EXISTS (SELECT 1 FROM events e WHERE e.id = k.id)"
+    "      AND (SELECT true FROM event_positions p WHERE p.event_id = k.id LIMIT 1) IS NULL)";
+static_assert(Listener::oldest_id_scanned == 100000 && Listener::unpositioned_followed == 1000,
+              "table_check_sql spells these out");
+
+void Listener::on_link_result(DbLink &link, const QueryResult &result) {
+    if (&link == &table_link_) {
+        on_table_result(result);
         return;
     }
     if (result.ok() && phase_ == Phase::Checking) {
-        if (result.rows() == 1 && result.columns() >= 3) {
-            note_unpositioned(result.number(0, 0));
-            check_after_id_ = result.number(0, 1);
-            note_committed(result.is_null(0, 2) ? 0 : result.number(0, 2));
+        if (result.rows() == 1 && result.columns() >= 1) {
+            note_committed(result.is_null(0, 0) ? 0 : result.number(0, 0));
         }
         return;
     }
@@ -155,7 +186,11 @@ void Listener::on_link_result(DbLink &, const QueryResult &result) {
     lose(why.empty() ? "unexpected result" : why);
 }
 
-void Listener::on_link_idle(DbLink &) {
+void Listener::on_link_idle(DbLink &link) {
+    if (&link == &table_link_) {
+        on_table_idle();
+        return;
+    }
     switch (phase_) {
     case Phase::Listening:
         read_newest();
@@ -164,12 +199,6 @@ void Listener::on_link_idle(DbLink &) {
         go_live();
         return;
     case Phase::Checking:
-        if (!checking_writers_ && writers_check_) {
-            checking_writers_ = true; // the same round, within the same timeout
-            link_.send(held_writers_sql, 0, nullptr);
-            return;
-        }
-        checking_writers_ = false;
         phase_ = Phase::Live; // the server answered: the link is alive
         if (settings_.check_ms != 0) {
             check_.arm(settings_.check_ms);
@@ -202,29 +231,36 @@ void Listener::on_check_timer() {
     if (phase_ == Phase::Live) {
         phase_ = Phase::Checking;
         check_.arm(settings_.timeout_ms);
-        std::string after = to_text(static_cast<uint64_t>(check_after_id_));
-        const char *params[1] = {after.c_str()};
-        link_.send(check_sql, 1, params); // failure: on_link_lost has run
+        if (link_.send(round_trip_sql, 0, nullptr)) { // failure: on_link_lost has run
+            start_table_check();
+        }
         return;
     }
     if (phase_ == Phase::Checking) {
         link_.close();
         lose("no answer from the server for " + to_text(settings_.timeout_ms) +
-             " ms (server or network frozen? or a lock held on table events, such as a long "
-             "LOCK TABLE events, that the check's query waits for)");
+             " ms (server or network frozen? or a lock held on table event_positions that the "
+             "check's query waits for)");
     }
 }
 
-void Listener::on_link_lost(DbLink &, std::string_view why) {
+void Listener::on_link_lost(DbLink &link, std::string_view why) {
+    if (&link == &table_link_) {
+        table_query_ = TableQuery::None;
+        table_failed(why);
+        return;
+    }
     lose(why);
 }
 
 void Listener::lose(std::string_view why) {
     bool was_live = epoch_ != 0;
     epoch_ = 0;
-    checking_writers_ = false;
     phase_ = Phase::Down;
     check_.cancel();
+    table_link_.close(); // opened again at the first check after the listener is back
+    answer_ = TableAnswer{};
+    table_query_ = TableQuery::None;
     if (closed_) {
         return;
     }
@@ -276,24 +312,137 @@ void Listener::note_committed(int64_t newest_committed) {
     checked_newest_ = newest_committed;
 }
 
-void Listener::note_unpositioned(int64_t rows) {
-    if (rows != unpositioned_) {
-        if (rows > 0) {
-            log_.write(LogLevel::Warn,
-                       "event_piper: " + to_text(static_cast<uint64_t>(rows)) +
-                           " committed rows of table events have no position (was the trigger "
-                           "events_commit_notify disabled or dropped?): no client can receive "
-                           "them; apply postgresql/schema.sql again to give them positions");
-        } else {
-            log_.write(LogLevel::Notice, "event_piper: every row of table events has a position "
-                                         "again");
+void Listener::start_table_check() {
+    switch (table_link_.state()) {
+    case DbLink::State::Down:
+        table_busy_rounds_ = 0;
+        table_link_.connect(); // on_link_ready sends the query, or on_link_lost says why not
+        return;
+    case DbLink::State::Ready:
+        send_table_round();
+        return;
+    default:
+        // Still busy since an earlier round (a slow or frozen server): it holds back no
+        // notification, and is replaced after two whole check periods.
+        if (++table_busy_rounds_ >= 2) {
+            table_link_.close();
+            table_failed("no answer for two check periods (a lock held on table events, such as a "
+                         "long LOCK TABLE events, that the check waits for? a slow server?)");
+            table_busy_rounds_ = 0;
+            table_link_.connect();
         }
+        return;
     }
-    unpositioned_ = rows;
 }
 
-// Logged when the head of a held-back chain changes (once while the same transaction holds the
-// writers), and once when they no longer wait.
+// The held writers' query first: it reads the lock table only, so that no lock on a table of
+// ours can hold it up; then the table check.
+void Listener::send_table_round() {
+    if (writers_check_) {
+        table_query_ = TableQuery::Writers;
+        table_busy_rounds_ = 0;
+        table_link_.send(held_writers_sql, 0, nullptr); // failure: on_link_lost has run
+        return;
+    }
+    send_table_check();
+}
+
+void Listener::send_table_check() {
+    known_param_ = "{";
+    for (int64_t id : unpositioned_ids_) {
+        if (known_param_.size() > 1) {
+            known_param_ += ',';
+        }
+        known_param_ += to_text(static_cast<uint64_t>(id));
+    }
+    known_param_ += '}';
+    std::string after = to_text(static_cast<uint64_t>(scanned_to_));
+    std::string limit =
+        to_text(static_cast<uint64_t>(scanned_to_ == 0 ? oldest_id_scanned : ids_per_check));
+    const char *params[3] = {after.c_str(), known_param_.c_str(), limit.c_str()};
+    answer_ = TableAnswer{};
+    table_busy_rounds_ = 0;
+    table_query_ = TableQuery::Table;
+    table_link_.send(table_check_sql, 3, params); // failure: on_link_lost has run
+}
+
+void Listener::on_table_result(const QueryResult &result) {
+    if (table_query_ == TableQuery::Writers) {
+        if (result.ok()) {
+            note_held_writers(result);
+            return;
+        }
+        // Without this query (a server that does not know pg_locks.waitstart, before PostgreSQL
+        // 14) the rounds go on with the table check alone.
+        writers_check_ = false;
+        std::string why = result.error();
+        while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
+            why.pop_back();
+        }
+        log_.write(LogLevel::Warn,
+                   "event_piper: cannot look for event writers held back in COMMIT (" + why +
+                       "); not looking any more");
+        return;
+    }
+    if (!result.ok()) {
+        std::string why = result.error();
+        while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
+            why.pop_back();
+        }
+        table_failed(why.empty() ? "unexpected result" : why);
+        return;
+    }
+    if (result.rows() == 1 && result.columns() >= 4) {
+        answer_.ok = true;
+        answer_.scanned_to = result.is_null(0, 0) ? 0 : result.number(0, 0);
+        answer_.found = result.number(0, 1);
+        parse_ids(result.is_null(0, 2) ? std::string_view() : result.value(0, 2),
+                  answer_.found_ids);
+        parse_ids(result.is_null(0, 3) ? std::string_view() : result.value(0, 3),
+                  answer_.still_ids);
+    }
+}
+
+// The ids read before that still have no position, then those found now, lowest first, up to
+// unpositioned_followed; the next round reads ids after the last one read, or again from the
+// first row found that is not followed.
+void Listener::on_table_idle() {
+    table_busy_rounds_ = 0;
+    if (table_query_ == TableQuery::Writers) {
+        send_table_check(); // the same round
+        return;
+    }
+    table_query_ = TableQuery::None;
+    if (!answer_.ok) {
+        return;
+    }
+    TableAnswer a = std::move(answer_);
+    answer_ = TableAnswer{};
+    table_error_.clear();
+    std::vector<int64_t> ids = std::move(a.still_ids);
+    size_t taken = 0;
+    while (taken < a.found_ids.size() && ids.size() < unpositioned_followed) {
+        ids.push_back(a.found_ids[taken++]);
+    }
+    int64_t next = a.scanned_to != 0 ? a.scanned_to : scanned_to_;
+    if (static_cast<int64_t>(taken) < a.found && !a.found_ids.empty()) {
+        next = taken < a.found_ids.size() ? a.found_ids[taken] - 1 : a.found_ids.back();
+    }
+    scanned_to_ = next; // lower only when the ids started again
+    int64_t rows = static_cast<int64_t>(ids.size()) + a.found - static_cast<int64_t>(taken);
+    unpositioned_ids_ = std::move(ids);
+    note_unpositioned(rows);
+}
+
+void Listener::table_failed(std::string_view why) {
+    std::string reason(why.empty() ? "unknown error" : why);
+    if (reason != table_error_) {
+        log_.write(LogLevel::Warn, "event_piper: the check for rows without a position failed: " +
+                                       reason + "; tried again at the next check");
+    }
+    table_error_ = reason;
+}
+
 void Listener::note_held_writers(const QueryResult &result) {
     if (result.rows() != 1 || result.columns() < 6) {
         return;
@@ -337,6 +486,26 @@ void Listener::note_held_writers(const QueryResult &result) {
                    "after SET CONSTRAINTS ... IMMEDIATE, a slow deferred trigger, a synchronous "
                    "standby, a transaction prepared under an older schema.sql); they wait for " +
                    release + "; lock_timeout bounds their wait, statement_timeout does not");
+}
+
+void Listener::note_unpositioned(int64_t rows) {
+    // Beyond the rows followed by id the count is a lower bound that moves from round to round:
+    // said when it gets there, not at every move.
+    auto capped = [](int64_t n) { return n >= static_cast<int64_t>(unpositioned_followed); };
+    if (rows != unpositioned_ && !(capped(rows) && capped(unpositioned_))) {
+        if (rows > 0) {
+            log_.write(LogLevel::Warn,
+                       "event_piper: " + std::string(capped(rows) ? "at least " : "") +
+                           to_text(static_cast<uint64_t>(rows)) +
+                           " committed rows of table events have no position (was the trigger "
+                           "events_commit_notify disabled or dropped?): no client can receive "
+                           "them; apply postgresql/schema.sql again to give them positions");
+        } else {
+            log_.write(LogLevel::Notice, "event_piper: every row of table events has a position "
+                                         "again");
+        }
+    }
+    unpositioned_ = rows;
 }
 
 } // namespace event_piper

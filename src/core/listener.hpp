@@ -1,7 +1,9 @@
 // The LISTEN connection's state machine: connect, LISTEN, read the newest position, then hand
-// notifications on; check the connection with a timed round trip now and then (which also counts
-// committed rows that never got a position, then looks for event writers held back in COMMIT);
-// reconnect with backoff.
+// notifications on; check the connection with a timed round trip now and then; reconnect with
+// backoff. A backend sends notifications only between queries, so every query on the LISTEN
+// connection is a trivial round trip; the periodic reads of the database (event writers held
+// back in COMMIT, then rows of table events that never got a position, a bounded number of ids)
+// run on a second connection.
 // Each successful LISTEN has a new epoch: a stream that read the table during another epoch (or
 // none) may have missed notifications and must read again before it goes live.
 #pragma once
@@ -9,6 +11,7 @@
 #include "ports.hpp"
 
 #include <string>
+#include <vector>
 
 namespace event_piper {
 
@@ -41,15 +44,22 @@ public:
         uint64_t timeout_ms = 0; // how long that round trip may take
     };
 
-    // `retry` fires on_retry_timer, `check` fires on_check_timer.
-    Listener(DbLink &link, Timer &retry, Timer &check, ListenerEvents &events, Log &log,
-             Settings settings);
+    // `retry` fires on_retry_timer, `check` fires on_check_timer. `table_link` (its owner must
+    // be this listener too) runs the check of table events, opened at the first check.
+    Listener(DbLink &link, DbLink &table_link, Timer &retry, Timer &check, ListenerEvents &events,
+             Log &log, Settings settings);
+
+    // The table check's first round reads the newest oldest_id_scanned ids of events, later
+    // rounds at most ids_per_check ids above those read (never further back than
+    // oldest_id_scanned below the newest); the rows without a position it finds are followed
+    // by id, at most unpositioned_followed of them (beyond, unpositioned_rows() is a lower
+    // bound).
+    static constexpr int64_t ids_per_check = 10000;
+    static constexpr int64_t oldest_id_scanned = 100000;
+    static constexpr size_t unpositioned_followed = 1000;
 
     void start();
     void close(); // for good: nothing is reported after this
-    // Closes the connection, reporting nothing; start() listens again (the shared listener's
-    // role went to another worker).
-    void stop();
     void on_retry_timer() { start(); }
     void on_check_timer();
 
@@ -60,7 +70,8 @@ public:
     // channel: no notification arrives, streams get events only from the check's hints.
     bool channel_mismatch() const { return channel_mismatch_; }
     // Committed rows without a position (the trigger was disabled or dropped): no client can
-    // receive them until schema.sql is applied again. Counted by every check round trip.
+    // receive them until schema.sql is applied again. Counted by the table check that runs
+    // with every check round trip (exact up to unpositioned_followed rows).
     int64_t unpositioned_rows() const { return unpositioned_; }
     // Times the check found positions committed a whole check period earlier that no
     // notification had announced (another channel, a foreign or missing trigger): each time the
@@ -84,8 +95,15 @@ private:
     void note_unpositioned(int64_t rows);
     void note_committed(int64_t newest_committed);
     void note_held_writers(const QueryResult &result);
+    void start_table_check();
+    void send_table_round();
+    void send_table_check();
+    void on_table_result(const QueryResult &result);
+    void on_table_idle();
+    void table_failed(std::string_view why);
 
     DbLink &link_;
+    DbLink &table_link_;
     Timer &retry_;
     Timer &check_;
     ListenerEvents &events_;
@@ -101,18 +119,31 @@ private:
     int64_t start_for_waiting_ = 0;
     std::string last_error_; // logged once per distinct reason
     int64_t unpositioned_ = 0;
-    int64_t check_after_id_ = 0; // ids up to here had positions at the last check
+    // The table check: ids up to scanned_to_ were read (those without a position are in
+    // unpositioned_ids_, lowest first, and read again by id every round); what the round in
+    // flight answered; rounds that found it still busy; its last error (logged once).
+    int64_t scanned_to_ = 0;
+    std::vector<int64_t> unpositioned_ids_;
+    std::string known_param_;
+    struct TableAnswer {
+        bool ok = false;
+        int64_t scanned_to = 0; // 0: no id above scanned_to_
+        int64_t found = 0;      // rows without a position among the ids read
+        std::vector<int64_t> found_ids, still_ids;
+    } answer_;
+    int table_busy_rounds_ = 0;
+    std::string table_error_;
+    // The query in flight on the second connection: a round sends the held writers' query, then
+    // the table check.
+    enum class TableQuery { None, Writers, Table } table_query_ = TableQuery::None;
+    bool writers_check_ = true; // false after the server refused that query once
+    int64_t writers_waiting_ = 0;
+    std::string writers_blocker_; // as last logged ("": none)
     // Positions up to here need no announcement (read when the listener went live, or hinted
     // by the check), and the newest committed one the previous check saw.
     int64_t announced_floor_ = 0;
     int64_t checked_newest_ = 0;
     uint64_t unnotified_hints_ = 0;
-    // The second query of a check round (held writers) is in flight; false after the server
-    // refused it once (then only the first query runs).
-    bool checking_writers_ = false;
-    bool writers_check_ = true;
-    int64_t writers_waiting_ = 0;
-    std::string writers_blocker_; // as last logged ("" : none)
     bool ever_live_ = false;
     bool channel_mismatch_ = false;
     bool closed_ = false;

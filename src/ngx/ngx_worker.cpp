@@ -55,8 +55,9 @@ Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
       listener_retry_(cycle->log, "listener restart", [this] { listener_.on_retry_timer(); }),
       listener_check_(cycle->log, "listener check", [this] { listener_.on_check_timer(); }),
       listener_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_listener"),
-      listener_(listener_link_, listener_retry_, listener_check_, listener_events(), logger_,
-                listener_settings(conf)),
+      check_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_check"),
+      listener_(listener_link_, check_link_, listener_retry_, listener_check_, listener_events(),
+                logger_, listener_settings(conf)),
       publish_timer_(cycle->log, "status publish", [this] { publish(); }) {
     for (ngx_uint_t i = 0; i < conf.replay_connections; ++i) {
         replay_links_.push_back(std::make_unique<PgLink>(

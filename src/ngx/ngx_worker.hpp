@@ -63,6 +63,7 @@ private:
     NgxTimer listener_retry_;
     NgxTimer listener_check_;
     PgLink listener_link_;
+    PgLink check_link_; // the listener's table check: never on the LISTEN connection
     Listener listener_;
     NgxTimer publish_timer_;
     ngx_connection_t *quit_sentinel_ = nullptr;

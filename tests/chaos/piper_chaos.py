@@ -33,6 +33,7 @@ import harness  # noqa: E402
 from harness import HttpClient, T, compact_json, frame, run_root, wait_until  # noqa: E402
 
 LISTENER_APP = harness.LISTENER_APP
+CHECK_APP = harness.CHECK_APP
 REPLAY_APP = harness.REPLAY_APP
 
 def _hba_path(pg):
@@ -106,7 +107,7 @@ def restart_pg(pg, down_for=0.0):
 
 
 def module_backends(pg, app=None):
-    apps = [app] if app else [LISTENER_APP, REPLAY_APP]
+    apps = [app] if app else [LISTENER_APP, CHECK_APP, REPLAY_APP]
     return pg.superuser_sql(
         "select pid, application_name, state from pg_stat_activity "
         "where application_name = any(%s)", (apps,))

@@ -46,6 +46,7 @@ PGCTL = os.path.join(REPO, "scripts", "pgctl.sh")
 TIME_SCALE = float(os.environ.get("EVENT_PIPER_TIME_SCALE", "1"))
 
 LISTENER_APP = "event_piper_listener"
+CHECK_APP = "event_piper_check"  # the listener's table check (rows without a position)
 REPLAY_APP = "event_piper_replay"
 
 
@@ -271,8 +272,8 @@ class Postgres:
     def wait_no_module_connections(self, timeout=None):
         def none_left():
             return not self.superuser_sql(
-                "select 1 from pg_stat_activity where application_name in (%s, %s)",
-                (LISTENER_APP, REPLAY_APP))
+                "select 1 from pg_stat_activity where application_name in (%s, %s, %s)",
+                (LISTENER_APP, CHECK_APP, REPLAY_APP))
         try:
             wait_until(none_left, timeout or T(10), what="module connections to go away")
             return True
