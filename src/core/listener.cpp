@@ -47,10 +47,15 @@ void Listener::start() {
 
 void Listener::close() {
     closed_ = true;
+    stop();
+}
+
+void Listener::stop() {
     retry_.cancel();
     check_.cancel();
     link_.close();
     table_link_.close();
+    table_query_ = TableQuery::None;
     phase_ = Phase::Down;
     epoch_ = 0;
 }

@@ -60,6 +60,9 @@ public:
 
     void start();
     void close(); // for good: nothing is reported after this
+    // Closes the connection, reporting nothing; start() listens again (the shared listener's
+    // role went to another worker).
+    void stop();
     void on_retry_timer() { start(); }
     void on_check_timer();
 
