@@ -9,7 +9,7 @@ SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
         test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall clients \
-        docker-build docker-run test-docker
+        docker-build docker-run test-docker nginx-versions test-nginx-versions
 
 all: build
 
@@ -125,6 +125,35 @@ test-asan: export ASAN_OPTIONS = detect_leaks=0:abort_on_error=1
 test-asan: export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1:abort_on_error=1
 test-asan: build-asan $(UNIT_BIN) clients
 	@$(RUN_TESTS)
+
+## nginx version matrix: nginx and the module built from each source in NGINX_SRC_DIR
+# (nginx-<version>.tar.gz, `git archive`s of nginx's release tags, see
+# ../shared/nginx-src/README.md) by scripts/nginx-version.sh, with nginx's -Werror, then the
+# integration tests marked `smoke` against each. The builds run side by side
+# (NGINX_VERSIONS_JOBS jobs in all) and stay in build/nginx-versions/<version>/, so that the next
+# run rebuilds only what changed; the tests run one version after the other.
+NGINX_SRC_DIR       ?= $(CURDIR)/../shared/nginx-src
+NGINX_VERSIONS      ?= 1.24.0 1.26.3 1.30.4 1.31.4
+NGINX_VERSIONS_JOBS ?= 2
+
+nginx-versions: deps-test
+	@test -d '$(NGINX_SRC_DIR)' || { echo "nginx-versions: $(NGINX_SRC_DIR) not found: the nginx \
+	sources of the version matrix (set NGINX_SRC_DIR to the folder of nginx-<version>.tar.gz)" >&2; exit 1; }
+	@$(MAKE) --no-print-directory -j$(NGINX_VERSIONS_JOBS) $(addprefix nginx-version-,$(NGINX_VERSIONS))
+
+nginx-version-%: FORCE
+	+@scripts/nginx-version.sh '$(NGINX_SRC_DIR)' '$*'
+
+test-nginx-versions: nginx-versions
+	@failed=; for v in $(NGINX_VERSIONS); do \
+	    echo "test-nginx-versions: nginx $$v"; \
+	    NGINX_BIN='$(CURDIR)/build/nginx-versions/'$$v/nginx \
+	    EVENT_PIPER_MODULE='$(CURDIR)/build/nginx-versions/'$$v/ngx_event_piper_module.so \
+	    EVENT_PIPER_PG_FAST=1 PYTHONDONTWRITEBYTECODE=1 \
+	        $(PYTHON) -m pytest tests/integration -m smoke $(PYTEST_ARGS) || failed="$$failed $$v"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-nginx-versions FAILED with nginx$$failed"; exit 1; fi; \
+	echo "test-nginx-versions: the smoke tests passed with nginx $(NGINX_VERSIONS)"
 
 ## Formatting with the checked-in .clang-format.
 FORMAT_FILES = $(wildcard *.cpp src/core/*.cpp src/core/*.hpp src/ngx/*.cpp src/ngx/*.hpp tests/unit/*.cpp tests/unit/*.hpp)

@@ -19,12 +19,14 @@ RUN_PACKAGES=(
 # `make deb` (debian/): debhelper with nginx-dev's nginx sequence; lintian checks the result.
 PACKAGE_PACKAGES=(debhelper dpkg-dev lintian)
 # openjdk-17-jdk-headless: javac and java for the Java example client's test; prometheus:
-# promtool, which checks and tests the alerting rules (prometheus/).
+# promtool, which checks and tests the alerting rules (prometheus/). libpcre2-dev: make
+# test-nginx-versions builds nginx from source, with the rewrite module (`set`, `if`, `return`),
+# which needs PCRE; gzip and SSL are configured out (no zlib, no OpenSSL).
 TEST_PACKAGES=(
     libgtest-dev clang-format
     python3 python3-pytest python3-psycopg2
     chromium
-    openjdk-17-jdk-headless prometheus
+    openjdk-17-jdk-headless prometheus libpcre2-dev
 )
 # Node.js and npm (for the real-client tests): Debian's packages unless the machine already has
 # a Node.js with npm (for example from NodeSource, which Debian's npm would conflict with).

@@ -713,6 +713,7 @@ def check_pairs(db, pairs, writer_count):
          % (writer_count, len(final["toto"]), len(final["titi"])))
 
 
+@pytest.mark.smoke
 def test_reload_ends_streams_with_retry_and_resuming_misses_nothing(
         db, start_nginx, clients, request):
     ngx = start_nginx()

@@ -9,6 +9,8 @@ the bytes. A client can land on either worker, so tests about
 import re
 import time
 
+import pytest
+
 from harness import (HEARTBEAT, LISTENER_APP, REPLAY_APP, T, client_socket_count, fd_count, frame,
                      pump_all, streams_on_every_worker, wait_until)
 
@@ -52,6 +54,7 @@ def assert_one_line_text_error(c, status, what=""):
 # -- TheOriginalWalkthrough --
 # README: curl /events with X-Consumer-Id: toto, insert with psql, see the event.
 
+@pytest.mark.smoke
 def test_an_inserted_event_is_pushed_byte_exact(db, nginx, clients):
     ngx = nginx.start(db)
     c = clients.stream(ngx, "toto")
@@ -258,6 +261,7 @@ def test_methods_other_than_get_and_head_are_405(db, nginx, clients):
 
 # -- Cleanup --
 
+@pytest.mark.smoke
 def test_a_client_that_disconnects_is_cleaned_up_at_once(db, nginx, clients):
     ngx = nginx.start(db, location={"event_piper_heartbeat": "1s"})
     workers = ngx.worker_pids()
@@ -308,6 +312,7 @@ def test_a_client_that_disconnects_is_cleaned_up_at_once(db, nginx, clients):
 
 # -- GracefulQuit --
 
+@pytest.mark.smoke
 def test_quit_with_open_streams_ends_them_with_a_retry_hint(db, nginx, clients):
     ngx = nginx.start(db)
     streams, _ = streams_on_every_worker(clients, ngx, "toto", minimum=4)

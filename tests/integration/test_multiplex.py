@@ -107,6 +107,7 @@ def insert_mix(db, n, start=1):
         db.insert(subs[i % len(subs)], '{"i": %d}' % i)
 
 
+@pytest.mark.smoke
 def test_a_user_with_groups_gets_their_events_once_in_order_live_and_in_replay(db, nginx,
                                                                                clients):
     ngx = start(db, nginx)
@@ -144,6 +145,7 @@ def test_a_single_consumer_id_behaves_as_before(db, nginx, clients):
     assert without_heartbeats(plain.body) == frame(1)
 
 
+@pytest.mark.smoke
 def test_ids_from_headers_and_query_arguments(db, nginx, clients):
     ngx = start(db, nginx)
     h = clients.stream(ngx, "carol", path="/headers/events",

@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from harness import (MODULE, NGINX_BIN, Nginx, T, make_tmp, module_snapshot,
                      streams_on_every_worker, wait_until)
 
@@ -104,6 +106,7 @@ def test_a_bad_replay_connections_is_refused(pg):
             http={"event_piper_replay_connections": "0"})
 
 
+@pytest.mark.smoke
 def test_the_example_configuration_passes():
     tmp = make_tmp("example")
     with open(os.path.join(REPO, "nginx.conf.example")) as f:
@@ -131,6 +134,7 @@ def get(clients, ngx, path):
     return c
 
 
+@pytest.mark.smoke
 def test_status_counts_streams_and_deliveries_of_all_workers(db, nginx, clients):
     ngx = nginx.start(db)
     # toto's streams on both workers: the holder forwards the notification to the other worker
@@ -185,6 +189,7 @@ def test_status_counts_streams_and_deliveries_of_all_workers(db, nginx, clients)
         (400, "text/plain", b"unknown format: use ?format=json or ?format=prometheus\n")
 
 
+@pytest.mark.smoke
 def test_health_is_up_while_listening_and_down_without_the_database(db, nginx, clients):
     ngx = nginx.start(db)
     c = get(clients, ngx, "/manage/health")
@@ -206,6 +211,7 @@ def test_health_is_up_while_listening_and_down_without_the_database(db, nginx, c
 # -- Http2 --
 # The same stream over HTTP/2 (curl with prior knowledge: no TLS needed).
 
+@pytest.mark.smoke
 def test_live_and_replayed_events_over_http2(db, nginx):
     ngx = nginx.start(db, listen_params="http2")
     db.insert("toto", '{"n": 1}')

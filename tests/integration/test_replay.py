@@ -8,6 +8,8 @@ slow the client. Byte-exact, against a real nginx (2 workers) and PostgreSQL.
 import threading
 import time
 
+import pytest
+
 from harness import (HEARTBEAT, LISTENER_APP, REPLAY_APP, UNDER_ASAN,
                      RssSampler, T, compact_json, frame, last_event_id_locations, note,
                      pump_all, rss_kb, sequence_problems)
@@ -61,6 +63,7 @@ def assert_stream_is(db, c, subscriber, what="stream"):
 # -- TheOriginalReplayWalkthrough --
 # README: `curl /events -H "X-Consumer-Id: toto" -H "Last-Event-ID: 5"` gives 6, 7, 8...
 
+@pytest.mark.smoke
 def test_last_event_id_5_replays_6_7_8_then_goes_live(db, nginx, clients):
     for _ in range(8):
         db.insert("toto")
