@@ -103,6 +103,10 @@ const char *Positioner::progress_sql() {
     return "SELECT source, lsn::text, last_position FROM event_piper_wal_progress WHERE id = 1";
 }
 
+const char *Positioner::drop_idle_slot_sql() {
+    return "SELECT event_piper_wal_drop_idle_slot()";
+}
+
 const char *Positioner::apply_sql() {
     // Arguments: the progress this positioner expects (fencing; '' = NULL), the new one ('' =
     // a part: progress unchanged), the last position given, the rows, the notifications, later
@@ -167,6 +171,7 @@ void Positioner::lose(std::string_view why, bool quiet) {
     replication_.close();
     status_.cancel();
     apply_ready_ = replication_ready_ = false;
+    dropping_slot_ = trigger_mode_ = false;
     // Whatever was not committed is read again from the slot.
     in_txn_ = skip_txn_ = txn_spilled_ = false;
     txn_switch_wal_ = txn_switch_trigger_ = false;
@@ -221,6 +226,14 @@ void Positioner::on_replication_lost(std::string_view why) {
 }
 
 void Positioner::on_link_result(DbLink &, const QueryResult &result) {
+    if (phase_ == Phase::ReadingProgress && dropping_slot_) {
+        if (!result.ok()) {
+            note_error(LogLevel::Warn, "event_piper positioner: cannot drop the idle replication "
+                                       "slot: " +
+                                           result.error());
+        }
+        return;
+    }
     if (phase_ == Phase::ReadingProgress) {
         if (!result.ok()) {
             lose("cannot read event_piper_wal_progress (" + result.error() +
@@ -228,14 +241,12 @@ void Positioner::on_link_result(DbLink &, const QueryResult &result) {
             return;
         }
         if (result.rows() == 0 || result.value(0, 0) != "wal") {
-            // Trigger mode: nothing to do until someone switches the database.
-            lose("", true);
-            note_error(LogLevel::Notice,
-                       "event_piper positioner: the database gives positions with its trigger "
-                       "(event_piper_source wal needs SELECT event_piper_set_source('wal'))");
-            retry_.arm(settings_.idle_retry_ms);
+            // Trigger mode: nothing to do until someone switches the database, but a slot left
+            // by the switch back (it was being read then) must not keep WAL.
+            trigger_mode_ = true;
             return;
         }
+        trigger_mode_ = false;
         stored_null_ = result.is_null(0, 1);
         stored_lsn_ = 0;
         if (!stored_null_ && !pgoutput::parse_lsn(result.value(0, 1), stored_lsn_)) {
@@ -262,7 +273,19 @@ void Positioner::on_link_idle(DbLink &) {
         return; // lost meanwhile
     }
     if (phase_ == Phase::ReadingProgress) {
-        start_replication();
+        if (!trigger_mode_) {
+            start_replication();
+        } else if (!dropping_slot_) {
+            dropping_slot_ = true;
+            apply_.send(drop_idle_slot_sql(), 0, nullptr);
+        } else {
+            dropping_slot_ = false;
+            lose("", true);
+            note_error(LogLevel::Notice,
+                       "event_piper positioner: the database gives positions with its trigger "
+                       "(event_piper_source wal needs SELECT event_piper_set_source('wal'))");
+            retry_.arm(settings_.idle_retry_ms);
+        }
         return;
     }
     switch (applying_) {

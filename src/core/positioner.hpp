@@ -124,6 +124,7 @@ public:
     // The SQL the positioner sends (postgresql/wal.sql defines the function).
     static const char *progress_sql();
     static const char *apply_sql();
+    static const char *drop_idle_slot_sql();
 
     // DbLinkOwner (the apply link)
     void on_link_ready(DbLink &link) override;
@@ -181,6 +182,8 @@ private:
     int64_t last_position_ = 0; // last position given (written or pending)
     int64_t stored_position_ = 0;
     bool awaiting_switch_ = false; // skipping until the "source wal" message
+    bool trigger_mode_ = false;    // the progress row says trigger
+    bool dropping_slot_ = false;   // event_piper_wal_drop_idle_slot() in flight
 
     // The relation id of events and its columns' indexes.
     uint32_t events_relid_ = 0;

@@ -514,7 +514,15 @@ TEST_F(PositionerTest, TheSwitchBackToTheTriggerStopsPositioning) {
     repl.connected(p);
     p.on_link_result(apply,
                      FakeResult({{std::string("trigger"), std::nullopt, std::string("12")}}));
+    apply.idle(p);
+    // A slot left behind by the switch (it was being read then) is dropped, so it keeps no WAL.
+    EXPECT_EQ(apply.sent.back(), Positioner::drop_idle_slot_sql());
+    size_t commands = repl.commands.size();
+    p.on_link_result(apply, FakeResult({{std::string("t")}}));
+    apply.idle(p);
+    EXPECT_EQ(repl.commands.size(), commands); // no START_REPLICATION in trigger mode
     EXPECT_EQ(p.phase(), Positioner::Phase::Waiting);
+    EXPECT_EQ(apply.state(), DbLink::State::Down);
     EXPECT_EQ(log.count("gives positions with its trigger"), 1u);
     EXPECT_EQ(retry.armed_ms, 5000u);
 }
