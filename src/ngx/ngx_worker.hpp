@@ -11,8 +11,10 @@ extern "C" {
 
 #include "core/hub.hpp"
 #include "core/listener.hpp"
+#include "core/positioner.hpp"
 #include "ngx_conf.hpp"
 #include "ngx_pg_link.hpp"
+#include "ngx_pg_replication.hpp"
 #include "ngx_relay.hpp"
 #include "ngx_status_zone.hpp"
 #include "ngx_timer.hpp"
@@ -40,6 +42,7 @@ public:
 private:
     static void quit_handler(ngx_event_t *ev) noexcept;
     void publish();
+    void take_listener_role();
     ListenerEvents &listener_events();
 
     ngx_log_t *log_;
@@ -55,6 +58,13 @@ private:
     NgxTimer listener_check_;
     PgLink listener_link_;
     Listener listener_;
+    // event_piper_source wal: the positioner runs where the listener runs (the role's holder).
+    bool source_wal_;
+    NgxTimer positioner_retry_;
+    NgxTimer positioner_status_;
+    PgLink positioner_link_;
+    PgReplicationLink replication_link_;
+    Positioner positioner_;
     NgxTimer publish_timer_;
     ngx_connection_t *quit_sentinel_ = nullptr;
     bool shutting_down_ = false;
