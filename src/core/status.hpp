@@ -33,6 +33,14 @@ struct WorkerStats {
     uint64_t relay_dropped = 0;     // notifications the holder could not send it (buffer full)
     uint64_t relay_catchups = 0;    // times its streams re-read the table after a loss on the way
     uint64_t unpositioned_rows = 0; // committed rows without a position (listener's count)
+    // event_piper_source wal: the positioner (docs/wal-source.md), in the worker that reads the
+    // slot; the lag is what it has not committed yet.
+    uint64_t source_wal = 0;           // 1: event_piper_source wal
+    uint64_t positioner_holder = 0;    // 1: this worker's positioner reads the slot
+    uint64_t positioner_lag_bytes = 0; // WAL the server sent beyond what is confirmed
+    uint64_t positioner_lag_ms = 0;    // age of the oldest commit not yet positioned
+    uint64_t positioned_transactions = 0;
+    uint64_t positioned_rows = 0;
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

@@ -161,6 +161,16 @@ void Worker::publish() {
     if (relay_ != nullptr) {
         relay_->fill_stats(stats);
     }
+    stats.source_wal = source_wal_ ? 1 : 0;
+    stats.positioner_holder = positioner_.phase() == Positioner::Phase::Streaming ? 1 : 0;
+    stats.positioner_lag_bytes =
+        stats.positioner_holder == 1 && positioner_.server_wal_end() > positioner_.confirmed_lsn()
+            ? positioner_.server_wal_end() - positioner_.confirmed_lsn()
+            : 0;
+    uint64_t oldest = positioner_.oldest_pending_ms(), now = clock_.now_ms();
+    stats.positioner_lag_ms = oldest != 0 && now > oldest ? now - oldest : 0;
+    stats.positioned_transactions = positioner_.transactions();
+    stats.positioned_rows = positioner_.rows();
     if (slot_ != nullptr) {
         slot_->stats = stats;
     }

@@ -8,6 +8,7 @@ their own transaction, live and in replay; the positioner's worker killed with -
 insert.
 """
 
+import json
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ http {
     server {
         listen 127.0.0.1:{{ port }};
         location = /events { event_piper; }
+        location = /status { event_piper_status; }
     }
 }
 """
@@ -74,8 +76,22 @@ def test_an_event_reaches_a_live_stream_through_the_positioner(db, nginx, client
     # The writer ran no trigger of ours: they are all disabled.
     assert {r[0] for r in db.sql("SELECT tgenabled FROM pg_trigger WHERE tgrelid = "
                                  "'events'::regclass AND NOT tgisinternal")} == {"D"}
-    holder = db.scalar("SELECT holder FROM event_piper_wal_progress")
-    assert holder is not None and int(holder.split()[-1]) in ngx.worker_pids()
+    holder = int(db.scalar("SELECT holder FROM event_piper_wal_progress").split()[-1])
+    assert holder in ngx.worker_pids()
+
+    # Status: the source, the worker that holds the positioner, what it positioned.
+    def figures():
+        s = clients.client(ngx).request("GET", "/status")
+        s.wait_complete()
+        assert s.status == 200
+        return json.loads(bytes(s.body))
+
+    wait_until(lambda: figures()["positioned_rows"] == 1, T(5), what="status published")
+    status = figures()
+    assert status["source"] == "wal"
+    assert status["positioner_holder_pid"] == holder
+    assert status["positioned_transactions"] >= 1
+    assert status["positioner_lag_ms"] < 5000
 
 
 def test_commit_order_rollback_and_own_changes_live_and_in_replay(db, nginx, clients):
