@@ -154,7 +154,21 @@ void Positioner::connect() {
     }
 }
 
-void Positioner::note_error(LogLevel level, const std::string &message) {
+void Positioner::note_error(LogLevel level, const std::string &text) {
+    // One line: server errors span several ("ERROR: ...\nCONTEXT: ...").
+    std::string message;
+    for (char c : text) {
+        if (c == '\n' || c == '\r' || c == '\t') {
+            if (!message.empty() && message.back() != ' ') {
+                message.push_back(' ');
+            }
+        } else {
+            message.push_back(c);
+        }
+    }
+    while (!message.empty() && message.back() == ' ') {
+        message.pop_back();
+    }
     if (message != last_error_) {
         last_error_ = message;
         log_.write(level, message);

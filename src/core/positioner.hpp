@@ -147,7 +147,7 @@ private:
     void connect();
     void lose(std::string_view why, bool quiet = false);
     void wait(uint64_t ms);
-    void note_error(LogLevel level, const std::string &message);
+    void note_error(LogLevel level, const std::string &text);
     void start_replication();
     void handle_message(const pgoutput::Message &m);
     void handle_change(const pgoutput::Message &m);

@@ -167,3 +167,57 @@ def test_kill_9_of_the_positioner_worker_loses_and_duplicates_nothing(db, nginx,
     c = clients.stream(ngx, "toto", last_event_id="0")
     c.wait_events(total, timeout=T(20))
     assert [int(e.id) for e in c.events] == list(range(1, total + 1))
+
+
+def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_wakes(
+        db, nginx, clients):
+    instances = [nginx.start(db), nginx.start(db)]
+    stop = threading.Event()
+
+    def writer(subscriber):
+        conn = db.connect()
+        while not stop.is_set():
+            db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                         "values ('insert', now(), %s, '{}')", (subscriber,))
+            time.sleep(0.01)
+        conn.close()
+
+    threads = [threading.Thread(target=writer, args=(s,), daemon=True) for s in ("toto", "titi")]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: db.scalar("SELECT holder FROM event_piper_wal_progress") is not None,
+                   T(10), what="a positioner")
+        frozen = int(db.scalar("SELECT holder FROM event_piper_wal_progress").split()[-1])
+        owner = next(n for n in instances if frozen in n.worker_pids())
+        other = next(n for n in instances if n is not owner)
+        reader = clients.stream(other, "toto", last_event_id="0")
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            # The server ends the frozen one's stream after wal_sender_timeout (10 s); the other
+            # instance takes the slot at its next try (at most 5 s later).
+            t0 = time.monotonic()
+            wait_until(lambda: (db.scalar("SELECT holder FROM event_piper_wal_progress") or "")
+                       .split()[-1] != str(frozen), T(30), what="another positioner")
+            took = time.monotonic() - t0
+            assert took < T(20), "takeover took %.1f s" % took
+            time.sleep(2)
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        time.sleep(3)  # the woken one finds its stream gone or its progress stale
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    total = db.scalar("SELECT count(*) FROM events")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len({r[1] for r in rows}) == total == len(rows), "an event lost or positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    assert str(frozen) not in db.scalar("SELECT holder FROM event_piper_wal_progress")
+    assert "event_piper positioner:" in owner.read_error_log()
+    toto = [r[0] for r in rows if r[2] == "toto"]
+    reader.wait_events(len(toto), timeout=T(20))
+    got = [int(e.id) for e in reader.events]
+    assert got == toto, "the reader on the other instance: lost, duplicated or out of order"

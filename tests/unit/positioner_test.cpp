@@ -334,10 +334,12 @@ TEST_F(PositionerTest, AFencedWriteStepsDown) {
     relation();
     txn(0x200, 0x230, {{7, "toto"}});
     p.on_replication_drained();
-    applied("event_piper: positioner fenced: the progress is 0/500, not 0/100");
+    applied("ERROR:  event_piper: positioner fenced: the progress is 0/500, not 0/100\n"
+            "CONTEXT:  PL/pgSQL function event_piper_wal_apply line 9 at RAISE\n");
     EXPECT_EQ(p.phase(), Positioner::Phase::Waiting);
     EXPECT_EQ(repl.state(), ReplicationLink::State::Down);
     EXPECT_EQ(log.count("stepping down"), 1u);
+    EXPECT_EQ(log.lines.back().second.find('\n'), std::string::npos); // one line in the log
     EXPECT_TRUE(repl.copies.empty()); // never confirmed what it could not store
     EXPECT_EQ(p.last_position(), 10);
 }
