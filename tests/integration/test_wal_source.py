@@ -221,3 +221,41 @@ def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_w
     reader.wait_events(len(toto), timeout=T(20))
     got = [int(e.id) for e in reader.events]
     assert got == toto, "the reader on the other instance: lost, duplicated or out of order"
+
+
+def test_a_transaction_of_200000_rows_arrives_whole_in_order_in_bounded_memory(
+        db, nginx, clients):
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1,
+               T(10), what="a positioner reading the slot")
+    pids = ngx.worker_pids()
+    conn = db.connect(autocommit=False)
+    # 200,000 rows of about 450 bytes (90 MB), one in a thousand for toto; then the transaction
+    # changes one of its first rows and deletes another, long after they were written in parts.
+    first = db.run(conn, "SELECT nextval('events_id_seq') + 1")[0][0]
+    db.run(conn, "INSERT INTO events (type, timestamp, subscriber, payload) "
+                 "SELECT 'bulk', now(), CASE WHEN g % 1000 = 0 THEN 'toto' ELSE 'other' END, "
+                 "jsonb_build_object('n', g, 'pad', repeat('x', 400)) "
+                 "FROM generate_series(1, 200000) g")
+    db.run(conn, "UPDATE events SET subscriber = 'toto', payload = '{\"changed\": true}' "
+                 "WHERE id = %s", (first + 4,))
+    db.run(conn, "DELETE FROM events WHERE id = %s", (first + 6,))
+    with harness.RssSampler(pids, interval=0.05) as rss:
+        conn.commit()
+        wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") == 199999, T(120),
+                   interval=0.5, what="the transaction positioned")
+    conn.close()
+    growth = max(rss.growth_kb(p) for p in pids)
+    harness.log("largest worker growth while positioning 200,000 rows: %d kB" % growth)
+    assert growth < 40 * 1024, "a worker grew by %d kB (the transaction is 90 MB)" % growth
+    order = db.sql("SELECT event_id FROM event_positions ORDER BY position")
+    assert [r[0] for r in order] == sorted(r[0] for r in order), "not in insert order"
+    assert db.scalar("SELECT subscriber FROM event_positions WHERE event_id = %s",
+                     (first + 4,)) == "toto"
+    toto = db.sql("SELECT position FROM event_positions WHERE subscriber = 'toto' "
+                  "ORDER BY position")
+    assert len(toto) == 201
+    live.wait_events(201, timeout=T(60))
+    assert [int(e.id) for e in live.events] == [r[0] for r in toto]
+    assert live.events[0].data == '{"changed":true}'
