@@ -67,11 +67,13 @@ BEGIN
           FROM unnest(move_ids, move_subscribers) AS m(id, sub)
          WHERE p.event_id = m.id AND p.subscriber IS DISTINCT FROM m.sub;
     END IF;
+    -- committed_at is when the position becomes visible (clock_timestamp(), as the trigger
+    -- has it), not the writer's commit time (commit_times, from the WAL: not stored): a stream
+    -- opened while the database was unreachable starts after the positions committed before it
+    -- opened, and a writer's commit is visible as a position only after the positioner's.
     IF cardinality(positions) > 0 THEN
-        INSERT INTO event_positions (position, event_id, subscriber, committed_at)
-        SELECT r.pos, r.id, r.sub,
-               timestamptz '2000-01-01 00:00:00+00' + r.us * interval '1 microsecond'
-          FROM unnest(positions, ids, subscribers, commit_times) AS r(pos, id, sub, us);
+        INSERT INTO event_positions (position, event_id, subscriber)
+        SELECT r.pos, r.id, r.sub FROM unnest(positions, ids, subscribers) AS r(pos, id, sub);
     END IF;
     FOREACH n IN ARRAY notifications LOOP
         t := pg_notify(channel, n)::text;

@@ -34,17 +34,9 @@ http {
 
 @pytest.fixture(scope="module")
 def wal_pg():
-    old = os.environ.get("EVENT_PIPER_PG_LOGICAL")
-    os.environ["EVENT_PIPER_PG_LOGICAL"] = "1"
-    try:
-        cluster = harness.Postgres(os.path.join(harness.make_tmp("pg-wal-source"), "pg"),
-                                   harness.free_port())
-        cluster.start()
-    finally:
-        if old is None:
-            del os.environ["EVENT_PIPER_PG_LOGICAL"]
-        else:
-            os.environ["EVENT_PIPER_PG_LOGICAL"] = old
+    cluster = harness.Postgres(os.path.join(harness.make_tmp("pg-wal-source"), "pg"), harness.free_port())
+    cluster.logical = True  # wal_level = logical, also after a restart
+    cluster.start()
     yield cluster
     cluster.stop()
 
