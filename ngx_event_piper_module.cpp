@@ -259,6 +259,28 @@ char *set_listener_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept
     return NGX_CONF_OK;
 }
 
+// `event_piper_source trigger | wal;` (docs/wal-source.md).
+char *set_source(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    auto *mcf = static_cast<MainConf *>(conf);
+    if (mcf->source_wal != NGX_CONF_UNSET_UINT) {
+        return const_cast<char *>("is duplicate");
+    }
+    auto *args = static_cast<ngx_str_t *>(cf->args->elts);
+    if (args[1].len == 7 && ngx_strncasecmp(args[1].data, (u_char *)"trigger", 7) == 0) {
+        mcf->source_wal = 0;
+    } else if (args[1].len == 3 && ngx_strncasecmp(args[1].data, (u_char *)"wal", 3) == 0) {
+        mcf->source_wal = 1;
+        // Said where the choice is made: the README's Limits give the known loss.
+        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
+                           "\"event_piper_source wal\" is experimental: a client may miss events "
+                           "around a kill of the positioner's worker or a PostgreSQL restart "
+                           "(README, Limits); the default \"trigger\" has no such loss");
+    } else {
+        return invalid_value(cf, cmd, "\"trigger\" or \"wal\"");
+    }
+    return NGX_CONF_OK;
+}
+
 char *set_size(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     auto *field = reinterpret_cast<size_t *>(static_cast<char *>(conf) + cmd->offset);
     if (*field != NGX_CONF_UNSET_SIZE) {
@@ -307,6 +329,8 @@ ngx_command_t commands[] = {
     {ngx_string("event_piper_listener_timeout"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_time,
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, listener_timeout), &listener_timeout_min},
     {ngx_string("event_piper_listener"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_listener_mode,
+     NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+    {ngx_string("event_piper_source"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_source,
      NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_relay_buffer"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_size,
      NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, relay_buffer), &relay_buffer_min},

@@ -107,6 +107,7 @@ DECLARE
     pos0  bigint;
     n     bigint;
     chan  text := coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events');
+    src   text; -- event_piper_wal_progress.source, when wal.sql was applied
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_single_line') THEN
         ALTER TABLE events ADD CONSTRAINT events_type_single_line CHECK (type !~ '[\r\n]');
@@ -137,6 +138,14 @@ BEGIN
             PERFORM pg_notify(chan, 'p ' || above);
         END IF;
         RETURN;
+    END IF;
+    -- event_piper_source wal (postgresql/wal.sql): the positioner gives the rows committed since
+    -- its last batch their positions; giving them here too would position them twice.
+    IF to_regclass('event_piper_wal_progress') IS NOT NULL THEN
+        EXECUTE 'SELECT source FROM event_piper_wal_progress WHERE id = 1' INTO src;
+        IF src = 'wal' THEN
+            RETURN;
+        END IF;
     END IF;
     -- Never hand out a position below one that exists.
     SELECT max(position) INTO above FROM event_positions;
@@ -564,3 +573,22 @@ BEGIN
     END LOOP;
 END;
 $$;
+
+-- ---- event_piper_source wal (postgresql/wal.sql, docs/wal-source.md) ------------------------
+-- A database switched to wal mode gives positions with the positioner: the triggers created
+-- above stay disabled (applied again in wal mode, this file must not bring them back).
+DO $$
+DECLARE
+    src text;
+BEGIN
+    IF to_regclass('event_piper_wal_progress') IS NOT NULL THEN
+        EXECUTE 'SELECT source FROM event_piper_wal_progress WHERE id = 1' INTO src;
+        IF src = 'wal' THEN
+            ALTER TABLE events DISABLE TRIGGER events_commit_notify,
+                DISABLE TRIGGER events_updated, DISABLE TRIGGER events_deleted,
+                DISABLE TRIGGER events_truncated;
+        END IF;
+    END IF;
+END;
+$$;
+-- ---- end of event_piper_source wal ----------------------------------------------------------

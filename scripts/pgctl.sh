@@ -13,7 +13,8 @@
 # `make run` must never acknowledge an event it could lose. EVENT_PIPER_PG_FAST=1 turns the three
 # off for throw-away clusters (the test suite; the benchmark says what it uses).
 # Environment: PG_BIN (default /usr/lib/postgresql/15/bin), PG_USER (default postgres),
-# EVENT_PIPER_PG_FAST (default 0).
+# EVENT_PIPER_PG_FAST (default 0), EVENT_PIPER_PG_LOGICAL (1: wal_level = logical and replication
+# slots, for event_piper_source wal; default 0).
 set -euo pipefail
 
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
@@ -134,8 +135,13 @@ EOF
         if [ "${EVENT_PIPER_PG_FAST:-0}" = 1 ]; then
             durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         fi
+        # event_piper_source wal reads a logical replication slot (wal_level needs a restart).
+        local logical=""
+        if [ "${EVENT_PIPER_PG_LOGICAL:-0}" = 1 ]; then
+            logical="-c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10"
+        fi
         as_pg "$PG_BIN/pg_ctl" -D "$datadir" -w -t 60 -l "$datadir/server.log" \
-            -o "-p $port -c unix_socket_directories='$datadir' -c listen_addresses=127.0.0.1 $durability" \
+            -o "-p $port -c unix_socket_directories='$datadir' -c listen_addresses=127.0.0.1 $durability $logical" \
             start >/dev/null \
             || { tail -n 30 "$datadir/server.log" >&2; die "pg_ctl start failed (log: $datadir/server.log)"; }
     else
@@ -172,6 +178,13 @@ EOF
     psql -X -q -v ON_ERROR_STOP=1 --single-transaction -h "$datadir" -p "$port" -U event_piper \
         -d event_piper -c 'SET client_min_messages = warning' -f "$SCHEMA" >/dev/null \
         || die "applying $SCHEMA failed"
+    if [ "${EVENT_PIPER_PG_LOGICAL:-0}" = 1 ]; then
+        # What event_piper_source wal needs: the role may read a replication slot; wal.sql.
+        echo 'ALTER ROLE event_piper REPLICATION' | psql_super "$datadir" "$port" >/dev/null
+        psql -X -q -v ON_ERROR_STOP=1 --single-transaction -h "$datadir" -p "$port" \
+            -U event_piper -d event_piper -c 'SET client_min_messages = warning' \
+            -f "$ROOT/postgresql/wal.sql" >/dev/null || die "applying postgresql/wal.sql failed"
+    fi
 }
 
 cmd_stop() {

@@ -80,6 +80,22 @@ const Field fields[] = {
     {"replay_failures", "event_piper_replay_failures_total", "counter",
      "Replay queries that failed (the server refused them or cancelled them).",
      &WorkerStats::replay_failures},
+    {nullptr, "event_piper_source_wal", "gauge",
+     "1 when positions come from the write-ahead log (event_piper_source wal).",
+     &WorkerStats::source_wal},
+    {"positioner_holder", "event_piper_positioner_holder", "gauge",
+     "1 for the worker whose positioner reads the replication slot.",
+     &WorkerStats::positioner_holder},
+    {"positioner_lag_bytes", "event_piper_positioner_lag_bytes", "gauge",
+     "WAL bytes the positioner has read but not yet committed as positions.",
+     &WorkerStats::positioner_lag_bytes},
+    {"positioner_lag_ms", "event_piper_positioner_lag_milliseconds", "gauge",
+     "Age of the oldest committed transaction the positioner has not yet positioned.",
+     &WorkerStats::positioner_lag_ms},
+    {"positioned_transactions", "event_piper_positioned_transactions_total", "counter",
+     "Transactions the positioner gave positions.", &WorkerStats::positioned_transactions},
+    {"positioned_rows", "event_piper_positioned_rows_total", "counter",
+     "Events the positioner gave positions.", &WorkerStats::positioned_rows},
 };
 
 void append_number(std::string &out, unsigned long long v) {
@@ -197,6 +213,14 @@ std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t
         holder = w.listener_holder == 1 ? w.pid : holder;
     }
     add_count(document.get(), "listener_holder_pid", static_cast<unsigned long long>(holder));
+    int64_t positioner = 0; // the worker whose positioner reads the slot (wal mode)
+    bool wal = false;
+    for (const auto &w : workers) {
+        positioner = w.positioner_holder == 1 ? w.pid : positioner;
+        wal = wal || w.source_wal == 1;
+    }
+    checked(cJSON_AddStringToObject(document.get(), "source", wal ? "wal" : "trigger"));
+    add_count(document.get(), "positioner_holder_pid", static_cast<unsigned long long>(positioner));
     cJSON *list = checked(cJSON_AddArrayToObject(document.get(), "workers"));
     for (const WorkerStats &w : workers) {
         Json worker(checked(cJSON_CreateObject()));

@@ -41,6 +41,14 @@ struct WorkerStats {
     uint64_t listener_takeovers = 0; // roles this worker took from a holder gone or frozen
     uint64_t writers_waiting = 0;    // event writers held back in COMMIT over 1 s (listener's)
     uint64_t replay_failures = 0;    // replay queries the server refused
+    // event_piper_source wal: the positioner (docs/wal-source.md), in the worker that reads the
+    // slot; the lag is what it has not committed yet.
+    uint64_t source_wal = 0;           // 1: event_piper_source wal
+    uint64_t positioner_holder = 0;    // 1: this worker's positioner reads the slot
+    uint64_t positioner_lag_bytes = 0; // WAL the server sent beyond what is confirmed
+    uint64_t positioner_lag_ms = 0;    // age of the oldest commit not yet positioned
+    uint64_t positioned_transactions = 0;
+    uint64_t positioned_rows = 0;
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

@@ -17,6 +17,7 @@ void *create_main_conf(ngx_conf_t *cf) noexcept {
     mcf->replay_memory = NGX_CONF_UNSET_SIZE;
     mcf->listener_shared = NGX_CONF_UNSET_UINT;
     mcf->relay_buffer = NGX_CONF_UNSET_SIZE;
+    mcf->source_wal = NGX_CONF_UNSET_UINT;
     mcf->used = NGX_CONF_UNSET;
     return mcf;
 }
@@ -31,6 +32,7 @@ char *init_main_conf(ngx_conf_t *, void *conf) noexcept {
     ngx_conf_init_size_value(mcf->replay_memory, 64 * 1024 * 1024);
     ngx_conf_init_uint_value(mcf->listener_shared, 1);
     ngx_conf_init_size_value(mcf->relay_buffer, 4 * 1024 * 1024);
+    ngx_conf_init_uint_value(mcf->source_wal, 0);
     ngx_conf_init_value(mcf->used, 0);
     return NGX_CONF_OK;
 }

@@ -21,6 +21,7 @@ struct MainConf {
     ngx_msec_t listener_timeout; // a frozen listening connection is noticed within this time
     ngx_uint_t listener_shared;  // event_piper_listener: 1 shared (one per instance), 0 per_worker
     size_t relay_buffer;         // send buffer of the shared listener's socket
+    ngx_uint_t source_wal;       // event_piper_source: 1 wal (this instance runs a positioner)
     ngx_flag_t used;             // some location has `event_piper;` or `event_piper_health;`
 };
 

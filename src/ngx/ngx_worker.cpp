@@ -24,6 +24,20 @@ Listener::Settings listener_settings(const MainConf &conf) {
     return settings;
 }
 
+// The server ends the replication stream of a positioner silent this long (a frozen worker) and
+// frees the slot; the positioner sends a status update every third of it.
+constexpr uint64_t wal_sender_timeout_ms = 10000;
+
+Positioner::Settings positioner_settings(const MainConf &conf) {
+    Positioner::Settings settings;
+    settings.channel = text(conf.channel);
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    settings.holder = std::string(host) + " " + std::to_string(ngx_pid);
+    settings.status_ms = wal_sender_timeout_ms / 3;
+    return settings;
+}
+
 } // namespace
 
 Worker *current_worker() {
@@ -58,6 +72,14 @@ Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
       check_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_check"),
       listener_(listener_link_, check_link_, listener_retry_, listener_check_, listener_events(),
                 logger_, listener_settings(conf)),
+      source_wal_(conf.source_wal != 0),
+      positioner_retry_(cycle->log, "positioner restart", [this] { positioner_.on_retry_timer(); }),
+      positioner_status_(cycle->log, "positioner status",
+                         [this] { positioner_.on_status_timer(); }),
+      positioner_link_(positioner_, cycle->log, text(conf.conninfo), "event_piper_positioner"),
+      replication_link_(positioner_, cycle->log, text(conf.conninfo), wal_sender_timeout_ms),
+      positioner_(positioner_link_, replication_link_, positioner_retry_, positioner_status_,
+                  clock_, logger_, positioner_settings(conf)),
       publish_timer_(cycle->log, "status publish", [this] { publish(); }) {
     for (ngx_uint_t i = 0; i < conf.replay_connections; ++i) {
         replay_links_.push_back(std::make_unique<PgLink>(
@@ -85,6 +107,7 @@ Worker::~Worker() {
         relay_->release(); // first: another worker takes the role at once
     }
     release_status_slot(slot_);
+    positioner_.stop();
     listener_.close();
     hub_.replay().close_all();
     if (quit_sentinel_ != nullptr) {
@@ -113,9 +136,16 @@ void Worker::start() {
     if (relay_ != nullptr) {
         relay_->start(); // starts the listener if this worker takes the role
     } else {
-        listener_.start();
+        take_listener_role();
     }
     publish();
+}
+
+void Worker::take_listener_role() {
+    listener_.start();
+    if (source_wal_) {
+        positioner_.start();
+    }
 }
 
 // Counts that are cheaper to take once a second than to keep exact on every transition.
@@ -136,6 +166,16 @@ void Worker::publish() {
     if (relay_ != nullptr) {
         relay_->fill_stats(stats);
     }
+    stats.source_wal = source_wal_ ? 1 : 0;
+    stats.positioner_holder = positioner_.phase() == Positioner::Phase::Streaming ? 1 : 0;
+    stats.positioner_lag_bytes =
+        stats.positioner_holder == 1 && positioner_.server_wal_end() > positioner_.confirmed_lsn()
+            ? positioner_.server_wal_end() - positioner_.confirmed_lsn()
+            : 0;
+    uint64_t oldest = positioner_.oldest_pending_ms(), now = clock_.now_ms();
+    stats.positioner_lag_ms = oldest != 0 && now > oldest ? now - oldest : 0;
+    stats.positioned_transactions = positioner_.transactions();
+    stats.positioned_rows = positioner_.rows();
     if (slot_ != nullptr) {
         slot_->stats = stats;
     }
@@ -172,6 +212,7 @@ void Worker::shutdown() {
     hub_.end_all();
     publish_timer_.cancel();
     publish();
+    positioner_.stop();
     listener_.close();
     hub_.replay().close_all();
     if (quit_sentinel_ != nullptr) {

@@ -11,8 +11,10 @@ extern "C" {
 
 #include "core/hub.hpp"
 #include "core/listener.hpp"
+#include "core/positioner.hpp"
 #include "ngx_conf.hpp"
 #include "ngx_pg_link.hpp"
+#include "ngx_pg_replication.hpp"
 #include "ngx_relay.hpp"
 #include "ngx_status_zone.hpp"
 #include "ngx_timer.hpp"
@@ -43,11 +45,16 @@ public:
     uint64_t role_stale_ms() const { return role_stale_ms_; }
 
 private:
-    // RoleHooks: the shared listener's role starts and stops this worker's listener.
-    void on_role_gained() override { listener_.start(); }
-    void on_role_lost() override { listener_.stop(); }
+    // RoleHooks: the shared listener's role starts and stops this worker's listener, and in
+    // wal mode its positioner (one role, one heartbeat, one takeover for both).
+    void on_role_gained() override { take_listener_role(); }
+    void on_role_lost() override {
+        listener_.stop();
+        positioner_.stop();
+    }
     static void quit_handler(ngx_event_t *ev) noexcept;
     void publish();
+    void take_listener_role();
     ListenerEvents &listener_events();
 
     ngx_log_t *log_;
@@ -65,6 +72,13 @@ private:
     PgLink listener_link_;
     PgLink check_link_; // the listener's table check: never on the LISTEN connection
     Listener listener_;
+    // event_piper_source wal: the positioner runs where the listener runs (the role's holder).
+    bool source_wal_;
+    NgxTimer positioner_retry_;
+    NgxTimer positioner_status_;
+    PgLink positioner_link_;
+    PgReplicationLink replication_link_;
+    Positioner positioner_;
     NgxTimer publish_timer_;
     ngx_connection_t *quit_sentinel_ = nullptr;
     bool shutting_down_ = false;

@@ -87,8 +87,10 @@ def start_pg_plain(pg):
     r = subprocess.run(
         ["runuser", "-u", "postgres", "--", os.path.join(PG_BIN, "pg_ctl"), "-D", pg.datadir,
          "-w", "-t", "60", "-l", os.path.join(pg.datadir, "server.log"), "-o",
-         "-p %d -c unix_socket_directories='%s' -c listen_addresses=127.0.0.1"
-         % (pg.port, pg.datadir), "start"],
+         "-p %d -c unix_socket_directories='%s' -c listen_addresses=127.0.0.1%s"
+         % (pg.port, pg.datadir,
+            " -c wal_level=logical -c max_wal_senders=10 -c max_replication_slots=10"
+            if pg.logical else ""), "start"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode != 0:
         raise AssertionError("pg_ctl start failed: %s" % r.stdout)

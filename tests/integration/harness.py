@@ -151,6 +151,7 @@ class Postgres:
         self.running = False
         self.hba_original = None  # tests/chaos/piper_chaos.py hold_tcp: pg_hba.conf as it was
         self.hba_held = False
+        self.logical = False  # wal_level = logical (event_piper_source wal), kept across starts
 
     @property
     def conninfo(self):
@@ -159,8 +160,9 @@ class Postgres:
 
     def start(self):
         t0 = time.monotonic()
+        env = dict(os.environ, EVENT_PIPER_PG_LOGICAL="1") if self.logical else None
         r = subprocess.run([PGCTL, "start", self.datadir, str(self.port)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError("pgctl.sh start failed (%d):\n%s" % (r.returncode, r.stdout))
         self.running = True

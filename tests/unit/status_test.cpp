@@ -53,7 +53,12 @@ const char *const counters[] = {"streams",
                                 "position_hints",
                                 "listener_takeovers",
                                 "writers_waiting",
-                                "replay_failures"};
+                                "replay_failures",
+                                "positioner_holder",
+                                "positioner_lag_bytes",
+                                "positioner_lag_ms",
+                                "positioned_transactions",
+                                "positioned_rows"};
 const int counter_count = sizeof counters / sizeof counters[0];
 
 std::vector<WorkerStats> two_workers() {
@@ -103,9 +108,11 @@ TEST(Status, JsonParsesWithEveryFieldTotalAndPerWorker) {
     EXPECT_EQ(number(document.get(), "notifications_dropped"), 4);
     EXPECT_DOUBLE_EQ(number(document.get(), "last_notification_age_seconds"), 0.5);
     EXPECT_EQ(cJSON_GetObjectItemCaseSensitive(document.get(), "pid"), nullptr);
-    // and age, workers, the holder's pid (shared listener)
-    EXPECT_EQ(cJSON_GetArraySize(document.get()), counter_count + 3);
+    // and age, workers, the holder's pid (shared listener), the source, the positioner's pid
+    EXPECT_EQ(cJSON_GetArraySize(document.get()), counter_count + 5);
     EXPECT_EQ(number(document.get(), "listener_holder_pid"), 0);
+    EXPECT_EQ(text(document.get(), "source"), "trigger");
+    EXPECT_EQ(number(document.get(), "positioner_holder_pid"), 0);
 
     const cJSON *workers = cJSON_GetObjectItemCaseSensitive(document.get(), "workers");
     ASSERT_TRUE(cJSON_IsArray(workers));
@@ -125,6 +132,28 @@ TEST(Status, JsonParsesWithEveryFieldTotalAndPerWorker) {
     EXPECT_EQ(number(b, "pid"), 11);
     EXPECT_EQ(text(b, "listener"), "connecting");
     EXPECT_EQ(number(b, "notifications_dropped"), 4);
+}
+
+TEST(Status, WalSourceShowsThePositionerItsWorkerAndItsLag) {
+    std::vector<WorkerStats> workers = two_workers();
+    for (WorkerStats &w : workers) {
+        w.source_wal = 1;
+    }
+    workers[1].positioner_holder = 1;
+    workers[1].positioner_lag_bytes = 4096;
+    workers[1].positioner_lag_ms = 12;
+    workers[1].positioned_rows = 99;
+    Json document = parse(render_status_json(workers, 2000));
+    ASSERT_NE(document, nullptr);
+    EXPECT_EQ(text(document.get(), "source"), "wal");
+    EXPECT_EQ(number(document.get(), "positioner_holder_pid"), 11);
+    EXPECT_EQ(number(document.get(), "positioner_lag_bytes"), 4096);
+    EXPECT_EQ(number(document.get(), "positioner_lag_ms"), 12);
+    EXPECT_EQ(number(document.get(), "positioned_rows"), 99);
+    std::string prom = render_status_prometheus(workers, 2000);
+    EXPECT_NE(prom.find("event_piper_source_wal{pid=\"10\"} 1\n"), std::string::npos) << prom;
+    EXPECT_NE(prom.find("event_piper_positioner_holder{pid=\"11\"} 1\n"), std::string::npos);
+    EXPECT_NE(prom.find("event_piper_positioner_lag_bytes{pid=\"11\"} 4096\n"), std::string::npos);
 }
 
 TEST(Status, JsonKeepsEveryDigitOfLargeCounters) {

@@ -1,0 +1,819 @@
+// The positioner (see positioner.hpp and docs/wal-source.md).
+#include "positioner.hpp"
+
+#include <algorithm>
+#include <charconv>
+
+namespace event_piper {
+
+using pgoutput::Lsn;
+
+namespace {
+
+std::string num(int64_t v) {
+    return std::to_string(v);
+}
+
+// event_piper_message in schema.sql.
+std::string one_message(int64_t pos, const WalRow &r) {
+    const std::string p = num(pos);
+    const size_t sub = r.subscriber.size(), typ = r.type.size(), body = r.payload.size();
+    if (sub + typ + body + p.size() + num(sub).size() + num(typ).size() + 5 < 7999) {
+        return "e " + p + " " + num(sub) + " " + num(typ) + "\n" + r.subscriber + r.type +
+               r.payload;
+    }
+    if (sub < 7900) {
+        return "r " + p + " " + num(sub) + "\n" + r.subscriber;
+    }
+    return "p " + p;
+}
+
+// event_piper_batch_record in schema.sql.
+std::string batch_record(const WalRow &r) {
+    return num(r.position) + " " + num(r.subscriber.size()) + " " + num(r.type.size()) + " " +
+           num(r.payload.size()) + "\n" + r.subscriber + r.type + r.payload;
+}
+
+void quote_into(std::string &out, const std::string &item) {
+    out.push_back('"');
+    for (char c : item) {
+        if (c == '"' || c == '\\') {
+            out.push_back('\\');
+        }
+        out.push_back(c);
+    }
+    out.push_back('"');
+}
+
+} // namespace
+
+std::vector<std::string> wal_notifications(const std::vector<const WalRow *> &rows) {
+    // The loop of events_commit_notify: a batch is flushed when the next event does not fit in
+    // it or must go alone; a batch of one event goes in the "e" form.
+    std::vector<std::string> out;
+    std::string buf;
+    std::string lone;
+    for (const WalRow *r : rows) {
+        size_t size = r->subscriber.size() + r->type.size() + r->payload.size();
+        std::string rec = size <= 7900 ? batch_record(*r) : std::string();
+        if (!buf.empty() && (size > 7900 || buf.size() + rec.size() > 7997)) {
+            out.push_back(!lone.empty() ? lone : "b\n" + buf);
+            buf.clear();
+        }
+        if (size > 7900) {
+            if (r->subscriber.size() < 7900) {
+                out.push_back(one_message(r->position, *r));
+            }
+            continue;
+        }
+        lone = buf.empty() ? one_message(r->position, *r) : std::string();
+        buf += rec;
+    }
+    if (!buf.empty()) {
+        out.push_back(!lone.empty() ? lone : "b\n" + buf);
+    }
+    return out;
+}
+
+std::string text_array(const std::vector<std::string> &items) {
+    std::string out = "{";
+    for (size_t i = 0; i < items.size(); ++i) {
+        if (i > 0) {
+            out.push_back(',');
+        }
+        quote_into(out, items[i]);
+    }
+    out.push_back('}');
+    return out;
+}
+
+std::string int_array(const std::vector<int64_t> &items) {
+    std::string out = "{";
+    for (size_t i = 0; i < items.size(); ++i) {
+        if (i > 0) {
+            out.push_back(',');
+        }
+        out += num(items[i]);
+    }
+    out.push_back('}');
+    return out;
+}
+
+const char *Positioner::progress_sql() {
+    return "SELECT source, lsn::text, last_position FROM event_piper_wal_progress WHERE id = 1";
+}
+
+const char *Positioner::drop_idle_slot_sql() {
+    return "SELECT event_piper_wal_drop_idle_slot()";
+}
+
+const char *Positioner::apply_sql() {
+    // Arguments: the progress this positioner expects (fencing; '' = NULL), the new one ('' =
+    // a part: progress unchanged), the last position given, the rows, the notifications, later
+    // changes, the holder and the channel.
+    return "SELECT event_piper_wal_apply(nullif($1, '')::pg_lsn, nullif($2, '')::pg_lsn, "
+           "$3::bigint, $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8::text[], "
+           "$9::bigint[], $10::text[], $11::bigint[], $12::boolean, $13, $14)";
+}
+
+Positioner::Positioner(DbLink &apply, ReplicationLink &replication, Timer &retry, Timer &status,
+                       Clock &clock, Log &log, Settings settings)
+    : apply_(apply), replication_(replication), retry_(retry), status_(status), clock_(clock),
+      log_(log), settings_(std::move(settings)) {}
+
+void Positioner::start() {
+    if (phase_ != Phase::Stopped) {
+        return;
+    }
+    backoff_.reset();
+    connect();
+}
+
+void Positioner::stop() {
+    if (phase_ == Phase::Stopped) {
+        return;
+    }
+    lose("stopped", true);
+    retry_.cancel();
+    phase_ = Phase::Stopped;
+}
+
+void Positioner::on_retry_timer() {
+    if (phase_ == Phase::Waiting) {
+        connect();
+    }
+}
+
+void Positioner::connect() {
+    phase_ = Phase::Connecting;
+    apply_ready_ = false;
+    replication_ready_ = false;
+    apply_.connect();
+    if (phase_ == Phase::Connecting) {
+        replication_.connect();
+    }
+}
+
+void Positioner::note_error(LogLevel level, const std::string &text) {
+    // One line: server errors span several ("ERROR: ...\nCONTEXT: ...").
+    std::string message;
+    for (char c : text) {
+        if (c == '\n' || c == '\r' || c == '\t') {
+            if (!message.empty() && message.back() != ' ') {
+                message.push_back(' ');
+            }
+        } else {
+            message.push_back(c);
+        }
+    }
+    while (!message.empty() && message.back() == ' ') {
+        message.pop_back();
+    }
+    if (message != last_error_) {
+        last_error_ = message;
+        log_.write(level, message);
+    }
+}
+
+void Positioner::wait(uint64_t ms) {
+    phase_ = Phase::Waiting;
+    retry_.arm(ms);
+}
+
+void Positioner::lose(std::string_view why, bool quiet) {
+    apply_.close();
+    replication_.close();
+    status_.cancel();
+    apply_ready_ = replication_ready_ = false;
+    dropping_slot_ = trigger_mode_ = false;
+    // Whatever was not committed is read again from the slot.
+    in_txn_ = skip_txn_ = txn_spilled_ = false;
+    txn_switch_wal_ = txn_switch_trigger_ = false;
+    open_.clear();
+    open_index_.clear();
+    done_.clear();
+    done_index_.clear();
+    notifications_.clear();
+    moves_.clear();
+    deletes_.clear();
+    truncate_ = done_dirty_ = false;
+    done_transactions_ = 0;
+    pending_count_ = pending_bytes_ = notification_bytes_ = 0;
+    oldest_pending_ms_ = inflight_oldest_ms_ = 0;
+    applying_ = Apply::None;
+    explicit_txn_ = false;
+    reading_ = true;
+    events_relid_ = 0;
+    last_position_ = stored_position_;
+    if (!quiet) {
+        note_error(LogLevel::Error, "event_piper positioner: " + std::string(why));
+    }
+    wait(backoff_.next());
+}
+
+void Positioner::on_link_ready(DbLink &) {
+    apply_ready_ = true;
+    if (phase_ == Phase::Connecting && replication_ready_) {
+        phase_ = Phase::ReadingProgress;
+        apply_.send(progress_sql(), 0, nullptr);
+    }
+}
+
+void Positioner::on_replication_ready() {
+    replication_ready_ = true;
+    if (phase_ == Phase::Connecting && apply_ready_) {
+        phase_ = Phase::ReadingProgress;
+        apply_.send(progress_sql(), 0, nullptr);
+    }
+}
+
+void Positioner::on_link_lost(DbLink &, std::string_view why) {
+    if (phase_ != Phase::Stopped && phase_ != Phase::Waiting) {
+        lose("positions connection lost: " + std::string(why));
+    }
+}
+
+void Positioner::on_replication_lost(std::string_view why) {
+    if (phase_ != Phase::Stopped && phase_ != Phase::Waiting) {
+        lose("replication connection lost: " + std::string(why));
+    }
+}
+
+void Positioner::on_link_result(DbLink &, const QueryResult &result) {
+    if (phase_ == Phase::ReadingProgress && dropping_slot_) {
+        if (!result.ok()) {
+            note_error(LogLevel::Warn, "event_piper positioner: cannot drop the idle replication "
+                                       "slot: " +
+                                           result.error());
+        }
+        return;
+    }
+    if (phase_ == Phase::ReadingProgress) {
+        if (!result.ok()) {
+            lose("cannot read event_piper_wal_progress (" + result.error() +
+                 "): apply postgresql/wal.sql, then SELECT event_piper_set_source('wal')");
+            return;
+        }
+        if (result.rows() == 0 || result.value(0, 0) != "wal") {
+            // Trigger mode: nothing to do until someone switches the database, but a slot left
+            // by the switch back (it was being read then) must not keep WAL.
+            trigger_mode_ = true;
+            return;
+        }
+        trigger_mode_ = false;
+        stored_null_ = result.is_null(0, 1);
+        stored_lsn_ = 0;
+        if (!stored_null_ && !pgoutput::parse_lsn(result.value(0, 1), stored_lsn_)) {
+            lose("event_piper_wal_progress holds a bad lsn: " + std::string(result.value(0, 1)));
+            return;
+        }
+        stored_position_ = last_position_ = result.number(0, 2);
+        awaiting_switch_ = stored_null_;
+        confirmed_lsn_ = stored_lsn_;
+        return;
+    }
+    if (applying_ != Apply::None && !result.ok()) {
+        std::string error = result.error();
+        if (error.find("fenced") != std::string::npos) {
+            lose("another positioner wrote the progress (" + error + "): stepping down");
+        } else {
+            lose("writing positions failed: " + error);
+        }
+    }
+}
+
+void Positioner::on_link_idle(DbLink &) {
+    if (phase_ != Phase::ReadingProgress && phase_ != Phase::Streaming) {
+        return; // lost meanwhile
+    }
+    if (phase_ == Phase::ReadingProgress) {
+        if (!trigger_mode_) {
+            start_replication();
+        } else if (!dropping_slot_) {
+            dropping_slot_ = true;
+            apply_.send(drop_idle_slot_sql(), 0, nullptr);
+        } else {
+            dropping_slot_ = false;
+            lose("", true);
+            note_error(LogLevel::Notice,
+                       "event_piper positioner: the database gives positions with its trigger "
+                       "(event_piper_source wal needs SELECT event_piper_set_source('wal'))");
+            retry_.arm(settings_.idle_retry_ms);
+        }
+        return;
+    }
+    switch (applying_) {
+    case Apply::None:
+        return;
+    case Apply::Begin:
+        applying_ = Apply::None;
+        explicit_txn_ = true;
+        maybe_apply();
+        return;
+    case Apply::Part:
+        applying_ = Apply::None;
+        maybe_apply();
+        return;
+    case Apply::Final:
+        if (explicit_txn_) {
+            send_plain("COMMIT", Apply::Commit);
+            return;
+        }
+        applying_ = Apply::None;
+        applied();
+        return;
+    case Apply::Commit:
+        applying_ = Apply::None;
+        explicit_txn_ = false;
+        applied();
+        return;
+    }
+}
+
+void Positioner::start_replication() {
+    phase_ = Phase::Starting;
+    replication_.command(pgoutput::start_replication_command(
+        settings_.slot, stored_null_ ? 0 : stored_lsn_, settings_.publication));
+}
+
+void Positioner::on_replication_result(const QueryResult &result) {
+    if (phase_ != Phase::Starting || result.ok()) {
+        return;
+    }
+    std::string error = result.error();
+    std::string slot = "replication slot \"" + settings_.slot + "\"";
+    if (error.find("is active for PID") != std::string::npos) {
+        // Another positioner (this or another instance) reads the slot: this one is a candidate.
+        lose("", true);
+        note_error(LogLevel::Notice,
+                   "event_piper positioner: " + slot + " is read by another positioner; retrying");
+        return;
+    }
+    std::string hint;
+    if (error.find("does not exist") != std::string::npos) {
+        hint = ": run SELECT event_piper_set_source('wal')";
+    } else if (error.find("wal_level") != std::string::npos) {
+        hint = ": set wal_level = logical and restart PostgreSQL";
+    } else if (error.find("permission") != std::string::npos ||
+               error.find("must be superuser or replication role") != std::string::npos ||
+               error.find("must have") != std::string::npos) {
+        hint = ": the role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION; on "
+               "managed services the replication role)";
+    } else if (error.find("publication") != std::string::npos) {
+        hint = ": run SELECT event_piper_set_source('wal'), which creates it";
+    } else if (error.find("can no longer get changes") != std::string::npos ||
+               error.find("invalidated") != std::string::npos) {
+        hint = ": the slot was invalidated (max_slot_wal_keep_size): run SELECT "
+               "event_piper_set_source('trigger'), then SELECT event_piper_set_source('wal')";
+    }
+    lose("cannot read " + slot + " (" + error + ")" + hint);
+    if (!hint.empty() && error.find("does not exist") != std::string::npos) {
+        retry_.arm(settings_.idle_retry_ms);
+    }
+}
+
+void Positioner::on_replication_idle() {}
+
+void Positioner::on_replication_streaming() {
+    if (phase_ != Phase::Starting) {
+        return;
+    }
+    phase_ = Phase::Streaming;
+    backoff_.reset();
+    if (!last_error_.empty()) {
+        log_.write(LogLevel::Notice,
+                   "event_piper positioner: reading replication slot \"" + settings_.slot +
+                       "\" from " +
+                       (stored_null_ ? std::string("its start") : pgoutput::lsn_text(stored_lsn_)));
+        last_error_.clear();
+    }
+    reading_ = true;
+    replication_.set_reading(true);
+    status_.arm(settings_.status_ms);
+}
+
+void Positioner::on_status_timer() {
+    if (phase_ != Phase::Streaming) {
+        return;
+    }
+    confirm(confirmed_lsn_, false);
+    status_.arm(settings_.status_ms);
+}
+
+void Positioner::confirm(Lsn lsn, bool reply) {
+    if (phase_ != Phase::Streaming) {
+        return;
+    }
+    confirmed_lsn_ = std::max(confirmed_lsn_, lsn);
+    int64_t now_us = static_cast<int64_t>(clock_.now_ms()) * 1000 - pgoutput::pg_epoch_unix_us;
+    replication_.send_copy(pgoutput::standby_status_update(confirmed_lsn_, confirmed_lsn_,
+                                                           confirmed_lsn_, now_us, reply));
+}
+
+void Positioner::on_replication_data(std::string_view copy_data) {
+    if (phase_ != Phase::Streaming) {
+        return;
+    }
+    pgoutput::CopyMessage copy;
+    std::string error;
+    if (!pgoutput::parse_copy(copy_data, copy, error)) {
+        lose("bad replication message: " + error);
+        return;
+    }
+    server_wal_end_ = std::max(server_wal_end_, copy.wal_end);
+    if (copy.kind == pgoutput::CopyMessage::Kind::Keepalive) {
+        bool idle = !in_txn_ && !done_dirty_ && applying_ == Apply::None && !explicit_txn_;
+        if (idle && copy.wal_end > confirmed_lsn_) {
+            // Nothing pending: everything the server sent up to here is handled.
+            confirm(copy.wal_end, false);
+        } else if (copy.reply_requested) {
+            confirm(confirmed_lsn_, false);
+        }
+        return;
+    }
+    pgoutput::Message m;
+    if (!pgoutput::parse_message(copy.data, m, error)) {
+        lose("bad pgoutput message: " + error);
+        return;
+    }
+    handle_message(m);
+}
+
+void Positioner::on_replication_drained() {
+    if (phase_ == Phase::Streaming) {
+        maybe_apply();
+    }
+}
+
+void Positioner::handle_message(const pgoutput::Message &m) {
+    using Kind = pgoutput::Message::Kind;
+    switch (m.kind) {
+    case Kind::Begin:
+        if (in_txn_) {
+            lose("Begin inside a transaction");
+            return;
+        }
+        in_txn_ = true;
+        // Handled before (stored), or a transaction of the trigger era before the switch.
+        skip_txn_ = awaiting_switch_ || (!stored_null_ && m.final_lsn < stored_lsn_);
+        txn_spilled_ = txn_switch_wal_ = txn_switch_trigger_ = false;
+        txn_commit_time_ = m.commit_time;
+        txn_last_position_ = 0;
+        return;
+    case Kind::Commit:
+        if (!in_txn_) {
+            lose("Commit outside a transaction");
+            return;
+        }
+        on_commit(m);
+        return;
+    case Kind::Relation: {
+        if (m.relname != "events") {
+            return;
+        }
+        events_relid_ = m.relation_id;
+        col_id_ = col_type_ = col_subscriber_ = col_payload_ = -1;
+        for (size_t i = 0; i < m.relation_columns.size(); ++i) {
+            const std::string &name = m.relation_columns[i].name;
+            int index = static_cast<int>(i);
+            if (name == "id") {
+                col_id_ = index;
+            } else if (name == "type") {
+                col_type_ = index;
+            } else if (name == "subscriber") {
+                col_subscriber_ = index;
+            } else if (name == "payload") {
+                col_payload_ = index;
+            }
+        }
+        if (col_id_ < 0 || col_type_ < 0 || col_subscriber_ < 0 || col_payload_ < 0) {
+            lose("the events table sent by the slot lacks id, type, subscriber or payload");
+        }
+        return;
+    }
+    case Kind::Insert:
+    case Kind::Update:
+    case Kind::Delete:
+        if (!in_txn_) {
+            lose("a change outside a transaction");
+            return;
+        }
+        if (!skip_txn_ && m.relation_id == events_relid_ && events_relid_ != 0) {
+            handle_change(m);
+        }
+        return;
+    case Kind::Truncate:
+        if (in_txn_ && !skip_txn_ &&
+            std::find(m.truncated.begin(), m.truncated.end(), events_relid_) != m.truncated.end()) {
+            truncate_pending();
+        }
+        return;
+    case Kind::Logical:
+        if (in_txn_ && m.transactional && m.prefix == "event_piper") {
+            txn_switch_wal_ = txn_switch_wal_ || m.content == "source wal";
+            txn_switch_trigger_ = txn_switch_trigger_ || m.content == "source trigger";
+        }
+        return;
+    case Kind::Origin:
+    case Kind::Type:
+        return;
+    }
+}
+
+bool Positioner::column(const std::vector<pgoutput::Column> &tuple, int index,
+                        std::string &out) const {
+    if (index < 0 || static_cast<size_t>(index) >= tuple.size() ||
+        tuple[static_cast<size_t>(index)].kind != 't') {
+        return false;
+    }
+    out.assign(tuple[static_cast<size_t>(index)].text);
+    return true;
+}
+
+void Positioner::handle_change(const pgoutput::Message &m) {
+    using Kind = pgoutput::Message::Kind;
+    const std::vector<pgoutput::Column> &tuple = m.kind == Kind::Delete ? m.old_tuple : m.new_tuple;
+    std::string id_text;
+    if (!column(tuple, col_id_, id_text)) {
+        lose("an events change without its id");
+        return;
+    }
+    int64_t id = 0;
+    auto [ptr, ec] = std::from_chars(id_text.data(), id_text.data() + id_text.size(), id);
+    if (ec != std::errc() || ptr != id_text.data() + id_text.size()) {
+        lose("an events change with a bad id: " + id_text);
+        return;
+    }
+    if (m.kind == Kind::Insert) {
+        WalRow row;
+        row.id = id;
+        row.commit_time = txn_commit_time_;
+        if (!column(tuple, col_subscriber_, row.subscriber) ||
+            !column(tuple, col_type_, row.type) || !column(tuple, col_payload_, row.payload)) {
+            lose("an events insert without subscriber, type or payload");
+            return;
+        }
+        pending_bytes_ += row.subscriber.size() + row.type.size() + row.payload.size();
+        open_index_[id] = open_.size();
+        open_.push_back(std::move(row));
+    } else if (m.kind == Kind::Update) {
+        auto in_open = open_index_.find(id);
+        auto in_done = done_index_.find(id);
+        if (in_open != open_index_.end()) {
+            // Changed by its own transaction: it is delivered as committed. An unchanged TOASTed
+            // column ('u') keeps the value held.
+            WalRow &row = open_[in_open->second];
+            column(tuple, col_subscriber_, row.subscriber);
+            column(tuple, col_type_, row.type);
+            column(tuple, col_payload_, row.payload);
+            pending_bytes_ += row.subscriber.size() + row.type.size() + row.payload.size();
+        } else if (in_done != done_index_.end()) {
+            column(tuple, col_subscriber_, done_[in_done->second].subscriber);
+        } else {
+            std::string subscriber;
+            if (column(tuple, col_subscriber_, subscriber)) {
+                pending_bytes_ += subscriber.size();
+                moves_[id] = std::move(subscriber);
+            }
+        }
+    } else {
+        auto in_open = open_index_.find(id);
+        auto in_done = done_index_.find(id);
+        if (in_open != open_index_.end()) {
+            open_[in_open->second].alive = false;
+            open_index_.erase(in_open);
+        } else if (in_done != done_index_.end()) {
+            done_[in_done->second].alive = false;
+            done_index_.erase(in_done);
+        } else {
+            moves_.erase(id);
+            deletes_.push_back(id);
+        }
+    }
+    count_pending();
+    if (pending_count_ >= settings_.rows_max || pending_bytes_ >= settings_.bytes_max) {
+        maybe_apply();
+    }
+}
+
+void Positioner::count_pending() {
+    pending_count_ = open_.size() + done_.size() + moves_.size() + deletes_.size();
+    peak_pending_ = std::max(peak_pending_, pending_count_);
+}
+
+void Positioner::truncate_pending() {
+    // Everything before the truncate, written or not, goes; positions given stay used.
+    for (WalRow &r : open_) {
+        r.alive = false;
+    }
+    for (WalRow &r : done_) {
+        r.alive = false;
+    }
+    open_index_.clear();
+    done_index_.clear();
+    moves_.clear();
+    deletes_.clear();
+    truncate_ = true;
+}
+
+void Positioner::on_commit(const pgoutput::Message &m) {
+    in_txn_ = false;
+    if (txn_switch_trigger_ && !skip_txn_) {
+        // The database went back to its trigger (event_piper_set_source('trigger')), which
+        // waited until this positioner had confirmed everything before it.
+        lose("", true);
+        note_error(LogLevel::Notice, "event_piper positioner: the database was switched to its "
+                                     "trigger (event_piper_set_source('trigger'))");
+        retry_.arm(settings_.idle_retry_ms);
+        return;
+    }
+    if (skip_txn_) {
+        if (awaiting_switch_ && txn_switch_wal_) {
+            // The switch to wal: every transaction after it is ours; store that at once.
+            awaiting_switch_ = false;
+            skip_txn_ = false;
+        } else {
+            return;
+        }
+    }
+    // The transaction's surviving rows get the next positions, in the order they were inserted.
+    std::vector<const WalRow *> rows;
+    for (WalRow &r : open_) {
+        if (r.alive) {
+            r.position = ++last_position_;
+            txn_last_position_ = r.position;
+            rows.push_back(&r);
+        }
+    }
+    if (!txn_spilled_) {
+        for (std::string &n : wal_notifications(rows)) {
+            notification_bytes_ += n.size();
+            pending_bytes_ += n.size();
+            notifications_.push_back(std::move(n));
+        }
+    } else if (txn_last_position_ > 0) {
+        // Too large to hold: a bare position sends the streams to the table.
+        notifications_.push_back("p " + num(txn_last_position_));
+    }
+    if (oldest_pending_ms_ == 0) {
+        oldest_pending_ms_ =
+            static_cast<uint64_t>((txn_commit_time_ + pgoutput::pg_epoch_unix_us) / 1000);
+    }
+    for (WalRow &r : open_) {
+        if (r.alive) {
+            done_index_[r.id] = done_.size();
+            done_.push_back(std::move(r));
+        }
+    }
+    open_.clear();
+    open_index_.clear();
+    done_lsn_ = m.end_lsn;
+    done_dirty_ = true;
+    ++done_transactions_;
+    count_pending();
+    if (explicit_txn_) {
+        maybe_apply(); // the large transaction is complete: commit it
+    }
+}
+
+void Positioner::maybe_apply() {
+    if (phase_ != Phase::Streaming || applying_ != Apply::None) {
+        bool over = pending_count_ >= settings_.rows_max || pending_bytes_ >= settings_.bytes_max;
+        if (over && reading_ && phase_ == Phase::Streaming) {
+            reading_ = false;
+            replication_.set_reading(false);
+        }
+        return;
+    }
+    bool over = pending_count_ >= settings_.rows_max || pending_bytes_ >= settings_.bytes_max;
+    if (in_txn_ && over) {
+        // A transaction too large to hold: write what is pending in a part of one positioner
+        // transaction, which commits with the transaction's end.
+        if (!explicit_txn_) {
+            send_plain("BEGIN", Apply::Begin);
+        } else {
+            // The open transaction's rows so far get their positions now, in order.
+            for (WalRow &r : open_) {
+                if (r.alive) {
+                    r.position = ++last_position_;
+                    txn_last_position_ = r.position;
+                    done_.push_back(std::move(r));
+                }
+            }
+            open_.clear();
+            open_index_.clear();
+            txn_spilled_ = true;
+            send_apply(false);
+        }
+        return;
+    }
+    if (!in_txn_ && done_dirty_) {
+        send_apply(true);
+        return;
+    }
+    if (!in_txn_ && explicit_txn_) {
+        send_apply(true); // defensive: a part was written, the transaction ended
+        return;
+    }
+    if (in_txn_ && !explicit_txn_ && done_dirty_) {
+        // Complete transactions before the open one (not too large so far) go now.
+        send_apply(true);
+        return;
+    }
+    if (!reading_) {
+        reading_ = true;
+        replication_.set_reading(true);
+    }
+}
+
+void Positioner::send_plain(const char *sql, Apply what) {
+    applying_ = what;
+    apply_.send(sql, 0, nullptr);
+}
+
+void Positioner::send_apply(bool final) {
+    std::vector<int64_t> positions, ids, times;
+    std::vector<std::string> subscribers;
+    size_t rows = 0;
+    for (const WalRow &r : done_) {
+        if (!r.alive) {
+            continue;
+        }
+        positions.push_back(r.position);
+        ids.push_back(r.id);
+        subscribers.push_back(r.subscriber);
+        times.push_back(r.commit_time);
+        ++rows;
+    }
+    std::vector<int64_t> move_ids;
+    std::vector<std::string> move_subscribers;
+    for (auto &[id, subscriber] : moves_) {
+        move_ids.push_back(id);
+        move_subscribers.push_back(subscriber);
+    }
+    std::string expect = stored_null_ ? std::string() : pgoutput::lsn_text(stored_lsn_);
+    std::string next = final ? pgoutput::lsn_text(done_lsn_) : std::string();
+    std::string last = num(last_position_);
+    std::string p_positions = int_array(positions), p_ids = int_array(ids),
+                p_subscribers = text_array(subscribers), p_times = int_array(times),
+                p_notifications = text_array(notifications_), p_move_ids = int_array(move_ids),
+                p_move_subscribers = text_array(move_subscribers), p_deletes = int_array(deletes_);
+    const char *truncate = truncate_ ? "true" : "false";
+    const char *params[14] = {expect.c_str(),
+                              next.c_str(),
+                              last.c_str(),
+                              p_positions.c_str(),
+                              p_ids.c_str(),
+                              p_subscribers.c_str(),
+                              p_times.c_str(),
+                              p_notifications.c_str(),
+                              p_move_ids.c_str(),
+                              p_move_subscribers.c_str(),
+                              p_deletes.c_str(),
+                              truncate,
+                              settings_.holder.c_str(),
+                              settings_.channel.c_str()};
+    if (inflight_oldest_ms_ == 0) {
+        inflight_oldest_ms_ = oldest_pending_ms_;
+    }
+    oldest_pending_ms_ = 0;
+    if (final) {
+        applying_lsn_ = done_lsn_;
+        applying_position_ = last_position_;
+    }
+    applying_transactions_ += done_transactions_;
+    applying_rows_ += rows;
+    applying_final_ = final;
+    done_.clear();
+    done_index_.clear();
+    notifications_.clear();
+    moves_.clear();
+    deletes_.clear();
+    truncate_ = false;
+    done_dirty_ = false;
+    done_transactions_ = 0;
+    notification_bytes_ = 0;
+    pending_bytes_ = 0;
+    for (const WalRow &r : open_) {
+        pending_bytes_ += r.subscriber.size() + r.type.size() + r.payload.size();
+    }
+    count_pending();
+    applying_ = final ? Apply::Final : Apply::Part;
+    apply_.send(apply_sql(), 14, params);
+}
+
+void Positioner::applied() {
+    stored_lsn_ = applying_lsn_;
+    stored_null_ = false;
+    stored_position_ = applying_position_;
+    transactions_ += applying_transactions_;
+    rows_ += applying_rows_;
+    applying_transactions_ = 0;
+    applying_rows_ = 0;
+    // Only now may the slot forget these transactions.
+    confirm(stored_lsn_, false);
+    inflight_oldest_ms_ = 0;
+    maybe_apply();
+}
+
+} // namespace event_piper

@@ -1,0 +1,253 @@
+"""event_piper_source wal, end to end (docs/wal-source.md): nginx's positioner reads the slot and
+gives positions after the commit; writers run nothing of ours.
+
+A cluster of its own with wal_level = logical (scripts/pgctl.sh, EVENT_PIPER_PG_LOGICAL=1), the
+database switched with event_piper_set_source('wal') before each test. Told as user stories:
+a live event byte-exact; commits out of id order, a rollback, and rows changed or deleted by
+their own transaction, live and in replay; the positioner's worker killed with -9 while writers
+insert.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import harness
+from harness import T, frame, wait_until
+
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    event_piper_source wal;
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events { event_piper; }
+        location = /status { event_piper_status; }
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def wal_pg():
+    cluster = harness.Postgres(os.path.join(harness.make_tmp("pg-wal-source"), "pg"), harness.free_port())
+    cluster.logical = True  # wal_level = logical, also after a restart
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def db(wal_pg):
+    pg = wal_pg
+    if pg.scalar("SELECT source FROM event_piper_wal_progress") == "wal":
+        pg.superuser_sql("SELECT event_piper_set_source('trigger', 0)")
+    pg.sql("TRUNCATE event_positions RESTART IDENTITY; TRUNCATE events RESTART IDENTITY")
+    pg.sql("UPDATE event_piper_wal_progress SET lsn = NULL, last_position = 0")
+    assert pg.superuser_sql("SELECT event_piper_set_source('wal')")[0][0] == "wal"
+    return pg
+
+
+def positions(pg):
+    return pg.sql("SELECT position, event_id, subscriber FROM event_positions ORDER BY position")
+
+
+def test_an_event_reaches_a_live_stream_through_the_positioner(db, nginx, clients):
+    ngx = nginx.start(db)
+    c = clients.stream(ngx, "toto")
+    rc, out = db.psql("insert into events (type, timestamp, subscriber, payload) "
+                      "values ('insert', now(), 'toto', '{\"foo\": \"bar\"}');")
+    assert rc == 0, out
+    c.wait_events(1, timeout=T(10))
+    assert c.events[0].raw == b'id: 1\nevent: insert\ndata: {"foo":"bar"}\n\n'
+    assert positions(db) == [(1, 1, "toto")]
+    # The writer ran no trigger of ours: they are all disabled.
+    assert {r[0] for r in db.sql("SELECT tgenabled FROM pg_trigger WHERE tgrelid = "
+                                 "'events'::regclass AND NOT tgisinternal")} == {"D"}
+    holder = int(db.scalar("SELECT holder FROM event_piper_wal_progress").split()[-1])
+    assert holder in ngx.worker_pids()
+
+    # Status: the source, the worker that holds the positioner, what it positioned.
+    def figures():
+        s = clients.client(ngx).request("GET", "/status")
+        s.wait_complete()
+        assert s.status == 200
+        return json.loads(bytes(s.body))
+
+    wait_until(lambda: figures()["positioned_rows"] == 1, T(5), what="status published")
+    status = figures()
+    assert status["source"] == "wal"
+    assert status["positioner_holder_pid"] == holder
+    assert status["positioned_transactions"] >= 1
+    assert status["positioner_lag_ms"] < 5000
+
+
+def test_commit_order_rollback_and_own_changes_live_and_in_replay(db, nginx, clients):
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    a = db.connect(autocommit=False)
+    b = db.connect(autocommit=False)
+    ins = ("insert into events (type, timestamp, subscriber, payload) "
+           "values (%s, now(), 'toto', %s) returning id")
+    # id 1 is inserted first but commits last: it gets the later position.
+    first = db.run(a, ins, ("a", '{"n": 1}'))[0][0]
+    db.run(b, ins, ("b", '{"n": 2}'))
+    b.commit()
+    a.commit()
+    # Rolled back: never seen.
+    db.run(b, ins, ("rolled back", '{"n": 3}'))
+    b.rollback()
+    # Changed and deleted by their own transaction: delivered as committed, or not at all.
+    x = db.run(b, ins, ("x", '{"n": 4}'))[0][0]
+    y = db.run(b, ins, ("y", '{"n": 5}'))[0][0]
+    db.run(b, "update events set payload = '{\"n\": 44}', type = 'x2' where id = %s", (x,))
+    db.run(b, "delete from events where id = %s", (y,))
+    b.commit()
+    a.close()
+    b.close()
+    expected = (frame(1, "b", '{"n":2}') + frame(2, "a", '{"n":1}') + frame(3, "x2", '{"n":44}'))
+    live.wait_events(3, timeout=T(10))
+    assert b"".join(e.raw for e in live.events) == expected
+    assert [r[1] for r in positions(db)] == [first + 1, first, first + 3]
+    replay = clients.stream(ngx, "toto", last_event_id="0")
+    replay.wait_events(3, timeout=T(10))
+    assert b"".join(e.raw for e in replay.events) == expected
+
+
+def test_kill_9_of_the_positioner_worker_loses_and_duplicates_nothing(db, nginx, clients):
+    ngx = nginx.start(db)
+    stop = threading.Event()
+    inserted = []
+
+    def writer():
+        conn = db.connect()
+        n = 0
+        while not stop.is_set():
+            n += 1
+            db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                         "values ('insert', now(), 'toto', %s)", ('{"n": %d}' % n,))
+            inserted.append(n)
+            time.sleep(0.005)
+        conn.close()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: db.scalar("SELECT holder FROM event_piper_wal_progress") is not None,
+                   T(10), what="a positioner")
+        holder = int(db.scalar("SELECT holder FROM event_piper_wal_progress").split()[-1])
+        ngx.allowed_alerts.append("exited on signal 9")
+        os.kill(holder, signal.SIGKILL)
+        # Another worker takes the role and the slot; positions continue.
+        wait_until(lambda: (db.scalar("SELECT holder FROM event_piper_wal_progress") or "")
+                   .split()[-1] not in ("", str(holder)), T(20), what="another positioner")
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join(10)
+    total = db.scalar("SELECT count(*) FROM events")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len(rows) == total == len(inserted)
+    assert len({r[1] for r in rows}) == total, "an event positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    c = clients.stream(ngx, "toto", last_event_id="0")
+    c.wait_events(total, timeout=T(20))
+    assert [int(e.id) for e in c.events] == list(range(1, total + 1))
+
+
+def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_wakes(
+        db, nginx, clients):
+    instances = [nginx.start(db), nginx.start(db)]
+    stop = threading.Event()
+
+    def writer(subscriber):
+        conn = db.connect()
+        while not stop.is_set():
+            db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                         "values ('insert', now(), %s, '{}')", (subscriber,))
+            time.sleep(0.01)
+        conn.close()
+
+    threads = [threading.Thread(target=writer, args=(s,), daemon=True) for s in ("toto", "titi")]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: db.scalar("SELECT holder FROM event_piper_wal_progress") is not None,
+                   T(10), what="a positioner")
+        frozen = int(db.scalar("SELECT holder FROM event_piper_wal_progress").split()[-1])
+        owner = next(n for n in instances if frozen in n.worker_pids())
+        other = next(n for n in instances if n is not owner)
+        reader = clients.stream(other, "toto", last_event_id="0")
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            # The server ends the frozen one's stream after wal_sender_timeout (10 s); the other
+            # instance takes the slot at its next try (at most 5 s later).
+            t0 = time.monotonic()
+            wait_until(lambda: (db.scalar("SELECT holder FROM event_piper_wal_progress") or "")
+                       .split()[-1] != str(frozen), T(30), what="another positioner")
+            took = time.monotonic() - t0
+            assert took < T(20), "takeover took %.1f s" % took
+            time.sleep(2)
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        time.sleep(3)  # the woken one finds its stream gone or its progress stale
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    total = db.scalar("SELECT count(*) FROM events")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len({r[1] for r in rows}) == total == len(rows), "an event lost or positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    assert str(frozen) not in db.scalar("SELECT holder FROM event_piper_wal_progress")
+    assert "event_piper positioner:" in owner.read_error_log()
+    toto = [r[0] for r in rows if r[2] == "toto"]
+    reader.wait_events(len(toto), timeout=T(20))
+    got = [int(e.id) for e in reader.events]
+    assert got == toto, "the reader on the other instance: lost, duplicated or out of order"
+
+
+def test_a_transaction_of_200000_rows_arrives_whole_in_order_in_bounded_memory(
+        db, nginx, clients):
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1,
+               T(10), what="a positioner reading the slot")
+    pids = ngx.worker_pids()
+    conn = db.connect(autocommit=False)
+    # 200,000 rows of about 450 bytes (90 MB), one in a thousand for toto; then the transaction
+    # changes one of its first rows and deletes another, long after they were written in parts.
+    first = db.run(conn, "SELECT nextval('events_id_seq') + 1")[0][0]
+    db.run(conn, "INSERT INTO events (type, timestamp, subscriber, payload) "
+                 "SELECT 'bulk', now(), CASE WHEN g % 1000 = 0 THEN 'toto' ELSE 'other' END, "
+                 "jsonb_build_object('n', g, 'pad', repeat('x', 400)) "
+                 "FROM generate_series(1, 200000) g")
+    db.run(conn, "UPDATE events SET subscriber = 'toto', payload = '{\"changed\": true}' "
+                 "WHERE id = %s", (first + 4,))
+    db.run(conn, "DELETE FROM events WHERE id = %s", (first + 6,))
+    with harness.RssSampler(pids, interval=0.05) as rss:
+        conn.commit()
+        wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") == 199999, T(120),
+                   interval=0.5, what="the transaction positioned")
+    conn.close()
+    growth = max(rss.growth_kb(p) for p in pids)
+    harness.log("largest worker growth while positioning 200,000 rows: %d kB" % growth)
+    assert growth < 40 * 1024, "a worker grew by %d kB (the transaction is 90 MB)" % growth
+    order = db.sql("SELECT event_id FROM event_positions ORDER BY position")
+    assert [r[0] for r in order] == sorted(r[0] for r in order), "not in insert order"
+    assert db.scalar("SELECT subscriber FROM event_positions WHERE event_id = %s",
+                     (first + 4,)) == "toto"
+    toto = db.sql("SELECT position FROM event_positions WHERE subscriber = 'toto' "
+                  "ORDER BY position")
+    assert len(toto) == 201
+    live.wait_events(201, timeout=T(60))
+    assert [int(e.id) for e in live.events] == [r[0] for r in toto]
+    assert live.events[0].data == '{"changed":true}'
