@@ -592,3 +592,12 @@ BEGIN
 END;
 $$;
 -- ---- end of event_piper_source wal ----------------------------------------------------------
+
+-- The schema's version, read by the module once per listening connection (README "Schema
+-- changes"). The previous release's schema has no such function: version 1. A change that
+-- a module must know of raises it; a module works against its own version and the previous
+-- one, and each version keeps what the previous module reads working, so that module and
+-- schema can be upgraded in either order. Created last: a module that reads this version
+-- finds everything above in place, also when this file is applied statement by statement.
+CREATE OR REPLACE FUNCTION event_piper_schema_version() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2';

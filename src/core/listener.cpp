@@ -79,12 +79,17 @@ void Listener::read_newest() {
     const char *params[1] = {since.c_str()};
     // Streams opened without a resume point while the database was unreachable start after what
     // was committed before they opened, by the database's commit clock ($1 = 0: none waiting).
+    // The fourth column says whether the schema has a version (the previous schema has none);
+    // if so, the version is read next, before going live (a call to a function that may not
+    // exist would fail the whole query).
+    has_version_function_ = false;
     link_.send("SELECT (SELECT coalesce(max(position), 0) FROM event_positions),"
                " CASE WHEN $1::bigint = 0 THEN NULL ELSE coalesce((SELECT position"
                "  FROM event_positions"
                "  WHERE committed_at <= to_timestamp($1::float8 / 1000)"
                "  ORDER BY position DESC LIMIT 1), 0) END,"
-               " coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events')",
+               " coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events'),"
+               " to_regprocedure('event_piper_schema_version()') IS NOT NULL",
                1, params);
 }
 
@@ -180,6 +185,12 @@ void Listener::on_link_result(DbLink &link, const QueryResult &result) {
                                "event_piper_listener_timeout late; make them the same");
             }
             channel_mismatch_ = mismatch;
+            has_version_function_ = result.columns() >= 4 && result.value(0, 3) == "t";
+            schema_version_ = schema_version_previous;
+        }
+        if (phase_ == Phase::ReadingVersion && result.rows() == 1 && result.columns() >= 1 &&
+            !result.is_null(0, 0)) {
+            schema_version_ = result.number(0, 0);
         }
         return;
     }
@@ -201,6 +212,14 @@ void Listener::on_link_idle(DbLink &link) {
         read_newest();
         return;
     case Phase::ReadingNewest:
+        if (has_version_function_) {
+            phase_ = Phase::ReadingVersion;
+            link_.send("SELECT event_piper_schema_version()", 0, nullptr);
+            return;
+        }
+        go_live();
+        return;
+    case Phase::ReadingVersion:
         go_live();
         return;
     case Phase::Checking:
@@ -226,10 +245,35 @@ void Listener::go_live() {
     }
     last_error_.clear();
     ever_live_ = true;
+    note_schema_version();
     if (settings_.check_ms != 0) {
         check_.arm(settings_.check_ms);
     }
     events_.on_listener_ready(epoch_, newest_, start_for_waiting_);
+}
+
+// Named in the log when it changes: an older schema works, but its fixes and rules for writers
+// are missing until schema.sql is applied; a newer one works as far as this module knows it.
+void Listener::note_schema_version() {
+    if (schema_version_ == version_logged_) {
+        return;
+    }
+    version_logged_ = schema_version_;
+    std::string v = to_text(static_cast<uint64_t>(schema_version_));
+    std::string mine = to_text(static_cast<uint64_t>(schema_version_current));
+    if (schema_version_ < schema_version_current) {
+        log_.write(LogLevel::Notice,
+                   "event_piper: the database's schema is version " + v +
+                       ", older than this module's postgresql/schema.sql (version " + mine +
+                       "): streams work as before; apply schema.sql to have the rest");
+    } else if (schema_version_ > schema_version_current) {
+        log_.write(LogLevel::Warn, "event_piper: the database's schema is version " + v +
+                                       ", newer than this module knows (version " + mine +
+                                       "): streams work as with version " + mine +
+                                       "; upgrade the module to have the rest");
+    } else {
+        log_.write(LogLevel::Notice, "event_piper: the database's schema is version " + v);
+    }
 }
 
 void Listener::on_check_timer() {

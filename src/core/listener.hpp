@@ -36,7 +36,7 @@ protected:
 
 class Listener : public DbLinkOwner {
 public:
-    enum class Phase { Down, Connecting, Listening, ReadingNewest, Live, Checking };
+    enum class Phase { Down, Connecting, Listening, ReadingNewest, ReadingVersion, Live, Checking };
 
     struct Settings {
         std::string channel;     // a plain identifier (checked by the configuration)
@@ -57,6 +57,13 @@ public:
     static constexpr int64_t ids_per_check = 10000;
     static constexpr int64_t oldest_id_scanned = 100000;
     static constexpr size_t unpositioned_followed = 1000;
+
+    // The database schema's version (postgresql/schema.sql's event_piper_schema_version()),
+    // read once per listening connection: schema_version_previous is a schema without that
+    // function (the previous release's). This module works against both; a newer schema is
+    // read as this one (a schema change keeps what older modules read working).
+    static constexpr int64_t schema_version_previous = 1;
+    static constexpr int64_t schema_version_current = 2;
 
     void start();
     void close(); // for good: nothing is reported after this
@@ -83,6 +90,8 @@ public:
     // Event writers that had waited in COMMIT for more than a second at the last check: a
     // transaction that reserved positions before them has not ended (see held_writers_sql).
     int64_t writers_waiting() const { return writers_waiting_; }
+    // The schema version read by the current (or last) listening connection (0: none read yet).
+    int64_t schema_version() const { return schema_version_; }
 
     void on_link_ready(DbLink &link) override;
     void on_link_result(DbLink &link, const QueryResult &result) override;
@@ -95,6 +104,7 @@ private:
     void lose(std::string_view why);
     void read_newest();
     void go_live();
+    void note_schema_version();
     void note_unpositioned(int64_t rows);
     void note_committed(int64_t newest_committed);
     void note_held_writers(const QueryResult &result);
@@ -148,6 +158,9 @@ private:
     int64_t checked_newest_ = 0;
     uint64_t unnotified_hints_ = 0;
     bool ever_live_ = false;
+    int64_t schema_version_ = 0;
+    bool has_version_function_ = false; // the newest position's query found the function
+    int64_t version_logged_ = 0;        // the version last named in the log (0: none)
     bool channel_mismatch_ = false;
     bool closed_ = false;
 };

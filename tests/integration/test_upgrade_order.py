@@ -1,0 +1,296 @@
+"""Upgrades in any order, with no outage: module and schema of the previous release (c28232f:
+tests/integration/schema_c28232f.sql and the module built from that commit) to this one's,
+while writers insert at a steady rate and clients read through a load balancer.
+
+Two instances behind a third nginx (the README's "Scaling out" setup) are upgraded one after the
+other (quit: its clients come back through the balancer to the other one; started again with
+this module on the same port), and postgresql/schema.sql is applied:
+  - module first, then schema;
+  - schema first, then module;
+  - between the two instances (one old and one new module against each schema).
+Every stream gets every event exactly once, in order; no event reaches a stream later than
+LONGEST_DELAY after its commit (the figures are printed). The module names the schema version
+it found (1: the previous schema, which has no event_piper_schema_version()).
+
+The previous module is built once from `git archive c28232f` in build/module-c28232f (a few
+minutes the first time, then cached).
+"""
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+import harness
+from harness import REPO, T, Nginx, make_tmp, note, open_stream, wait_until
+from test_schema_upgrade import SCHEMA, database  # noqa: F401  (database: the fixture)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PREVIOUS_COMMIT = "c28232f"
+SCHEMA_PREVIOUS = os.path.join(HERE, "schema_c28232f.sql")
+PREVIOUS_TREE = os.path.join(REPO, "build", "module-" + PREVIOUS_COMMIT)
+PREVIOUS_MODULE = os.path.join(PREVIOUS_TREE, "build", "ngx_event_piper_module.so")
+
+# "No interval longer than a few seconds in which live streams receive nothing that was
+# committed": the longest a committed event may take to reach a stream, reconnects included.
+LONGEST_DELAY = 3.0
+
+NGINX_CONF = """
+http {
+    event_piper_postgres "{{ postgres }}";
+    server {
+        listen 127.0.0.1:{{ port }};
+        location = /events {
+            event_piper;
+            event_piper_heartbeat 1s;
+            event_piper_retry 200ms;
+        }
+        location = /status { event_piper_status; }
+        location = /manage/health { event_piper_health; }
+    }
+}
+"""
+
+BALANCER_CONF = """
+http {
+    upstream piper {
+        server 127.0.0.1:{{ a }} max_fails=0;
+        server 127.0.0.1:{{ b }} max_fails=0;
+    }
+    server {
+        listen 127.0.0.1:{{ port }};
+        location / {
+            proxy_pass http://piper;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 1h;
+            proxy_next_upstream error timeout http_502 http_503;
+        }
+    }
+}
+"""
+
+
+@pytest.fixture(scope="session")
+def previous_module():
+    """The module of the previous release, built from its commit (cached in build/)."""
+    if not os.path.exists(PREVIOUS_MODULE):
+        os.makedirs(PREVIOUS_TREE, exist_ok=True)
+        archive = subprocess.run(
+            "git -C %s archive %s | tar -x -C %s" % (REPO, PREVIOUS_COMMIT, PREVIOUS_TREE),
+            shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert archive.returncode == 0, "cannot extract commit %s (a clone without it?): %s" % (
+            PREVIOUS_COMMIT, archive.stdout)
+        note("building the module of %s in %s (once)" % (PREVIOUS_COMMIT, PREVIOUS_TREE))
+        built = subprocess.run([os.path.join(PREVIOUS_TREE, "scripts", "build.sh")],
+                               cwd=PREVIOUS_TREE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        assert built.returncode == 0, built.stdout[-3000:]
+    return PREVIOUS_MODULE
+
+
+class Reader:
+    """An EventSource-like reader through the balancer: reconnects with Last-Event-ID when its
+    stream ends, and notes how long each event took from its commit (the writer's clock in the
+    payload) to its receipt."""
+
+    def __init__(self, port, consumer):
+        self.port, self.consumer = port, consumer
+        self.ids, self.reconnects, self.worst, self.worst_id = [], 0, 0.0, None
+        self.c = None
+        self._connect()
+
+    def _connect(self):
+        last = str(self.ids[-1]) if self.ids else "0"
+        while True:
+            try:
+                self.c = open_stream(self.port, self.consumer, last)
+                self.seen = 0
+                if self.c.status == 200:
+                    return
+                self.c.close()
+            except (OSError, AssertionError):
+                pass
+            time.sleep(0.05)
+
+    def pump(self, timeout=0.01):
+        self.c.pump(timeout)
+        now = time.time()
+        for f in self.c.events[self.seen:]:
+            self.ids.append(int(f.id))
+            delay = now - json.loads(f.data)["t"]
+            if delay > self.worst:
+                self.worst, self.worst_id = delay, int(f.id)
+        self.seen = len(self.c.events)
+        if self.c.eof or self.c.complete:
+            self.c.close()
+            self.reconnects += 1
+            self._connect()
+
+    def close(self):
+        self.c.close()
+
+
+class SteadyWriter(threading.Thread):
+    """One event every `pause` seconds, round-robin over the consumers, each in its own
+    transaction, with its commit time (this clock) in the payload."""
+
+    def __init__(self, db, consumers, pause=0.02):
+        super().__init__(daemon=True)
+        self.db, self.consumers, self.pause = db, consumers, pause
+        self.stop_flag = threading.Event()
+        self.count, self.errors = 0, []
+
+    def run(self):
+        conn = self.db.connect()
+        try:
+            while not self.stop_flag.is_set():
+                sub = self.consumers[self.count % len(self.consumers)]
+                self.db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                            "values ('insert', now(), %s, %s)",
+                            (sub, json.dumps({"t": time.time()})))
+                self.count += 1
+                time.sleep(self.pause)
+        except Exception as e:  # noqa: BLE001 (reported by the test)
+            self.errors.append(e)
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.stop_flag.set()
+        self.join(T(10))
+
+
+class Rollout:
+    """Two instances behind a balancer, readers and a writer; each step runs while the readers
+    keep reading."""
+
+    def __init__(self, db, nginx, module):
+        self.db, self.nginx = db, nginx
+        self.instances = [self._start(module), self._start(module)]
+        self.lb = Nginx(make_tmp("balancer"), BALANCER_CONF, workers=1, with_module=False,
+                        values={"a": self.instances[0].port, "b": self.instances[1].port})
+        nginx.instances.append(self.lb)
+        self.lb.start()
+        self._wait_two_listeners()
+        self.consumers = ["u%d" % i for i in range(6)]
+        self.readers = [Reader(self.lb.port, c) for c in self.consumers for _ in range(2)]
+        self.writer = SteadyWriter(db, self.consumers)
+        self.writer.start()
+        self.read_for(1.0)
+
+    def _start(self, module, port=None):
+        real_free_port = harness.free_port
+        if port is not None:  # the balancer names the instance by its port
+            harness.free_port = lambda: port
+        try:
+            ngx = Nginx(make_tmp("instance"), NGINX_CONF, pg=self.db, workers=2, module=module)
+        finally:
+            harness.free_port = real_free_port
+        self.nginx.instances.append(ngx)
+        ngx.start(wait_listening=False)
+        return ngx
+
+    def _wait_two_listeners(self):
+        wait_until(lambda: len(self.db.listening()) == 2, T(15), interval=0.05,
+                   what="a listening backend per instance")
+
+    def read_for(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for r in self.readers:
+                r.pump(0.005)
+
+    def meanwhile(self, step):
+        """Runs `step` in a thread while the readers read; returns its result."""
+        out, errors = [], []
+
+        def run():
+            try:
+                out.append(step())
+            except BaseException as e:  # noqa: BLE001 (raised below)
+                errors.append(e)
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        while t.is_alive():
+            self.read_for(0.05)
+        if errors:
+            raise errors[0]
+        return out[0]
+
+    def upgrade(self, i, module):
+        """Instance i quits (its clients come back through the balancer to the other one) and
+        starts again on its port with `module`."""
+        old = self.instances[i]
+        self.meanwhile(old.quit)
+        self.instances[i] = self.meanwhile(lambda: self._start(module, port=old.port))
+        self.meanwhile(self._wait_two_listeners)
+        self.read_for(1.0)
+        return self.instances[i]
+
+    def apply_schema(self):
+        self.meanwhile(lambda: self.db.apply(SCHEMA))
+        self.read_for(1.0)
+
+    def finish(self):
+        self.writer.stop()
+        assert self.writer.errors == []
+        assert self.writer.count > 100
+        want = {c: self.db.positions(c) for c in self.consumers}
+        deadline = time.monotonic() + T(20)
+        while time.monotonic() < deadline and any(
+                len(r.ids) < len(want[r.consumer]) for r in self.readers):
+            self.read_for(0.1)
+        for r in self.readers:
+            assert r.ids == want[r.consumer], (
+                "consumer %s: got %d events (%d reconnects), expected %d; missing %s, "
+                "duplicated %s" % (r.consumer, len(r.ids), r.reconnects, len(want[r.consumer]),
+                                   sorted(set(want[r.consumer]) - set(r.ids))[:10],
+                                   sorted({i for i in r.ids if r.ids.count(i) > 1})[:10]))
+        worst = max(self.readers, key=lambda r: r.worst)
+        note("upgrade: %d events, %d streams, %d reconnects; the longest from commit to a "
+             "stream: %.2f s (position %s)" % (
+                 self.writer.count, len(self.readers), sum(r.reconnects for r in self.readers),
+                 worst.worst, worst.worst_id))
+        assert any(r.reconnects for r in self.readers), "no stream moved to another instance"
+        assert worst.worst <= T(LONGEST_DELAY), (
+            "position %s reached a stream %.2f s after its commit" % (worst.worst_id,
+                                                                      worst.worst))
+        for r in self.readers:
+            r.close()
+
+
+def schema_version_logged(ngx, version):
+    return ngx.log_count("the database's schema is version %d" % version) > 0
+
+
+@pytest.mark.parametrize("order", ["module_first", "schema_first", "between_instances"])
+def test_two_instances_and_the_schema_upgraded_in_any_order_lose_nothing_and_stall_nothing(
+        database, nginx, previous_module, order):
+    db = database("upgrade_" + order)
+    db.apply(SCHEMA_PREVIOUS)
+    new = harness.MODULE
+    rollout = Rollout(db, nginx, previous_module)
+    if order == "module_first":
+        a = rollout.upgrade(0, new)
+        b = rollout.upgrade(1, new)
+        rollout.apply_schema()
+        for ngx in (a, b):  # read at their listener's connection: the schema was older then
+            assert schema_version_logged(ngx, 1)
+    elif order == "schema_first":
+        rollout.apply_schema()
+        a = rollout.upgrade(0, new)
+        b = rollout.upgrade(1, new)
+        for ngx in (a, b):
+            assert schema_version_logged(ngx, 2)
+    else:
+        a = rollout.upgrade(0, new)  # this module against the previous schema
+        rollout.apply_schema()       # both modules against this schema
+        b = rollout.upgrade(1, new)
+        assert schema_version_logged(a, 1) and schema_version_logged(b, 2)
+    rollout.finish()
+    assert db.scalar("select event_piper_schema_version()") == 2
