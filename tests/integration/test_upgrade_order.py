@@ -18,6 +18,7 @@ minutes the first time, then cached).
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -33,6 +34,11 @@ PREVIOUS_COMMIT = "c28232f"
 SCHEMA_PREVIOUS = os.path.join(HERE, "schema_c28232f.sql")
 PREVIOUS_TREE = os.path.join(REPO, "build", "module-" + PREVIOUS_COMMIT)
 PREVIOUS_MODULE = os.path.join(PREVIOUS_TREE, "build", "ngx_event_piper_module.so")
+
+# The version schema.sql gives (event_piper_schema_version()); the previous schema has none: 1.
+with open(SCHEMA) as _f:
+    CURRENT_VERSION = int(re.search(r"event_piper_schema_version\(\) RETURNS integer\s+"
+                                    r"LANGUAGE sql [^']*'SELECT (\d+)'", _f.read()).group(1))
 
 # "No interval longer than a few seconds in which live streams receive nothing that was
 # committed": the longest a committed event may take to reach a stream, reconnects included.
@@ -286,11 +292,11 @@ def test_two_instances_and_the_schema_upgraded_in_any_order_lose_nothing_and_sta
         a = rollout.upgrade(0, new)
         b = rollout.upgrade(1, new)
         for ngx in (a, b):
-            assert schema_version_logged(ngx, 2)
+            assert schema_version_logged(ngx, CURRENT_VERSION)
     else:
         a = rollout.upgrade(0, new)  # this module against the previous schema
         rollout.apply_schema()       # both modules against this schema
         b = rollout.upgrade(1, new)
-        assert schema_version_logged(a, 1) and schema_version_logged(b, 2)
+        assert schema_version_logged(a, 1) and schema_version_logged(b, CURRENT_VERSION)
     rollout.finish()
-    assert db.scalar("select event_piper_schema_version()") == 2
+    assert db.scalar("select event_piper_schema_version()") == CURRENT_VERSION

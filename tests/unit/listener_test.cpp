@@ -193,6 +193,103 @@ TEST_F(ListenerTest, LostWhileReadingTheNewest) {
     EXPECT_EQ(events.ready.back().epoch, 1u); // the first successful LISTEN
 }
 
+// The schema's version: the newest position's query says whether event_piper_schema_version()
+// exists (the previous schema has none: version 1); if so, it is read before going live.
+namespace {
+FakeResult newest_with_version(const char *newest, const char *has_version) {
+    return FakeResult(
+        {{std::string(newest), std::nullopt, std::string("new_events"), std::string(has_version)}});
+}
+} // namespace
+
+TEST_F(ListenerTest, TheSchemaVersionIsReadOncePerConnectionAndNamedWhenItChanges) {
+    listener.start();
+    link.connected(listener);
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::ReadingNewest);
+    EXPECT_NE(link.sent.back().find("to_regprocedure('event_piper_schema_version()')"),
+              std::string::npos);
+    listener.on_link_result(link, newest_with_version("42", "t"));
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::ReadingVersion);
+    EXPECT_EQ(link.sent.back(), "SELECT event_piper_schema_version()");
+    EXPECT_TRUE(events.ready.empty()); // live only once the version is known
+    listener.on_link_result(link, FakeResult({{std::to_string(Listener::schema_version_current)}}));
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_EQ(listener.schema_version(), Listener::schema_version_current);
+    ASSERT_EQ(events.ready.size(), 1u);
+    EXPECT_EQ(events.ready[0].newest, 42);
+    EXPECT_EQ(log.count("the database's schema is version " +
+                        std::to_string(Listener::schema_version_current)),
+              1u);
+
+    // Reconnected to the same schema: read again, not logged again.
+    link.lost(listener);
+    retry.fire();
+    listener.on_retry_timer();
+    link.connected(listener);
+    link.idle(listener);
+    listener.on_link_result(link, newest_with_version("43", "t"));
+    link.idle(listener);
+    listener.on_link_result(link, FakeResult({{std::to_string(Listener::schema_version_current)}}));
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_EQ(log.count("the database's schema is version"), 1u);
+
+    // A newer schema: a warning, and streams as before.
+    link.lost(listener);
+    retry.fire();
+    listener.on_retry_timer();
+    link.connected(listener);
+    link.idle(listener);
+    listener.on_link_result(link, newest_with_version("44", "t"));
+    link.idle(listener);
+    std::string mine = std::to_string(Listener::schema_version_current);
+    std::string newer = std::to_string(Listener::schema_version_current + 1);
+    listener.on_link_result(link, FakeResult({{newer}}));
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_EQ(listener.schema_version(), Listener::schema_version_current + 1);
+    EXPECT_EQ(log.count("the database's schema is version " + newer +
+                        ", newer than this module knows (version " + mine +
+                        "): streams work as with version " + mine),
+              1u);
+}
+
+TEST_F(ListenerTest, ThePreviousSchemaHasNoVersionAndGoesLiveAtOnce) {
+    listener.start();
+    link.connected(listener);
+    link.idle(listener);
+    listener.on_link_result(link, newest_with_version("7", "f"));
+    size_t sent = link.sent.size();
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::Live);
+    EXPECT_EQ(link.sent.size(), sent); // no call to a function that is not there
+    EXPECT_EQ(listener.schema_version(), Listener::schema_version_previous);
+    EXPECT_EQ(log.count("the database's schema is version 1, older than this module's "
+                        "postgresql/schema.sql (version " +
+                        std::to_string(Listener::schema_version_current) +
+                        "): streams work as before"),
+              1u);
+}
+
+TEST_F(ListenerTest, AFailedVersionQueryIsALostConnection) {
+    listener.start();
+    link.connected(listener);
+    link.idle(listener);
+    listener.on_link_result(link, newest_with_version("7", "t"));
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::ReadingVersion);
+    // Dropped in between (schema.sql being applied again without one transaction).
+    listener.on_link_result(link, FakeResult::failure("function event_piper_schema_version() "
+                                                      "does not exist"));
+    EXPECT_EQ(listener.phase(), Listener::Phase::Down);
+    EXPECT_TRUE(events.ready.empty());
+    EXPECT_TRUE(retry.armed());
+    EXPECT_EQ(log.count("function event_piper_schema_version() does not exist"), 1u);
+}
+
 TEST_F(ListenerTest, LossWhenLiveTellsTheStreamsAndTheNextEpochIsNew) {
     bring_up("42");
     link.lost(listener, "server closed the connection unexpectedly");
