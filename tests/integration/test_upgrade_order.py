@@ -8,6 +8,9 @@ this module on the same port), and postgresql/schema.sql is applied:
   - module first, then schema;
   - schema first, then module;
   - between the two instances (one old and one new module against each schema).
+One instance alone is upgraded the way nginx replaces its binary with no outage (USR2: a new
+master with this module beside the old one, then QUIT of the old one: its clients come back to
+the new workers on the same sockets), module first then schema, and schema first then module.
 Every stream gets every event exactly once, in order; no event reaches a stream later than
 LONGEST_DELAY after its commit (the figures are printed). The module names the schema version
 it found (1: the previous schema, which has no event_piper_schema_version()).
@@ -19,6 +22,7 @@ minutes the first time, then cached).
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -268,6 +272,119 @@ class Rollout:
                                                                       worst.worst))
         for r in self.readers:
             r.close()
+
+
+class Master:
+    """An nginx master that is not this process's child (started by another master's USR2),
+    with what harness.Nginx uses of a Popen."""
+
+    def __init__(self, pid):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        try:
+            with open("/proc/%d/stat" % self.pid, "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            state = b"X"
+        if state in (b"Z", b"X"):
+            self.returncode = 0
+        return self.returncode
+
+    def send_signal(self, sig):
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout=None):
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("nginx", timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+
+class OneInstance(Rollout):
+    """One instance, its clients connected to it directly; its module replaced by nginx's
+    binary upgrade."""
+
+    def __init__(self, db, nginx, module):
+        self.db, self.nginx = db, nginx
+        self.ngx = self._start_detached(module)
+        self.instances = [self.ngx]
+        wait_until(lambda: len(self.db.listening()) == 1, T(15), interval=0.05,
+                   what="a listening backend")
+        self.consumers = ["u%d" % i for i in range(6)]
+        self.readers = [Reader(self.ngx.port, c) for c in self.consumers for _ in range(2)]
+        self.writer = SteadyWriter(db, self.consumers)
+        self.writer.start()
+        self.read_for(1.0)
+
+    def _start_detached(self, module):
+        """Started by a shell that exits at once: nginx takes USR2 only from a master whose
+        parent is no longer the one that started it (as after daemonizing)."""
+        ngx = Nginx(make_tmp("instance"), NGINX_CONF, pg=self.db, workers=2, module=module)
+        self.nginx.instances.append(ngx)
+        # The shell stays until nginx wrote its pid file: nginx notes its parent at start.
+        out = subprocess.run(
+            ["sh", "-c", '"$@" >"$0" 2>&1 </dev/null & echo $!; n=0; '
+             'while [ ! -s "%s" ] && [ $n -lt 300 ]; do sleep 0.05; n=$((n+1)); done'
+             % ngx.pid_file, ngx.stdout_path] + ngx.cmd("-g", "daemon off;"),
+            stdout=subprocess.PIPE, text=True, env=ngx.env(), check=True)
+        ngx.proc = Master(int(out.stdout.strip()))
+        wait_until(lambda: ngx._accepting() and len(ngx.worker_pids()) >= ngx.workers, T(15),
+                   what="nginx accepting with its workers")
+        return ngx
+
+    def upgrade_binary(self, module):
+        """USR2 with nginx.conf naming `module`: a second master starts beside the first; once
+        its workers run, QUIT of the first."""
+        ngx = self.ngx
+        with open(ngx.conf_path) as f:
+            conf = f.read()
+        conf = re.sub(r"(?m)^load_module [^;]+;", lambda m: "load_module %s;"
+                      % harness.module_snapshot(module), conf, count=1)
+        with open(ngx.conf_path, "w") as f:
+            f.write(conf)
+        old_master = ngx.proc
+        old_workers = set(ngx.worker_pids())
+        old_master.send_signal(signal.SIGUSR2)
+
+        def new_master():
+            pids = [p for p in harness.proc_children(old_master.pid)
+                    if "master process" in harness.proc_cmdline(p)]
+            if pids and len([w for w in harness.proc_children(pids[0])
+                             if "worker process" in harness.proc_cmdline(w)]) >= ngx.workers:
+                return pids[0]
+            return None
+        pid = self.meanwhile(lambda: wait_until(new_master, T(15), interval=0.05,
+                                                what="a new master with its workers"))
+        self.meanwhile(lambda: wait_until(lambda: len(self.db.listening()) == 2, T(15),
+                                          interval=0.05, what="the new master's listener"))
+        old_master.send_signal(signal.SIGQUIT)
+        self.meanwhile(lambda: old_master.wait(T(15)))
+        ngx.proc = Master(pid)
+        assert not set(ngx.worker_pids()) & old_workers
+        self.meanwhile(lambda: wait_until(lambda: len(self.db.listening()) == 1, T(15),
+                                          interval=0.05, what="one listening backend"))
+        self.read_for(1.0)
+        return ngx
+
+
+@pytest.mark.parametrize("order", ["module_first", "schema_first"])
+def test_one_instance_upgraded_by_binary_upgrade_in_either_order_loses_nothing_and_stalls_nothing(
+        database, nginx, previous_module, order):
+    db = database("upgrade_one_" + order)
+    db.apply(SCHEMA_PREVIOUS)
+    one = OneInstance(db, nginx, previous_module)
+    if order == "module_first":
+        ngx = one.upgrade_binary(harness.MODULE)
+        one.apply_schema()
+        assert schema_version_logged(ngx, 1)
+    else:
+        one.apply_schema()
+        ngx = one.upgrade_binary(harness.MODULE)
+        assert schema_version_logged(ngx, CURRENT_VERSION)
+    one.finish()
 
 
 def schema_version_logged(ngx, version):
