@@ -22,6 +22,7 @@ minutes the first time, then cached).
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -417,3 +418,29 @@ def test_two_instances_and_the_schema_upgraded_in_any_order_lose_nothing_and_sta
         assert schema_version_logged(a, 1) and schema_version_logged(b, CURRENT_VERSION)
     rollout.finish()
     assert db.scalar("select event_piper_schema_version()") == CURRENT_VERSION
+
+
+def test_a_reload_keeps_the_module_it_loaded_even_when_its_file_was_replaced(
+        database, nginx, previous_module):
+    """Why the module is upgraded by a binary upgrade or a restart, never by a reload: the
+    master asks the dynamic loader for the file it loaded already, and gets the loaded one
+    back. Here the previous module's file is replaced (by rename, as a package upgrade does)
+    with this one, then nginx reloads: the new workers still run the previous module (which
+    never names the schema version)."""
+    db = database("upgrade_by_reload")
+    db.apply(SCHEMA)
+    path = os.path.join(make_tmp("module"), "ngx_event_piper_module.so")
+    shutil.copy2(previous_module, path)
+    ngx = Nginx(make_tmp("instance"), NGINX_CONF, pg=db, workers=2, module=path)
+    nginx.instances.append(ngx)
+    ngx.start()
+    loaded = harness.module_snapshot(path)  # the file nginx.conf names
+    shutil.copy2(harness.MODULE, loaded + ".new")
+    os.rename(loaded + ".new", loaded)
+    before = {pid for pid, _, _ in db.listening()}
+    ngx.reload()
+    wait_until(lambda: (lambda now: now and not now & before)(
+        {pid for pid, _, _ in db.listening()}), T(15), what="a new listening connection")
+    time.sleep(0.5)
+    assert ngx.log_count("the database's schema is version") == 0, \
+        "the reload loaded the new file"
