@@ -96,6 +96,10 @@ const Field fields[] = {
      "Transactions the positioner gave positions.", &WorkerStats::positioned_transactions},
     {"positioned_rows", "event_piper_positioned_rows_total", "counter",
      "Events the positioner gave positions.", &WorkerStats::positioned_rows},
+    {nullptr, "event_piper_schema_version", "gauge",
+     "The database schema's version the worker's listener read at its last connection (0: "
+     "none yet; 1: the previous release's schema).",
+     &WorkerStats::schema_version},
 };
 
 void append_number(std::string &out, unsigned long long v) {
@@ -221,6 +225,11 @@ std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t
     }
     checked(cJSON_AddStringToObject(document.get(), "source", wal ? "wal" : "trigger"));
     add_count(document.get(), "positioner_holder_pid", static_cast<unsigned long long>(positioner));
+    uint64_t schema = 0; // as the instance's listeners last read it (the newest of them)
+    for (const auto &w : workers) {
+        schema = w.schema_version > schema ? w.schema_version : schema;
+    }
+    add_count(document.get(), "schema_version", schema);
     cJSON *list = checked(cJSON_AddArrayToObject(document.get(), "workers"));
     for (const WorkerStats &w : workers) {
         Json worker(checked(cJSON_CreateObject()));

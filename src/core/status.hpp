@@ -49,6 +49,9 @@ struct WorkerStats {
     uint64_t positioner_lag_ms = 0;    // age of the oldest commit not yet positioned
     uint64_t positioned_transactions = 0;
     uint64_t positioned_rows = 0;
+    // The database schema's version its listener read at its last listening connection (0:
+    // none yet; 1: the previous release's schema, which has no event_piper_schema_version()).
+    uint64_t schema_version = 0;
 };
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.

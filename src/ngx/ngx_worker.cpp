@@ -160,6 +160,7 @@ void Worker::publish() {
     stats.position_hints = listener_.unnotified_hints();
     stats.unpositioned_rows = static_cast<uint64_t>(listener_.unpositioned_rows());
     stats.writers_waiting = static_cast<uint64_t>(listener_.writers_waiting());
+    stats.schema_version = static_cast<uint64_t>(listener_.schema_version());
     stats.replay_failures = hub_.replay().failures();
     stats.replay_queries = hub_.replay().queries();
     stats.replay_queued = hub_.replay().queued();

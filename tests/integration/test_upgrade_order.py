@@ -25,6 +25,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -33,6 +34,10 @@ import pytest
 import harness
 from harness import REPO, T, Nginx, make_tmp, note, open_stream, wait_until
 from test_schema_upgrade import SCHEMA, database  # noqa: F401  (database: the fixture)
+
+sys.path.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                              "chaos")))
+from piper_chaos import status  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREVIOUS_COMMIT = "c28232f"
@@ -389,6 +394,9 @@ def test_one_instance_upgraded_by_binary_upgrade_in_either_order_loses_nothing_a
 
 
 def schema_version_logged(ngx, version):
+    """The module named `version` in its log, and shows it in /status."""
+    wait_until(lambda: status(ngx).get("schema_version") == version, T(5), interval=0.1,
+               what="schema_version %d in /status" % version)
     return ngx.log_count("the database's schema is version %d" % version) > 0
 
 

@@ -108,8 +108,9 @@ TEST(Status, JsonParsesWithEveryFieldTotalAndPerWorker) {
     EXPECT_EQ(number(document.get(), "notifications_dropped"), 4);
     EXPECT_DOUBLE_EQ(number(document.get(), "last_notification_age_seconds"), 0.5);
     EXPECT_EQ(cJSON_GetObjectItemCaseSensitive(document.get(), "pid"), nullptr);
-    // and age, workers, the holder's pid (shared listener), the source, the positioner's pid
-    EXPECT_EQ(cJSON_GetArraySize(document.get()), counter_count + 5);
+    // and age, workers, the holder's pid (shared listener), the source, the positioner's pid,
+    // the schema version
+    EXPECT_EQ(cJSON_GetArraySize(document.get()), counter_count + 6);
     EXPECT_EQ(number(document.get(), "listener_holder_pid"), 0);
     EXPECT_EQ(text(document.get(), "source"), "trigger");
     EXPECT_EQ(number(document.get(), "positioner_holder_pid"), 0);
@@ -154,6 +155,25 @@ TEST(Status, WalSourceShowsThePositionerItsWorkerAndItsLag) {
     EXPECT_NE(prom.find("event_piper_source_wal{pid=\"10\"} 1\n"), std::string::npos) << prom;
     EXPECT_NE(prom.find("event_piper_positioner_holder{pid=\"11\"} 1\n"), std::string::npos);
     EXPECT_NE(prom.find("event_piper_positioner_lag_bytes{pid=\"11\"} 4096\n"), std::string::npos);
+}
+
+TEST(Status, TheSchemaVersionIsTheNewestAListenerRead) {
+    std::vector<WorkerStats> workers = two_workers();
+    EXPECT_EQ(number(parse(render_status_json(workers, 2000)).get(), "schema_version"), 0);
+    workers[0].schema_version = 1; // a worker that held the listener before the schema changed
+    workers[1].schema_version = 2;
+    Json document = parse(render_status_json(workers, 2000));
+    ASSERT_NE(document, nullptr);
+    EXPECT_EQ(number(document.get(), "schema_version"), 2);
+    const cJSON *list = cJSON_GetObjectItemCaseSensitive(document.get(), "workers");
+    EXPECT_EQ(cJSON_GetObjectItemCaseSensitive(cJSON_GetArrayItem(list, 0), "schema_version"),
+              nullptr); // not a per-worker JSON field: Prometheus has it per worker
+    std::string prom = render_status_prometheus(workers, 2000);
+    EXPECT_NE(prom.find("# TYPE event_piper_schema_version gauge\n"
+                        "event_piper_schema_version{pid=\"10\"} 1\n"
+                        "event_piper_schema_version{pid=\"11\"} 2\n"),
+              std::string::npos)
+        << prom;
 }
 
 TEST(Status, JsonKeepsEveryDigitOfLargeCounters) {
