@@ -186,7 +186,7 @@ void Listener::on_link_result(DbLink &link, const QueryResult &result) {
             }
             channel_mismatch_ = mismatch;
             has_version_function_ = result.columns() >= 4 && result.value(0, 3) == "t";
-            schema_version_ = schema_version_previous;
+            schema_version_ = schema_version_unversioned;
         }
         if (phase_ == Phase::ReadingVersion && result.rows() == 1 && result.columns() >= 1 &&
             !result.is_null(0, 0)) {

@@ -59,10 +59,11 @@ public:
     static constexpr size_t unpositioned_followed = 1000;
 
     // The database schema's version (postgresql/schema.sql's event_piper_schema_version()),
-    // read once per listening connection: schema_version_previous is a schema without that
-    // function (the previous release's). This module works against both; a newer schema is
-    // read as this one (a schema change keeps what older modules read working).
-    static constexpr int64_t schema_version_previous = 1;
+    // read once per listening connection; schema_version_unversioned is a schema without that
+    // function (the release of c28232f). This module works against this version and the
+    // earlier ones down to that; a newer schema is read as this one (each schema change keeps
+    // what older modules read working).
+    static constexpr int64_t schema_version_unversioned = 1;
     static constexpr int64_t schema_version_current = 2;
 
     void start();

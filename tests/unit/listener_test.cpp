@@ -266,7 +266,7 @@ TEST_F(ListenerTest, ThePreviousSchemaHasNoVersionAndGoesLiveAtOnce) {
     link.idle(listener);
     ASSERT_EQ(listener.phase(), Listener::Phase::Live);
     EXPECT_EQ(link.sent.size(), sent); // no call to a function that is not there
-    EXPECT_EQ(listener.schema_version(), Listener::schema_version_previous);
+    EXPECT_EQ(listener.schema_version(), Listener::schema_version_unversioned);
     EXPECT_EQ(log.count("the database's schema is version 1, older than this module's "
                         "postgresql/schema.sql (version " +
                         std::to_string(Listener::schema_version_current) +
