@@ -20,7 +20,7 @@ RUN_PACKAGES=(
 PACKAGE_PACKAGES=(debhelper dpkg-dev lintian)
 TEST_PACKAGES=(
     libgtest-dev clang-format
-    python3 python3-pytest python3-psycopg2
+    python3 python3-pytest python3-psycopg2 python3-hypothesis
     chromium
 )
 # Node.js and npm (for the real-client tests): Debian's packages unless the machine already has
