@@ -53,18 +53,22 @@ std::string ReplayQueue::folded_sql(size_t ids) {
            " LEFT JOIN LATERAL ("
            "  SELECT position, type, body, target, state, fetched,"
            "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
-           "  FROM (SELECT f.position, f.fetched, coalesce(e.type, '') AS type,"
+           "  FROM (SELECT f.position, f.fetched, coalesce(r.type, '') AS type,"
            // An event without patches goes as it is; a patched one as its state (null: the
            // event was deleted, or moved to another subscriber, while its patches stayed).
-           "    CASE WHEN f.root = f.position THEN e.payload::text"
-           "     WHEN e.id IS NULL THEN 'null' ELSE event_piper_state(f.root)::text END AS body,"
+           "    CASE WHEN f.root = f.position THEN r.payload::text"
+           "     WHEN r.id IS NULL THEN 'null' ELSE event_piper_state(f.root)::text END AS body,"
            "    CASE WHEN f.root <> f.position THEN f.root END AS target, true AS state"
            "   FROM (SELECT position, subscriber, root, count(*) OVER () AS fetched FROM (" +
            branches +
            "    ) AS ids ORDER BY position LIMIT $2) AS f"
-           "   LEFT JOIN event_positions rp ON rp.position = f.root"
-           "    AND rp.subscriber = f.subscriber"
-           "   LEFT JOIN events e ON e.id = rp.event_id) AS batch"
+           // The event by its position: a lookup per row, never a scan of the table.
+           "   LEFT JOIN LATERAL (SELECT e.id, e.type, e.payload FROM event_positions rp"
+           "    JOIN events e ON e.id = rp.event_id WHERE rp.position = f.root"
+           "    AND rp.subscriber = f.subscriber) AS r ON true"
+           // OFFSET 0: not flattened, so that each state is merged once, not once more for the
+           // byte count.
+           "   OFFSET 0) AS batch"
            " ) AS b ON b.before < $3"
            " ORDER BY b.position";
 }
