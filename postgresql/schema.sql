@@ -266,19 +266,21 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Checks the patch `patch_id` (at position `pos`, of `sub`) against the event it names and
--- returns that event's position: `local_pos` when the target was inserted by the same
--- transaction, else the one in event_positions. Refused: a target that does not exist (or is
+-- returns that event's position: when the target is one of this transaction's rows `ids`
+-- (positioned from `pos_first` in id order), its place among them, else the one in
+-- event_positions. (Looked up per patch, never joined: a cached generic plan of a join of the
+-- transaction's rows with themselves became a nested loop, quadratic in a 100,000-row insert.) Refused: a target that does not exist (or is
 -- not visible: not committed yet), of another subscriber, itself a patch (patches name the event
 -- they change; docs/patching.md), or without a position. The target is locked FOR KEY SHARE
 -- until commit, so that a concurrent DELETE of it waits (a patch never outlives its target by a
 -- race); writers of other patches of it are not held.
 CREATE OR REPLACE FUNCTION event_piper_patch_target(patch_id bigint, target_id bigint, sub text,
-                                                    pos bigint, local_pos bigint)
+                                                    pos bigint, ids bigint[], pos_first bigint)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     tsub     text;
     tpatches bigint;
-    tpos     bigint := local_pos;
+    tpos     bigint;
 BEGIN
     SELECT subscriber, patches INTO tsub, tpatches FROM events WHERE id = target_id FOR KEY SHARE;
     IF NOT FOUND THEN
@@ -292,7 +294,9 @@ BEGIN
             'event it patches (%) instead', patch_id, target_id, tpatches
             USING ERRCODE = 'foreign_key_violation';
     END IF;
-    IF tpos IS NULL THEN
+    IF target_id = ANY (ids) THEN
+        tpos := pos_first + (SELECT count(*) FROM events WHERE id = ANY (ids) AND id < target_id);
+    ELSE
         SELECT min(position) INTO tpos FROM event_positions WHERE event_id = target_id;
     END IF;
     IF tpos IS NULL OR tpos >= pos THEN
@@ -542,7 +546,7 @@ BEGIN
             tgt1 := NEW.patches;
         END IF;
         IF tgt1 IS NOT NULL THEN
-            tgt1 := event_piper_patch_target(NEW.id, tgt1, sub1, pos_first, NULL);
+            tgt1 := event_piper_patch_target(NEW.id, tgt1, sub1, pos_first, NULL, NULL);
         END IF;
         IF sub1 IS NOT NULL THEN
             INSERT INTO event_positions (position, event_id, subscriber, target)
@@ -560,16 +564,14 @@ BEGIN
         -- small: `id = ANY (ids)` stays an index scan whatever the statistics said then; a join
         -- with unnest(ids) became a sequential scan of events.)
         -- A patch's target is checked, and its position found (it may be one of ours).
-        WITH ordered AS (
-                 SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position, id,
-                        subscriber::text AS sub, type::text AS typ, payload::text AS body,
-                        patches
-                   FROM events WHERE id = ANY (ids)),
-             mine AS (
-                 SELECT o.position, o.id, o.sub, o.typ, o.body,
-                        CASE WHEN o.patches IS NOT NULL THEN event_piper_patch_target(
-                            o.id, o.patches, o.sub, o.position, l.position) END AS tgt
-                   FROM ordered o LEFT JOIN ordered l ON l.id = o.patches),
+        WITH mine AS (
+                 SELECT position, id, sub, typ, body,
+                        CASE WHEN patches IS NOT NULL THEN event_piper_patch_target(
+                            id, patches, sub, position, ids, pos_first) END AS tgt
+                   FROM (SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position, id,
+                                subscriber::text AS sub, type::text AS typ,
+                                payload::text AS body, patches
+                           FROM events WHERE id = ANY (ids)) AS ordered),
              ins AS (
                  INSERT INTO event_positions (position, event_id, subscriber, target)
                  SELECT position, id, sub, tgt FROM mine)
@@ -586,9 +588,10 @@ BEGIN
             buf := '';
             FOR r IN SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position,
                             subscriber::text AS sub, type::text AS typ, payload::text AS body,
+                            -- (by event_id alone: a cached plan chose a position range
+                            -- scan per row for a BETWEEN here, quadratic in large inserts)
                             (SELECT p.target FROM event_positions p
-                              WHERE p.event_id = events.id
-                                AND p.position BETWEEN pos_first AND pos_last) AS tgt
+                              WHERE p.event_id = events.id LIMIT 1) AS tgt
                        FROM events WHERE id = ANY (ids) ORDER BY id LOOP
                 size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
                 IF size <= 7900 THEN
