@@ -96,10 +96,12 @@ CREATE INDEX IF NOT EXISTS event_positions_target_idx
     ON event_positions (target, position) WHERE target IS NOT NULL;
 
 -- The view operators (and the tests) read: each event with its position, NULL for rows that
--- have none (not committed through the trigger).
+-- have none (not committed through the trigger). A compaction's stand-in is not the event's
+-- position: left out.
 CREATE OR REPLACE VIEW event_log AS
     SELECT e.id, e.type, e.timestamp, e.subscriber, e.payload, p.position, p.committed_at
-      FROM events e LEFT JOIN event_positions p ON p.event_id = e.id;
+      FROM events e LEFT JOIN event_positions p
+        ON p.event_id = e.id AND (p.target IS NULL OR e.patches IS NOT NULL);
 
 -- The advisory locks, in their own key spaces: the session-level lock that makes a range
 -- reservation atomic (the same bigint key older schemas used), and the two-int4 locks
