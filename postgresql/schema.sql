@@ -311,48 +311,58 @@ $$;
 
 -- Compaction: folds the patches at or below position `upto` (and, if `older_than` is given,
 -- committed before it) into the events they patch, and deletes them; at most `max_events` events
--- per call, so that each call is a short transaction (call it again until it answers 0, or CALL
--- event_piper_compact_all). Per event, the patches up to the newest one chosen, P, are folded
+-- per call, so that each call is a short transaction (CALL event_piper_compact_all for all of
+-- them: it goes on from the last event of each batch, one transaction per batch). Per event, the patches up to the newest one chosen, P, are folded
 -- into its payload, and P's position is kept as a stand-in: an event_positions row for the event
 -- itself with target set, which replay sends as the event's whole state ("state" frame). So a
 -- client resuming from any position, even a deleted patch's, in full or folded replay, ends in
 -- the same state as before (docs/patching.md). Locks: the patched events' rows FOR NO KEY
 -- UPDATE, which writers' patches (FOR KEY SHARE at commit) do not wait for.
-CREATE OR REPLACE FUNCTION event_piper_compact(upto bigint, older_than timestamptz DEFAULT NULL,
-                                               max_events int DEFAULT 1000)
-RETURNS int LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION event_piper_compact_batch(upto bigint, older_than timestamptz,
+                                                     max_events int, after_target bigint,
+                                                     OUT folded int, OUT last_target bigint)
+LANGUAGE plpgsql AS $$
 DECLARE
-    r      record;
-    done   int := 0;
-    rid    bigint;
-    rsub   text;
-    folded jsonb;
-    gone   bigint[];
+    r     record;
+    rid   bigint;
+    rsub  text;
+    state jsonb;
+    gone  bigint[];
 BEGIN
+    folded := 0;
+    last_target := after_target;
+    -- Events in position order of the event (`target`), after the previous batch's last one:
+    -- each batch reads the partial index from where the previous one stopped.
     FOR r IN SELECT p.target AS root, max(p.position) AS last, max(p.committed_at) AS at
                FROM event_positions p JOIN events e ON e.id = p.event_id
-              WHERE p.target IS NOT NULL AND p.position <= upto AND e.patches IS NOT NULL
+              WHERE p.target > after_target AND p.position <= upto AND e.patches IS NOT NULL
                 AND (older_than IS NULL OR p.committed_at < older_than)
               GROUP BY p.target ORDER BY p.target LIMIT max_events LOOP
+        last_target := r.root;
         SELECT rp.event_id, rp.subscriber INTO rid, rsub
           FROM event_positions rp JOIN events e ON e.id = rp.event_id
          WHERE rp.position = r.root FOR NO KEY UPDATE OF e;
         CONTINUE WHEN NOT FOUND; -- the event was deleted: its patches are left alone
         SELECT event_piper_fold(payload ORDER BY position), array_agg(id) FILTER (WHERE is_patch)
-          INTO folded, gone
+          INTO state, gone
           FROM (SELECT p.position, e.id, e.payload, p.position <> r.root AS is_patch
                   FROM event_positions p JOIN events e ON e.id = p.event_id
                  WHERE p.position = r.root
                     OR (p.target = r.root AND p.position <= r.last AND e.patches IS NOT NULL)) f;
-        UPDATE events SET payload = folded WHERE id = rid;
+        UPDATE events SET payload = state WHERE id = rid;
         DELETE FROM events WHERE id = ANY (gone); -- their positions go with them (trigger)
         DELETE FROM event_positions WHERE target = r.root AND event_id = rid; -- older stand-in
         INSERT INTO event_positions (position, event_id, subscriber, committed_at, target)
             VALUES (r.last, rid, rsub, r.at, r.root);
-        done := done + 1;
+        folded := folded + 1;
     END LOOP;
-    RETURN done;
 END;
+$$;
+
+CREATE OR REPLACE FUNCTION event_piper_compact(upto bigint, older_than timestamptz DEFAULT NULL,
+                                               max_events int DEFAULT 1000)
+RETURNS int LANGUAGE sql AS $$
+    SELECT folded FROM event_piper_compact_batch(upto, older_than, max_events, 0)
 $$;
 
 -- The whole compaction, one transaction per batch (CALL it outside a transaction block).
@@ -360,8 +370,16 @@ CREATE OR REPLACE PROCEDURE event_piper_compact_all(upto bigint,
                                                     older_than timestamptz DEFAULT NULL,
                                                     max_events int DEFAULT 1000)
 LANGUAGE plpgsql AS $$
+DECLARE
+    n     int;
+    after bigint := 0;
+    prev  bigint;
 BEGIN
-    WHILE event_piper_compact(upto, older_than, max_events) > 0 LOOP
+    LOOP
+        prev := after;
+        SELECT folded, last_target INTO n, after
+          FROM event_piper_compact_batch(upto, older_than, max_events, after);
+        EXIT WHEN after = prev; -- no event left after the previous batch's last
         COMMIT;
     END LOOP;
 END;
