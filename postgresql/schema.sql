@@ -271,9 +271,10 @@ $$;
 -- returns that event's position: when the target is one of this transaction's rows `ids`
 -- (positioned from `pos_first` in id order), its place among them, else the one in
 -- event_positions. (Looked up per patch, never joined: a cached generic plan of a join of the
--- transaction's rows with themselves became a nested loop, quadratic in a 100,000-row insert.) Refused: a target that does not exist (or is
--- not visible: not committed yet), of another subscriber, itself a patch (patches name the event
--- they change; docs/patching.md), or without a position. The target is locked FOR KEY SHARE
+-- transaction's rows with themselves became a nested loop, quadratic in a 100,000-row insert.)
+-- Refused: a target that does not exist (or is not visible: not committed yet), of another
+-- subscriber, itself a patch (patches name the event they change; docs/patching.md), or without
+-- a position. The target is locked FOR KEY SHARE
 -- until commit, so that a concurrent DELETE of it waits (a patch never outlives its target by a
 -- race); writers of other patches of it are not held.
 CREATE OR REPLACE FUNCTION event_piper_patch_target(patch_id bigint, target_id bigint, sub text,
@@ -312,9 +313,10 @@ $$;
 -- Compaction: folds the patches at or below position `upto` (and, if `older_than` is given,
 -- committed before it) into the events they patch, and deletes them; at most `max_events` events
 -- per call, so that each call is a short transaction (CALL event_piper_compact_all for all of
--- them: it goes on from the last event of each batch, one transaction per batch). Per event, the patches up to the newest one chosen, P, are folded
--- into its payload, and P's position is kept as a stand-in: an event_positions row for the event
--- itself with target set, which replay sends as the event's whole state ("state" frame). So a
+-- them: it goes on from the last event of each batch, one transaction per batch). Per event, the
+-- patches up to the newest one chosen, P, are folded into its payload, and P's position is kept
+-- as a stand-in: an event_positions row for the event itself with target set, which replay sends
+-- as the event's whole state ("state" frame). So a
 -- client resuming from any position, even a deleted patch's, in full or folded replay, ends in
 -- the same state as before (docs/patching.md). Locks: the patched events' rows FOR NO KEY
 -- UPDATE, which writers' patches (FOR KEY SHARE at commit) do not wait for.
