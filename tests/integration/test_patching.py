@@ -9,6 +9,8 @@ compaction, and also when it resumes again from any id it was sent.
 """
 
 import json
+import os
+import subprocess
 
 import psycopg2
 import pytest
@@ -313,3 +315,35 @@ def test_folded_replay_against_a_schema_without_patches_sends_the_full_history(d
         ngx.wait_log("folded replay asked for, but the database has no event_piper_state()")
     finally:
         db.superuser_sql("alter function event_piper_state_x(bigint) rename to event_piper_state")
+
+
+# -- the README's browser snippet, under a real EventSource --
+
+def snippet_state(ngx, last_event_id, folded, count):
+    from test_real_clients import CLIENTS, node_clients_ready
+    node_clients_ready()
+    url = "http://127.0.0.1:%d/events%s" % (ngx.port, "?folded=1" if folded else "")
+    out = subprocess.run(["node", os.path.join(CLIENTS, "patching_state.mjs"), url,
+                          "--header", "X-Consumer-Id: alice",
+                          "--header", "Last-Event-ID: %d" % last_event_id,
+                          "--count", str(count), "--timeout", str(int(T(20)))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         timeout=T(30))
+    assert out.returncode == 0, out.stderr
+    return {int(k): v for k, v in json.loads(out.stdout).items()}
+
+
+def test_the_readme_browser_snippet_keeps_the_current_state(db, nginx, clients):
+    ngx = nginx.start(db)
+    a = insert(db, "alice", '{"status": "paid", "n": 12, "addr": {"city": "Lyon", "zip": 1}}')
+    b = insert(db, "alice", '{"status": "paid"}')
+    insert(db, "alice", '{"status": "shipped", "addr": {"zip": null}, "n": null}', a)
+    insert(db, "alice", 'null', b)  # deleted
+    c = insert(db, "alice", '{"status": "paid"}')
+    insert(db, "alice", '{"tags": [1, 2]}', c)
+    expected = {1: {"status": "shipped", "addr": {"city": "Lyon"}}, 5: {"status": "paid",
+                                                                        "tags": [1, 2]}}
+    for root, value in expected.items():
+        assert db.scalar("select event_piper_state(%s)", (root,)) == value
+    assert snippet_state(ngx, 0, False, 6) == expected  # the whole history
+    assert snippet_state(ngx, 0, True, 3) == expected   # folded: 1, 2 (deleted) and 5, once each
