@@ -8,8 +8,8 @@ export PORT
 SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
-        test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall clients \
-        docker-build docker-run test-docker nginx-versions test-nginx-versions
+        test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall \
+        bench-patching clients docker-build docker-run test-docker nginx-versions test-nginx-versions
 
 all: build
 
@@ -205,6 +205,12 @@ bench-stall: deps-bench
 # Only the writer section (what an event costs the database; PostgreSQL only, no nginx).
 bench-writers: deps
 	BENCH_COMMAND="make bench-writers" bench/writers.sh
+
+# Only the patching section (folded replay of 100,000 events with 10 patches each against their
+# full history: bytes and rows/s; bench/patching.py, results in bench/patching.json).
+bench-patching: deps-bench
+	@scripts/build.sh
+	bench/patching.py
 
 ## Container deployment (docker/, README "Docker"), with docker if a Docker daemon answers, else
 # podman (scripts/deps.sh docker installs it; docker/containers.conf sets it up for this machine).

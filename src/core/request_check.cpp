@@ -234,6 +234,31 @@ std::optional<int64_t> parse_last_event_id(std::string_view text) {
     return value;
 }
 
+std::optional<bool> parse_folded_choice(std::string_view text) {
+    auto is = [text](std::string_view word) {
+        if (text.size() != word.size()) {
+            return false;
+        }
+        for (size_t i = 0; i < word.size(); ++i) {
+            char c = text[i];
+            if (c >= 'A' && c <= 'Z') {
+                c = static_cast<char>(c - 'A' + 'a');
+            }
+            if (c != word[i]) {
+                return false;
+            }
+        }
+        return true;
+    };
+    if (text.empty() || is("0") || is("off") || is("no") || is("false")) {
+        return false;
+    }
+    if (is("1") || is("on") || is("yes") || is("true")) {
+        return true;
+    }
+    return std::nullopt;
+}
+
 std::string conninfo_error_for_log(std::string_view message) {
     std::string out;
     size_t i = 0;

@@ -43,6 +43,10 @@ std::vector<std::string> consumer_ids(std::string consumer, std::string_view lis
 // A non-negative decimal integer that fits in int64, nothing else (no sign, no spaces).
 std::optional<int64_t> parse_last_event_id(std::string_view text);
 
+// The value of event_piper_folded: "1", "on", "yes", "true" (any case) ask for folded replay;
+// empty, "0", "off", "no", "false" for the full history; anything else is nullopt (a 400).
+std::optional<bool> parse_folded_choice(std::string_view text);
+
 // libpq's message about a connection string it cannot parse, fit for the error log: one line,
 // and every quoted fragment other than a single character or an option name (letters and `_`)
 // replaced by "...": libpq quotes the offending token or the whole URI, password included.

@@ -159,6 +159,21 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
         }
         last_position = *parsed;
     }
+    bool folded = false;
+    if (lcf->folded != nullptr) {
+        ngx_str_t choice;
+        if (ngx_http_complex_value(r, lcf->folded, &choice) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        auto parsed = parse_folded_choice(
+            std::string_view(reinterpret_cast<char *>(choice.data), choice.len));
+        if (!parsed) {
+            return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
+                             "the folded replay choice must be on or off (1, yes, true; 0, no, "
+                             "false; empty is off)\n");
+        }
+        folded = *parsed;
+    }
 
     Worker *worker = current_worker();
     if (worker == nullptr) {
@@ -198,7 +213,7 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
     if (mem == nullptr || cln == nullptr) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    auto *s = new (mem) HttpStream(worker->hub(), r, *lcf, std::move(ids), last_position);
+    auto *s = new (mem) HttpStream(worker->hub(), r, *lcf, std::move(ids), last_position, folded);
     cln->handler = HttpStream::cleanup_handler;
     cln->data = s;
     ngx_http_set_ctx(r, s, ngx_event_piper_module);

@@ -153,3 +153,15 @@ TEST(ConninfoErrorForLog, KeepsOptionNamesAndDropsQuotedStrings) {
     EXPECT_EQ(conninfo_error_for_log("a \"dangling quote\nsecond line"),
               "a \"dangling quote second line");
 }
+
+TEST(FoldedChoice, OnOffAndRefusals) {
+    for (const char *on : {"1", "on", "ON", "yes", "True"}) {
+        EXPECT_EQ(parse_folded_choice(on), std::optional<bool>(true)) << on;
+    }
+    for (const char *off : {"", "0", "off", "No", "FALSE"}) {
+        EXPECT_EQ(parse_folded_choice(off), std::optional<bool>(false)) << off;
+    }
+    for (const char *bad : {"2", "onn", " on", "folded", "y"}) {
+        EXPECT_FALSE(parse_folded_choice(bad).has_value()) << bad;
+    }
+}
