@@ -340,6 +340,7 @@ def test_soak(db, nginx, request):
     plot_error = plot(csv_path, png_path, warmup)
 
     # Report, in the log and in results.md.
+    start = samples[0]
     first = next((s for s in samples if s["t_s"] >= warmup), samples[0])
     end = samples[-2] if len(samples) > 1 else samples[-1]
     failures = []
@@ -387,7 +388,7 @@ def test_soak(db, nginx, request):
         "rolled back, 6 %% of payloads over 8000 bytes), %d clients (%d with several ids) that "
         "drop their connection at random and resume with Last-Event-ID, some reading slowly; "
         "nginx reloaded and the listener's holder killed with -9 in the warm-up, PostgreSQL "
-        "restarted every %.0f s (down 2 s). Disruptions:" %
+        "restarted every %.0f s (pg_ctl stop -m fast, 2 s, pg_ctl start). Disruptions:" %
         (WRITERS, len(clients), sum(len(c.ids) > 1 for c in clients), PG_RESTART_EVERY), ""]
     lines += ["- %s" % line for line in log]
     lines += ["",
@@ -403,12 +404,16 @@ def test_soak(db, nginx, request):
               "| lost / duplicated / out of order / wrong bytes | %d / %d / %d / %d |"
               % (totals["lost"], totals["duplicated"], totals["out_of_order"],
                  totals["wrong_bytes"]),
-              "| worker RSS, sum of %d workers (kB), after warm-up → end | %d → %d |"
-              % (WORKERS, first["worker_rss_kb"], end["worker_rss_kb"]),
-              "| worker open fds (sum), after warm-up → end (→ once the clients closed) | "
-              "%d → %d (→ %d) |" % (first["worker_fds"], end["worker_fds"], last["worker_fds"]),
-              "| module PostgreSQL connections, after warm-up → end (max) | %s → %s (%d) |"
-              % (first["pg_connections"], end["pg_connections"], max_pg),
+              "| worker RSS, sum of %d workers (kB): first sample → end of warm-up → end | "
+              "%d → %d → %d |" % (WORKERS, start["worker_rss_kb"], first["worker_rss_kb"],
+                                  end["worker_rss_kb"]),
+              "| worker open fds (sum): first sample → end of warm-up → end (→ once the clients "
+              "closed) | %d → %d → %d (→ %d) |" % (start["worker_fds"], first["worker_fds"],
+                                                  end["worker_fds"], last["worker_fds"]),
+              "| module PostgreSQL connections: first sample → end of warm-up → end (max after "
+              "the warm-up) | %s → %s → %s (%d) |" % (start["pg_connections"],
+                                                       first["pg_connections"],
+                                                       end["pg_connections"], max_pg),
               "| growth: worker RSS kB, median first third → last third | %s |"
               % g("worker_rss_kb"),
               "| growth: worker fds | %s |" % g("worker_fds"),
