@@ -113,15 +113,13 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
     if (ngx_http_complex_value(r, lcf->consumer, &consumer) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    std::string consumer_id(reinterpret_cast<char *>(consumer.data), consumer.len);
-    if (lcf->consumer_decode) {
-        auto decoded = percent_decode(consumer_id);
-        if (!decoded) {
-            return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
-                             "consumer id has a bad %-escape\n");
-        }
-        consumer_id = std::move(*decoded);
+    auto from_request =
+        consumer_id_from(std::string_view(reinterpret_cast<char *>(consumer.data), consumer.len),
+                         lcf->consumer_decode);
+    if (!from_request) {
+        return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain", "consumer id has a bad %-escape\n");
     }
+    std::string consumer_id = std::move(*from_request);
     ConsumerCheck check = check_consumer(consumer_id);
     if (check != ConsumerCheck::Ok) {
         ngx_uint_t status =
