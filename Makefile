@@ -8,8 +8,9 @@ export PORT
 SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
-        test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall clients \
-        docker-build docker-run test-docker nginx-versions test-nginx-versions
+        test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall \
+        bench-patching soak clients docker-build docker-run test-docker nginx-versions \
+        test-nginx-versions
 
 all: build
 
@@ -205,6 +206,21 @@ bench-stall: deps-bench
 # Only the writer section (what an event costs the database; PostgreSQL only, no nginx).
 bench-writers: deps
 	BENCH_COMMAND="make bench-writers" bench/writers.sh
+
+# Only the patching section (folded replay of 100,000 events with 10 patches each against their
+# full history: bytes and rows/s; bench/patching.py, results in bench/patching.json).
+bench-patching: deps-bench
+	@scripts/build.sh
+	bench/patching.py
+
+## The soak (tests/integration/soak_chaos.py, not part of `make test`): the chaos test's mix for
+# SOAK_MINUTES; fails on loss, duplication or growth of worker RSS, fds or PostgreSQL connections.
+# Writes bench/soak.csv, bench/soak.png and the Soak section of bench/results.md.
+SOAK_MINUTES ?= 20
+
+soak: build clients deps-bench
+	SOAK_MINUTES=$(SOAK_MINUTES) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest \
+	    tests/integration/soak_chaos.py $(PYTEST_ARGS)
 
 ## Container deployment (docker/, README "Docker"), with docker if a Docker daemon answers, else
 # podman (scripts/deps.sh docker installs it; docker/containers.conf sets it up for this machine).

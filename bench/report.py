@@ -722,12 +722,15 @@ def main():
             L.append(f.read())
     L.append("\nRaw figures: `bench/results.jsonl` (one JSON object per client run), "
              "parameters: `bench/results-meta.json`.\n")
-    # Keep the writer section of bench/writers.sh (report_writers.py owns it).
+    # Keep the writer section of bench/writers.sh (report_writers.py owns it) and the soak's
+    # (make soak, tests/integration/soak_chaos.py).
     path = os.path.join(out_dir, "results.md")
-    begin, end = "<!-- writers:begin", "<!-- writers:end -->"
+    old = ""
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
+    for begin, end in (("<!-- writers:begin", "<!-- writers:end -->"),
+                       ("<!-- soak:begin", "<!-- soak:end -->")):
         if begin in old and end in old:
             L.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n")
     with open(path, "w") as f:

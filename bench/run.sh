@@ -5,6 +5,8 @@
 #   bench/run.sh --quick    fewer repetitions and shorter runs (under 5 minutes)
 #   bench/run.sh --writers  only the writer section (bench/writers.sh: what an event costs the
 #                           database, issue 11); the full run ends with it, the quick run skips it
+#   Both runs end with the patching section (bench/patching.py, also alone: make bench-patching):
+#   folded replay against the full history; BENCH_PATCHING=0 skips it
 #
 # Starts its own PostgreSQL (scripts/pgctl.sh, temp folder), nginx with this module and a second
 # nginx with Debian's nchan (same /usr/sbin/nginx binary, same worker settings), each on a free
@@ -41,7 +43,7 @@ for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
         --writers) BENCH_COMMAND=${BENCH_COMMAND:-"bench/run.sh --writers"} exec "$BENCH/writers.sh" ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -699,4 +701,15 @@ log "done in ${ELAPSED}s: $OUT/results.md"
 # The writer section (its own PostgreSQL with fsync on; nginx is not involved).
 if [[ $QUICK == 0 && ${BENCH_WRITERS:-1} == 1 ]]; then
     BENCH_COMMAND="$COMMAND" "$BENCH/writers.sh"
+fi
+
+# The patching section (bench/patching.py: folded replay of N events with K patches each against
+# their full history; its own PostgreSQL and nginx). Quick: 10,000 events, once.
+if [[ ${BENCH_PATCHING:-1} == 1 ]]; then
+    if [[ $QUICK == 1 ]]; then
+        BENCH_PATCH_EVENTS=${BENCH_PATCH_EVENTS:-10000} BENCH_REPS=1 BENCH_OUT="$OUT" \
+            python3 "$BENCH/patching.py"
+    else
+        BENCH_OUT="$OUT" python3 "$BENCH/patching.py"
+    fi
 fi

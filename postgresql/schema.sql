@@ -82,11 +82,26 @@ CREATE INDEX IF NOT EXISTS event_positions_event_id_idx ON event_positions (even
 CREATE SEQUENCE IF NOT EXISTS events_position_seq;
 ALTER SEQUENCE events_position_seq OWNED BY event_positions.position;
 
+-- Patches (docs/patching.md). `events.patches` names the event a row patches, by the id its
+-- writer got from INSERT ... RETURNING id (NULL: a plain event, as every row before). Its payload
+-- is an RFC 7396 merge patch of that event's payload; a payload of JSON `null` is a tombstone.
+-- `event_positions.target` is the position of the patched event (NULL for plain events), written
+-- by whoever assigns positions, so that notifications and replay carry it without a lookup; a
+-- row whose event is not a patch but has a target is a compaction's stand-in: the patched
+-- event's whole state as of that position (see event_piper_compact).
+ALTER TABLE events ADD COLUMN IF NOT EXISTS patches bigint;
+ALTER TABLE event_positions ADD COLUMN IF NOT EXISTS target bigint;
+-- Folded replay and compaction find an event's patches here (only patches have entries).
+CREATE INDEX IF NOT EXISTS event_positions_target_idx
+    ON event_positions (target, position) WHERE target IS NOT NULL;
+
 -- The view operators (and the tests) read: each event with its position, NULL for rows that
--- have none (not committed through the trigger).
+-- have none (not committed through the trigger). A compaction's stand-in is not the event's
+-- position: left out.
 CREATE OR REPLACE VIEW event_log AS
     SELECT e.id, e.type, e.timestamp, e.subscriber, e.payload, p.position, p.committed_at
-      FROM events e LEFT JOIN event_positions p ON p.event_id = e.id;
+      FROM events e LEFT JOIN event_positions p
+        ON p.event_id = e.id AND (p.target IS NULL OR e.patches IS NOT NULL);
 
 -- The advisory locks, in their own key spaces: the session-level lock that makes a range
 -- reservation atomic (the same bigint key older schemas used), and the two-int4 locks
@@ -119,7 +134,7 @@ BEGIN
     -- are (README "HTTP contract").
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_not_reserved') THEN
         ALTER TABLE events ADD CONSTRAINT events_type_not_reserved
-            CHECK (type NOT IN ('', 'heartbeat', 'error', 'open')) NOT VALID;
+            CHECK (type NOT IN ('', 'heartbeat', 'error', 'open', 'patch')) NOT VALID;
     END IF;
     IF current_setting('event_piper.layout') = 'column' THEN
         INSERT INTO event_positions (position, event_id, subscriber, committed_at)
@@ -220,6 +235,179 @@ BEGIN
 END;
 $$;
 
+-- RFC 7396 JSON Merge Patch, in jsonb (numbers stay exact): a patch that is not an object
+-- replaces the document (JSON `null`: a tombstone); an object's members replace, recursively
+-- merge (objects) or remove (`null`) the target's members. A SQL NULL patch changes nothing.
+CREATE OR REPLACE FUNCTION event_piper_merge_patch(target jsonb, patch jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+BEGIN
+    IF patch IS NULL THEN
+        RETURN target;
+    ELSIF jsonb_typeof(patch) <> 'object' THEN
+        RETURN patch;
+    ELSIF target IS NULL OR jsonb_typeof(target) <> 'object' THEN
+        target := '{}';
+    END IF;
+    IF NOT jsonb_path_exists(patch, '$.* ? (@ == null || @.type() == "object")') THEN
+        RETURN target || patch; -- the common case: no member to remove or merge deeper
+    END IF;
+    RETURN (target || coalesce((SELECT jsonb_object_agg(key,
+                                         CASE WHEN jsonb_typeof(value) = 'object'
+                                              THEN event_piper_merge_patch(target -> key, value)
+                                              ELSE value END)
+                                  FROM jsonb_each(patch) WHERE value <> 'null'), '{}'))
+           - ARRAY(SELECT key FROM jsonb_each(patch) WHERE value = 'null');
+END;
+$$;
+
+-- event_piper_fold(payload ORDER BY position): an event's payload with its patches applied in
+-- order (the first row is taken as it is: the event's own nulls stay).
+-- (PL/pgSQL with the common case inline: an aggregate calls its step through fmgr, where a SQL
+-- function is not inlined and costs more than this; measured 4 times faster.)
+CREATE OR REPLACE FUNCTION event_piper_fold_step(state jsonb, patch jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+BEGIN
+    IF jsonb_typeof(patch) = 'object' AND jsonb_typeof(state) = 'object'
+       AND NOT jsonb_path_exists(patch, '$.* ? (@ == null || @.type() == "object")') THEN
+        RETURN state || patch;
+    END IF;
+    RETURN event_piper_merge_patch(state, patch);
+END;
+$$;
+CREATE OR REPLACE AGGREGATE event_piper_fold(jsonb) (SFUNC = event_piper_fold_step, STYPE = jsonb);
+
+-- The current state of the event at position `root`: its payload with every patch applied, in
+-- position order (a compaction's stand-in is not a patch: its event is the root itself).
+CREATE OR REPLACE FUNCTION event_piper_state(root bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT event_piper_fold(payload ORDER BY position) FROM (
+        SELECT p.position, e.payload FROM event_positions p JOIN events e ON e.id = p.event_id
+         WHERE p.position = root
+        UNION ALL
+        SELECT p.position, e.payload FROM event_positions p JOIN events e ON e.id = p.event_id
+         WHERE p.target = root AND e.patches IS NOT NULL) AS family
+$$;
+
+-- Checks the patch `patch_id` (at position `pos`, of `sub`) against the event it names and
+-- returns that event's position: when the target is one of this transaction's rows `ids`
+-- (positioned from `pos_first` in id order), its place among them, else the one in
+-- event_positions. (Looked up per patch, never joined: a cached generic plan of a join of the
+-- transaction's rows with themselves became a nested loop, quadratic in a 100,000-row insert.)
+-- Refused: a target that does not exist (or is not visible: not committed yet), of another
+-- subscriber, itself a patch (patches name the event they change; docs/patching.md), or without
+-- a position. The target is locked FOR KEY SHARE
+-- until commit, so that a concurrent DELETE of it waits (a patch never outlives its target by a
+-- race); writers of other patches of it are not held.
+CREATE OR REPLACE FUNCTION event_piper_patch_target(patch_id bigint, target_id bigint, sub text,
+                                                    pos bigint, ids bigint[], pos_first bigint)
+RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    tsub     text;
+    tpatches bigint;
+    tpos     bigint;
+BEGIN
+    SELECT subscriber, patches INTO tsub, tpatches FROM events WHERE id = target_id FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'event_piper: event % patches event %, which does not exist', patch_id,
+            target_id USING ERRCODE = 'foreign_key_violation';
+    ELSIF tsub IS DISTINCT FROM sub THEN
+        RAISE EXCEPTION 'event_piper: event % patches event %, which belongs to another subscriber',
+            patch_id, target_id USING ERRCODE = 'foreign_key_violation';
+    ELSIF tpatches IS NOT NULL THEN
+        RAISE EXCEPTION 'event_piper: event % patches event %, which is itself a patch: name the '
+            'event it patches (%) instead', patch_id, target_id, tpatches
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    IF target_id = ANY (ids) THEN
+        tpos := pos_first + (SELECT count(*) FROM events WHERE id = ANY (ids) AND id < target_id);
+    ELSE
+        SELECT min(position) INTO tpos FROM event_positions WHERE event_id = target_id;
+    END IF;
+    IF tpos IS NULL OR tpos >= pos THEN
+        RAISE EXCEPTION 'event_piper: event % patches event %, which has no position before it',
+            patch_id, target_id USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN tpos;
+END;
+$$;
+
+-- Compaction: folds the patches at or below position `upto` (and, if `older_than` is given,
+-- committed before it) into the events they patch, and deletes them; at most `max_events` events
+-- per call, so that each call is a short transaction (CALL event_piper_compact_all for all of
+-- them: it goes on from the last event of each batch, one transaction per batch). Per event, the
+-- patches up to the newest one chosen, P, are folded into its payload, and P's position is kept
+-- as a stand-in: an event_positions row for the event itself with target set, which replay sends
+-- as the event's whole state ("state" frame). So a
+-- client resuming from any position, even a deleted patch's, in full or folded replay, ends in
+-- the same state as before (docs/patching.md). Locks: the patched events' rows FOR NO KEY
+-- UPDATE, which writers' patches (FOR KEY SHARE at commit) do not wait for.
+CREATE OR REPLACE FUNCTION event_piper_compact_batch(upto bigint, older_than timestamptz,
+                                                     max_events int, after_target bigint,
+                                                     OUT folded int, OUT last_target bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r     record;
+    rid   bigint;
+    rsub  text;
+    state jsonb;
+    gone  bigint[];
+BEGIN
+    folded := 0;
+    last_target := after_target;
+    -- Events in position order of the event (`target`), after the previous batch's last one:
+    -- each batch reads the partial index from where the previous one stopped.
+    FOR r IN SELECT p.target AS root, max(p.position) AS last, max(p.committed_at) AS at
+               FROM event_positions p JOIN events e ON e.id = p.event_id
+              WHERE p.target > after_target AND p.position <= upto AND e.patches IS NOT NULL
+                AND (older_than IS NULL OR p.committed_at < older_than)
+              GROUP BY p.target ORDER BY p.target LIMIT max_events LOOP
+        last_target := r.root;
+        SELECT rp.event_id, rp.subscriber INTO rid, rsub
+          FROM event_positions rp JOIN events e ON e.id = rp.event_id
+         WHERE rp.position = r.root FOR NO KEY UPDATE OF e;
+        CONTINUE WHEN NOT FOUND; -- the event was deleted: its patches are left alone
+        SELECT event_piper_fold(payload ORDER BY position), array_agg(id) FILTER (WHERE is_patch)
+          INTO state, gone
+          FROM (SELECT p.position, e.id, e.payload, p.position <> r.root AS is_patch
+                  FROM event_positions p JOIN events e ON e.id = p.event_id
+                 WHERE p.position = r.root
+                    OR (p.target = r.root AND p.position <= r.last AND e.patches IS NOT NULL)) f;
+        UPDATE events SET payload = state WHERE id = rid;
+        DELETE FROM events WHERE id = ANY (gone); -- their positions go with them (trigger)
+        DELETE FROM event_positions WHERE target = r.root AND event_id = rid; -- older stand-in
+        INSERT INTO event_positions (position, event_id, subscriber, committed_at, target)
+            VALUES (r.last, rid, rsub, r.at, r.root);
+        folded := folded + 1;
+    END LOOP;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION event_piper_compact(upto bigint, older_than timestamptz DEFAULT NULL,
+                                               max_events int DEFAULT 1000)
+RETURNS int LANGUAGE sql AS $$
+    SELECT folded FROM event_piper_compact_batch(upto, older_than, max_events, 0)
+$$;
+
+-- The whole compaction, one transaction per batch (CALL it outside a transaction block).
+CREATE OR REPLACE PROCEDURE event_piper_compact_all(upto bigint,
+                                                    older_than timestamptz DEFAULT NULL,
+                                                    max_events int DEFAULT 1000)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n     int;
+    after bigint := 0;
+    prev  bigint;
+BEGIN
+    LOOP
+        prev := after;
+        SELECT folded, last_target INTO n, after
+          FROM event_piper_compact_batch(upto, older_than, max_events, after);
+        EXIT WHEN after = prev; -- no event left after the previous batch's last
+        COMMIT;
+    END LOOP;
+END;
+$$;
+
 -- Notification payload (one line of header, then raw bytes), parsed by src/core/notification.cpp:
 --   "e <position> <subscriber bytes> <type bytes>\n<subscriber><type><payload as jsonb text>"
 --     the whole event, when it fits in NOTIFY's 8000-byte limit;
@@ -233,16 +421,24 @@ $$;
 --   "b\n" then "<position> <subscriber bytes> <type bytes> <payload bytes>\n<subscriber><type>
 --   <payload>" per event (since issue 11; modules before it ignore these)
 --     several events of one transaction, in position order, as many as fit in 7,999 bytes.
+--   A patch (events.patches set) carries its target's position after the lengths:
+--   "e <position> <subscriber bytes> <type bytes> <target position>\n..." and, in a batch,
+--   "<position> <subscriber bytes> <type bytes> <payload bytes> <target position>\n...". Plain
+--   events keep the forms above byte for byte; modules before patches ignore a notification with
+--   a patch, and their listener's periodic check sends their streams to the table for it.
 -- The table is the truth: a notification is a hint that something was committed.
 -- STABLE, not IMMUTABLE: `text || bigint` is stable, and a SQL function is inlined (instead of
 -- being parsed and planned again at every call) only if its body is no more volatile than it.
-CREATE OR REPLACE FUNCTION event_piper_message(pos bigint, sub text, typ text, body text)
+DROP FUNCTION IF EXISTS event_piper_message(bigint, text, text, text);
+CREATE OR REPLACE FUNCTION event_piper_message(pos bigint, sub text, typ text, body text,
+                                               tgt bigint)
 RETURNS text LANGUAGE sql STABLE AS $$
     SELECT CASE
         WHEN octet_length(sub) + octet_length(typ) + octet_length(body) + length(pos::text)
-             + length(octet_length(sub)::text) + length(octet_length(typ)::text) + 5 < 7999
-            THEN 'e ' || pos || ' ' || octet_length(sub) || ' ' || octet_length(typ) || E'\n'
-                 || sub || typ || body
+             + length(octet_length(sub)::text) + length(octet_length(typ)::text)
+             + coalesce(length(tgt::text) + 1, 0) + 5 < 7999
+            THEN 'e ' || pos || ' ' || octet_length(sub) || ' ' || octet_length(typ)
+                 || coalesce(' ' || tgt, '') || E'\n' || sub || typ || body
         WHEN octet_length(sub) < 7900 THEN 'r ' || pos || ' ' || octet_length(sub) || E'\n' || sub
         ELSE 'p ' || pos
     END
@@ -308,10 +504,12 @@ $$;
 
 -- One event of a "b" batch (see above): "<position> <subscriber bytes> <type bytes> <payload
 -- bytes>\n<subscriber><type><payload>". STABLE, so inlined like event_piper_message.
-CREATE OR REPLACE FUNCTION event_piper_batch_record(pos bigint, sub text, typ text, body text)
+DROP FUNCTION IF EXISTS event_piper_batch_record(bigint, text, text, text);
+CREATE OR REPLACE FUNCTION event_piper_batch_record(pos bigint, sub text, typ text, body text,
+                                                    tgt bigint)
 RETURNS text LANGUAGE sql STABLE AS $$
     SELECT pos || ' ' || octet_length(sub) || ' ' || octet_length(typ) || ' '
-           || octet_length(body) || E'\n' || sub || typ || body
+           || octet_length(body) || coalesce(' ' || tgt, '') || E'\n' || sub || typ || body
 $$;
 
 -- Runs at COMMIT (deferred), once per transaction (see event_piper_note_insert).
@@ -334,6 +532,7 @@ DECLARE
     typ1      text;
     body1     text;
     shortest  int;  -- the shortest subscriber of a batch (none under 7,900 bytes: no NOTIFY)
+    tgt1      bigint; -- the patched event's position (NULL: a plain event)
     t         text; -- answers of void functions (an assignment is cheaper than PERFORM)
     -- The channel: `new_events` unless the setting event_piper.channel names another one
     -- (ALTER DATABASE ... SET event_piper.channel = '...'), to match event_piper_channel.
@@ -395,18 +594,23 @@ BEGIN
     --    "e ..." for a lone event, "r ..."/"p ..." for one too large to notify.
     IF n = 1 THEN -- the common case, without the batch machinery
         IF current_setting('event_piper.touched', true) = 'on' THEN
-            SELECT subscriber, type, payload::text INTO sub1, typ1, body1
+            SELECT subscriber, type, payload::text, patches INTO sub1, typ1, body1, tgt1
               FROM events WHERE id = NEW.id;
         ELSE
             sub1 := NEW.subscriber;
             typ1 := NEW.type;
             body1 := NEW.payload::text;
+            tgt1 := NEW.patches;
+        END IF;
+        IF tgt1 IS NOT NULL THEN
+            tgt1 := event_piper_patch_target(NEW.id, tgt1, sub1, pos_first, NULL, NULL);
         END IF;
         IF sub1 IS NOT NULL THEN
-            INSERT INTO event_positions (position, event_id, subscriber)
-                VALUES (pos_first, NEW.id, sub1);
+            INSERT INTO event_positions (position, event_id, subscriber, target)
+                VALUES (pos_first, NEW.id, sub1, tgt1);
             IF octet_length(sub1) < 7900 THEN
-                t := pg_notify(chan, event_piper_message(pos_first, sub1, typ1, body1))::text;
+                t := pg_notify(chan, event_piper_message(pos_first, sub1, typ1, body1,
+                                                         tgt1))::text;
             END IF;
         END IF;
     ELSE
@@ -416,16 +620,21 @@ BEGIN
         -- (Plans of PL/pgSQL statements are cached, made once while the table may still be
         -- small: `id = ANY (ids)` stays an index scan whatever the statistics said then; a join
         -- with unnest(ids) became a sequential scan of events.)
+        -- A patch's target is checked, and its position found (it may be one of ours).
         WITH mine AS (
-                 SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position, id,
-                        subscriber::text AS sub, type::text AS typ, payload::text AS body
-                   FROM events WHERE id = ANY (ids)),
+                 SELECT position, id, sub, typ, body,
+                        CASE WHEN patches IS NOT NULL THEN event_piper_patch_target(
+                            id, patches, sub, position, ids, pos_first) END AS tgt
+                   FROM (SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position, id,
+                                subscriber::text AS sub, type::text AS typ,
+                                payload::text AS body, patches
+                           FROM events WHERE id = ANY (ids)) AS ordered),
              ins AS (
-                 INSERT INTO event_positions (position, event_id, subscriber)
-                 SELECT position, id, sub FROM mine)
+                 INSERT INTO event_positions (position, event_id, subscriber, target)
+                 SELECT position, id, sub, tgt FROM mine)
         SELECT count(*),
                max(octet_length(sub) + octet_length(typ) + octet_length(body)),
-               string_agg(event_piper_batch_record(position, sub, typ, body), ''
+               string_agg(event_piper_batch_record(position, sub, typ, body, tgt), ''
                           ORDER BY position),
                min(octet_length(sub))
           INTO n, size, buf, shortest
@@ -436,11 +645,15 @@ BEGIN
             -- Several notifications (or a lone event): as few as fit, in position order.
             buf := '';
             FOR r IN SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position,
-                            subscriber::text AS sub, type::text AS typ, payload::text AS body
+                            subscriber::text AS sub, type::text AS typ, payload::text AS body,
+                            -- (by event_id alone: a cached plan chose a position range
+                            -- scan per row for a BETWEEN here, quadratic in large inserts)
+                            (SELECT p.target FROM event_positions p
+                              WHERE p.event_id = events.id LIMIT 1) AS tgt
                        FROM events WHERE id = ANY (ids) ORDER BY id LOOP
                 size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
                 IF size <= 7900 THEN
-                    rec := event_piper_batch_record(r.position, r.sub, r.typ, r.body);
+                    rec := event_piper_batch_record(r.position, r.sub, r.typ, r.body, r.tgt);
                 END IF;
                 -- Flush the batch when this event does not fit in it (or goes alone).
                 IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997)
@@ -452,12 +665,13 @@ BEGIN
                 IF size > 7900 THEN
                     IF octet_length(r.sub) < 7900 THEN
                         t := pg_notify(chan, event_piper_message(r.position, r.sub, r.typ,
-                                                                 r.body))::text;
+                                                                 r.body, r.tgt))::text;
                     END IF;
                     CONTINUE;
                 END IF;
                 lone := CASE WHEN buf = ''
-                             THEN event_piper_message(r.position, r.sub, r.typ, r.body) END;
+                             THEN event_piper_message(r.position, r.sub, r.typ, r.body,
+                                                      r.tgt) END;
                 buf := buf || rec;
             END LOOP;
             IF buf <> '' THEN

@@ -24,7 +24,7 @@ PACKAGE_PACKAGES=(debhelper dpkg-dev lintian)
 # which needs PCRE; gzip and SSL are configured out (no zlib, no OpenSSL).
 TEST_PACKAGES=(
     libgtest-dev clang-format
-    python3 python3-pytest python3-psycopg2
+    python3 python3-pytest python3-psycopg2 python3-hypothesis
     chromium
     openjdk-17-jdk-headless prometheus libpcre2-dev
 )

@@ -109,7 +109,12 @@ void Hub::on_event_notification(const Notification &n) {
         found = registry_.for_each(n.subscriber, [&](Stream &s) {
             if (!framed) { // framed once, only if some stream wants it
                 frame_.clear();
-                append_event_frame(frame_, n.position, n.type, n.payload);
+                if (n.target > 0) {
+                    append_target_frame(frame_, n.position, n.target, TargetMember::Patch, n.type,
+                                        n.payload);
+                } else {
+                    append_event_frame(frame_, n.position, n.type, n.payload);
+                }
                 framed = true;
             }
             deliver(s, n.position, frame_);

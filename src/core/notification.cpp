@@ -18,6 +18,22 @@ template <typename T> bool read_number(const char *&p, const char *end, char sep
     return true;
 }
 
+// The last number of a header: followed by '\n', or by ' ' and a patch's target position (a
+// positive number below `position`, then '\n').
+template <typename T>
+bool read_last_number(const char *&p, const char *end, T &value, int64_t position,
+                      int64_t &target) {
+    auto res = std::from_chars(p, end, value);
+    if (res.ec != std::errc() || res.ptr == p || res.ptr >= end) {
+        return false;
+    }
+    p = res.ptr + 1;
+    if (*res.ptr == '\n') {
+        return true;
+    }
+    return *res.ptr == ' ' && read_number(p, end, '\n', target) && target > 0 && target < position;
+}
+
 } // namespace
 
 bool parse_notification(std::string_view text, Notification &out) {
@@ -50,7 +66,7 @@ bool parse_notification(std::string_view text, Notification &out) {
         size_t sublen = 0;
         size_t typelen = 0;
         if (!read_number(p, end, ' ', out.position) || !read_number(p, end, ' ', sublen) ||
-            !read_number(p, end, '\n', typelen) || out.position <= 0) {
+            out.position <= 0 || !read_last_number(p, end, typelen, out.position, out.target)) {
             return false;
         }
         size_t rest = static_cast<size_t>(end - p);
@@ -86,8 +102,9 @@ bool parse_notifications(std::string_view text, std::vector<Notification> &out) 
         size_t typelen = 0;
         size_t paylen = 0;
         if (!read_number(p, end, ' ', n.position) || !read_number(p, end, ' ', sublen) ||
-            !read_number(p, end, ' ', typelen) || !read_number(p, end, '\n', paylen) ||
-            n.position <= 0 || (!out.empty() && n.position <= out.back().position) || paylen == 0) {
+            !read_number(p, end, ' ', typelen) || n.position <= 0 ||
+            !read_last_number(p, end, paylen, n.position, n.target) ||
+            (!out.empty() && n.position <= out.back().position) || paylen == 0) {
             out.clear();
             return false;
         }

@@ -16,17 +16,21 @@ struct Notification {
     };
     Kind kind = Kind::Position;
     int64_t position = 0;
+    int64_t target = 0; // a patch (Event only): the position of the event it patches; 0: none
     std::string_view subscriber; // views into the parsed text
     std::string_view type;
     std::string_view payload; // jsonb text, not yet compacted
 };
 
+// A patch's "e" header carries its target's position after the lengths:
+//   "e <pos> <sublen> <typelen> <target>\n..." (plain events keep the form above).
 // Returns false for anything malformed (the caller logs it and treats it as a bare hint).
 bool parse_notification(std::string_view text, Notification &out);
 
 // A notification holds one event ("e", "r" or "p" above) or, since issue 11, several: the events
 // of one transaction that fit in one notification, in increasing positions,
-//   "b\n" then, per event, "<pos> <sublen> <typelen> <paylen>\n<subscriber><type><payload>".
+//   "b\n" then, per event, "<pos> <sublen> <typelen> <paylen>\n<subscriber><type><payload>",
+// a patch with " <target>" after <paylen>.
 // Fills `out` (cleared first) with every event, in order; returns false, with `out` empty, if
 // any part is malformed. Views point into `text`.
 bool parse_notifications(std::string_view text, std::vector<Notification> &out);

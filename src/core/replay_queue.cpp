@@ -14,20 +14,67 @@ std::string ReplayQueue::batch_sql(size_t ids) {
     for (size_t i = 0; i < ids; ++i) {
         branches += i == 0 ? "  (" : "  UNION ALL (";
         // One index range scan of event_positions per id, each event then by its primary key.
-        branches += "SELECT p.position, e.type, e.payload FROM event_positions p JOIN events e"
+        // The target through to_jsonb(p): a schema without the column answers NULL.
+        branches += "SELECT p.position, p.event_id, (to_jsonb(p) ->> 'target')::bigint AS target,"
+                    " e.type, e.payload FROM event_positions p JOIN events e"
                     " ON e.id = p.event_id WHERE p.subscriber = $" +
                     std::to_string(i + 4) + " AND p.position > $1 ORDER BY p.position LIMIT $2)";
     }
-    return "SELECT b.position, b.type, b.body, b.fetched, m.newest"
+    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state"
            " FROM (SELECT coalesce(max(position), 0) AS newest FROM event_positions) AS m"
            " LEFT JOIN LATERAL ("
-           "  SELECT position, type, body, count(*) OVER () AS fetched,"
+           "  SELECT position, type, body, target, state, count(*) OVER () AS fetched,"
            "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
-           "  FROM (SELECT position, type, payload::text AS body FROM (" +
+           "  FROM (SELECT position, type, payload::text AS body, target,"
+           // A row of the patched event itself (not of a patch): a compaction's stand-in.
+           "   CASE WHEN target IS NOT NULL THEN event_id = (SELECT r.event_id FROM"
+           "    event_positions r WHERE r.position = ids.target) END AS state FROM (" +
            branches +
            "  ) AS ids ORDER BY position LIMIT $2) AS batch"
            " ) AS b ON b.before < $3"
            " ORDER BY b.position";
+}
+
+std::string ReplayQueue::folded_sql(size_t ids) {
+    std::string branches;
+    for (size_t i = 0; i < ids; ++i) {
+        branches += i == 0 ? "  (" : "  UNION ALL (";
+        // The rows after $1 that are the newest of their family: nothing of the same event
+        // (its patches and stand-ins, by event_positions_target_idx) comes after them.
+        branches += "SELECT p.position, p.subscriber, coalesce(p.target, p.position) AS root"
+                    " FROM event_positions p WHERE p.subscriber = $" +
+                    std::to_string(i + 4) +
+                    " AND p.position > $1 AND NOT EXISTS (SELECT 1 FROM event_positions q"
+                    " WHERE q.target = coalesce(p.target, p.position) AND q.position > p.position)"
+                    " ORDER BY p.position LIMIT $2)";
+    }
+    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state"
+           " FROM (SELECT coalesce(max(position), 0) AS newest FROM event_positions) AS m"
+           " LEFT JOIN LATERAL ("
+           "  SELECT position, type, body, target, state, fetched,"
+           "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
+           "  FROM (SELECT f.position, f.fetched, coalesce(r.type, '') AS type,"
+           // An event without patches goes as it is; a patched one as its state (null: the
+           // event was deleted, or moved to another subscriber, while its patches stayed).
+           "    CASE WHEN f.root = f.position THEN r.payload::text"
+           "     WHEN r.id IS NULL THEN 'null' ELSE event_piper_state(f.root)::text END AS body,"
+           "    CASE WHEN f.root <> f.position THEN f.root END AS target, true AS state"
+           "   FROM (SELECT position, subscriber, root, count(*) OVER () AS fetched FROM (" +
+           branches +
+           "    ) AS ids ORDER BY position LIMIT $2) AS f"
+           // The event by its position: a lookup per row, never a scan of the table.
+           "   LEFT JOIN LATERAL (SELECT e.id, e.type, e.payload FROM event_positions rp"
+           "    JOIN events e ON e.id = rp.event_id WHERE rp.position = f.root"
+           "    AND rp.subscriber = f.subscriber) AS r ON true"
+           // OFFSET 0: not flattened, so that each state is merged once, not once more for the
+           // byte count.
+           "   OFFSET 0) AS batch"
+           " ) AS b ON b.before < $3"
+           " ORDER BY b.position";
+}
+
+const char *ReplayQueue::folding_probe_sql() {
+    return "SELECT to_regprocedure('event_piper_state(bigint)') IS NOT NULL";
 }
 
 namespace {
@@ -54,8 +101,10 @@ ReplayQueue::Slot &ReplayQueue::slot_of(DbLink &link) {
 
 void ReplayQueue::reset(Slot &slot) {
     DbLink *link = slot.link;
+    Folding folding = slot.folding;
     slot = Slot{};
     slot.link = link;
+    slot.folding = folding;
 }
 
 void ReplayQueue::close_all() {
@@ -140,15 +189,23 @@ void ReplayQueue::dispatch() {
             return;
         }
         Stream *s = queue_.front();
+        reset(*idle);
+        if (s->folded() && idle->folding == Folding::Unknown) {
+            // First ask this connection's schema; the stream stays first in line.
+            idle->probing = true;
+            idle->link->send(folding_probe_sql(), 0, nullptr);
+            continue;
+        }
+        bool folded = s->folded() && idle->folding == Folding::Yes;
         queue_.pop_front();
         queued_.erase(s);
-        reset(*idle);
         idle->streams.push_back(s);
         // Every stream waiting for exactly the same rows rides along.
         for (auto it = queue_.begin(); it != queue_.end();) {
             Stream *o = *it;
             if (o->consumers() == s->consumers() && o->last_position() == s->last_position() &&
-                o->batch_rows() == s->batch_rows() && o->batch_bytes() == s->batch_bytes()) {
+                o->folded() == s->folded() && o->batch_rows() == s->batch_rows() &&
+                o->batch_bytes() == s->batch_bytes()) {
                 idle->streams.push_back(o);
                 queued_.erase(o);
                 it = queue_.erase(it);
@@ -164,11 +221,12 @@ void ReplayQueue::dispatch() {
         for (const std::string &id : ids) {
             params_.push_back(id.c_str());
         }
-        if (sql_.size() < ids.size()) {
-            sql_.resize(ids.size());
+        std::vector<std::string> &cache = folded ? folded_sql_ : sql_;
+        if (cache.size() < ids.size()) {
+            cache.resize(ids.size());
         }
-        if (sql_[ids.size() - 1].empty()) {
-            sql_[ids.size() - 1] = batch_sql(ids.size());
+        if (cache[ids.size() - 1].empty()) {
+            cache[ids.size() - 1] = folded ? folded_sql(ids.size()) : batch_sql(ids.size());
         }
         uint64_t epoch = events_.listener_epoch();
         for (Stream *o : idle->streams) {
@@ -176,12 +234,13 @@ void ReplayQueue::dispatch() {
         }
         ++queries_;
         // Failure: on_link_lost has re-queued them.
-        idle->link->send(sql_[ids.size() - 1].c_str(), static_cast<int>(params_.size()),
+        idle->link->send(cache[ids.size() - 1].c_str(), static_cast<int>(params_.size()),
                          params_.data());
     }
 }
 
-void ReplayQueue::on_link_ready(DbLink &) {
+void ReplayQueue::on_link_ready(DbLink &link) {
+    slot_of(link).folding = Folding::Unknown; // a new connection
     if (reported_down_) {
         log_.write(LogLevel::Notice, "event_piper: replay connection is back");
         reported_down_ = false;
@@ -192,6 +251,18 @@ void ReplayQueue::on_link_ready(DbLink &) {
 
 void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
     Slot &slot = slot_of(link);
+    if (slot.probing) {
+        bool yes = result.ok() && result.rows() == 1 && result.value(0, 0) == "t";
+        slot.folding = yes ? Folding::Yes : Folding::No;
+        if (!yes && !warned_no_folding_) {
+            log_.write(LogLevel::Warn,
+                       "event_piper: folded replay asked for, but the database has no "
+                       "event_piper_state() (apply postgresql/schema.sql): such streams get the "
+                       "full history");
+            warned_no_folding_ = true;
+        }
+        return;
+    }
     if (!result.ok()) {
         std::string why = result.error();
         while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
@@ -215,7 +286,14 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
     ends_.clear();
     for (int row = 0; row < n; ++row) {
         int64_t pos = result.number(row, 0);
-        append_event_frame(frames_, pos, result.value(row, 1), result.value(row, 2));
+        if (result.columns() > 6 && !result.is_null(row, 5)) {
+            append_target_frame(frames_, pos, result.number(row, 5),
+                                result.value(row, 6) == "t" ? TargetMember::State
+                                                            : TargetMember::Patch,
+                                result.value(row, 1), result.value(row, 2));
+        } else {
+            append_event_frame(frames_, pos, result.value(row, 1), result.value(row, 2));
+        }
         ends_.emplace_back(pos, frames_.size());
         events_.note_position(pos);
     }
@@ -249,6 +327,11 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
 
 void ReplayQueue::on_link_idle(DbLink &link) {
     Slot &slot = slot_of(link);
+    if (slot.probing) {
+        reset(slot);
+        dispatch();
+        return;
+    }
     Slot done = slot;
     reset(slot);
     for (auto it = done.deferred.rbegin(); it != done.deferred.rend(); ++it) {
@@ -280,6 +363,7 @@ void ReplayQueue::on_link_idle(DbLink &link) {
 
 void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
     Slot &slot = slot_of(link);
+    slot.folding = Folding::Unknown; // the next connection may see another schema
     std::vector<Stream *> streams = std::move(slot.streams);
     streams.insert(streams.end(), slot.deferred.begin(), slot.deferred.end());
     reset(slot);

@@ -37,7 +37,17 @@ public:
     // cap (more rows follow) from a short batch (the end of the history). `newest` is the
     // newest committed position; with no row left, the query still answers one row of NULLs
     // carrying it.
+    // Columns 5 and 6: a patch's target position (NULL for a plain event) and whether the row
+    // is a whole state rather than a merge patch (a compaction's stand-in). The target is read
+    // from the row as JSON, so the query also runs on a schema without patches (NULL then).
     static std::string batch_sql(size_t ids);
+    // The folded batch (same parameters and columns): per event touched after $1, one row at
+    // the position of the newest row of its family (the event, its patches, a stand-in), ordered
+    // by that position: a plain event as it is, else its state merged in PostgreSQL
+    // (event_piper_state), target = the event's position. Needs the schema's patch functions.
+    static std::string folded_sql(size_t ids);
+    // Does the schema have them? Asked once per connection, when a folded stream first needs it.
+    static const char *folding_probe_sql();
 
     // `retry` fires on_retry_timer. `memory_budget`: bytes of served batches that clients have
     // not taken yet, beyond which no batch is sent (0: no limit). `clock` spaces out the log
@@ -76,15 +86,18 @@ public:
     void on_link_lost(DbLink &link, std::string_view why) override;
 
 private:
+    enum class Folding { Unknown, Yes, No }; // the link's schema has the patch functions
     struct Slot {
         DbLink *link = nullptr;
-        std::vector<Stream *> streams;  // whose batch is in flight (nullptr: gone meanwhile)
-        std::vector<Stream *> deferred; // beyond the budget: asked again, first
-        size_t rows = 0;                // rows received
-        size_t bytes = 0;               // bytes of the frames those rows made
-        size_t fetched = 0;             // rows the query found before the byte cap
-        int64_t newest = 0;             // newest committed position when the query ran
-        bool failed = false;            // the server refused the query
+        Folding folding = Folding::Unknown; // kept by reset(): a property of the connection
+        bool probing = false;               // the query in flight is folding_probe_sql()
+        std::vector<Stream *> streams;      // whose batch is in flight (nullptr: gone meanwhile)
+        std::vector<Stream *> deferred;     // beyond the budget: asked again, first
+        size_t rows = 0;                    // rows received
+        size_t bytes = 0;                   // bytes of the frames those rows made
+        size_t fetched = 0;                 // rows the query found before the byte cap
+        int64_t newest = 0;                 // newest committed position when the query ran
+        bool failed = false;                // the server refused the query
     };
     void dispatch();
     Slot &slot_of(DbLink &link);
@@ -97,9 +110,11 @@ private:
     Log &log_;
     std::deque<Stream *> queue_;
     std::unordered_set<Stream *> queued_;
-    std::vector<std::string> sql_;     // batch_sql(n) at [n - 1], built when first needed
-    std::vector<const char *> params_; // of the query being sent
-    std::string frames_;               // a batch, framed once for all its streams
+    std::vector<std::string> sql_;        // batch_sql(n) at [n - 1], built when first needed
+    std::vector<std::string> folded_sql_; // folded_sql(n) likewise
+    bool warned_no_folding_ = false;
+    std::vector<const char *> params_;             // of the query being sent
+    std::string frames_;                           // a batch, framed once for all its streams
     std::vector<std::pair<int64_t, size_t>> ends_; // each frame's position and end in frames_
     size_t budget_;
     size_t held_ = 0; // sum of the streams' replay_held()

@@ -103,6 +103,16 @@ int hex_digit(char c) {
     return -1;
 }
 
+void trim(std::string &item, const char *blanks) {
+    size_t first = item.find_first_not_of(blanks);
+    if (first == std::string::npos) {
+        item.clear();
+        return;
+    }
+    item.erase(item.find_last_not_of(blanks) + 1);
+    item.erase(0, first);
+}
+
 } // namespace
 
 std::optional<std::string> percent_decode(std::string_view text) {
@@ -110,7 +120,7 @@ std::optional<std::string> percent_decode(std::string_view text) {
     out.reserve(text.size());
     for (size_t i = 0; i < text.size(); ++i) {
         if (text[i] != '%') {
-            out.push_back(text[i]);
+            out.push_back(text[i] == '+' ? ' ' : text[i]);
             continue;
         }
         int hi = i + 2 < text.size() ? hex_digit(text[i + 1]) : -1;
@@ -122,6 +132,20 @@ std::optional<std::string> percent_decode(std::string_view text) {
         i += 2;
     }
     return out;
+}
+
+std::optional<std::string> consumer_id_from(std::string_view value, bool decode) {
+    std::string id(value);
+    trim(id, " \t");
+    if (decode) {
+        auto decoded = percent_decode(id);
+        if (!decoded) {
+            return std::nullopt;
+        }
+        id = std::move(*decoded);
+        trim(id, " "); // "a,%20b" is b, as "a, b" is
+    }
+    return id;
 }
 
 std::string_view header_of_variable(std::string_view value) {
@@ -162,32 +186,16 @@ std::vector<std::string> consumer_ids(std::string consumer, std::string_view lis
     if (list.empty()) {
         return ids;
     }
-    // Blanks around an item are dropped; after decoding, spaces (%20) too. A decoded tab stays,
-    // and is refused as a control character, as it always was.
-    auto trim = [](std::string &item, const char *blanks) {
-        size_t first = item.find_first_not_of(blanks);
-        if (first == std::string::npos) {
-            item.clear();
-            return;
-        }
-        item.erase(item.find_last_not_of(blanks) + 1);
-        item.erase(0, first);
-    };
     size_t start = 0;
     while (start <= list.size()) {
         size_t comma = list.find(',', start);
         size_t end = comma == std::string_view::npos ? list.size() : comma;
-        std::string id(list.substr(start, end - start));
-        trim(id, " \t");
-        if (decode) {
-            auto decoded = percent_decode(id);
-            if (!decoded) {
-                error = "consumer id list has a bad %-escape\n";
-                return {};
-            }
-            id = std::move(*decoded);
-            trim(id, " "); // "a,%20b" is b, as "a, b" is
+        auto item = consumer_id_from(list.substr(start, end - start), decode);
+        if (!item) {
+            error = "consumer id list has a bad %-escape\n";
+            return {};
         }
+        std::string id = std::move(*item);
         if (id.empty()) {
             error = "consumer id list has an empty id\n";
             return {};
@@ -232,6 +240,31 @@ std::optional<int64_t> parse_last_event_id(std::string_view text) {
         return std::nullopt;
     }
     return value;
+}
+
+std::optional<bool> parse_folded_choice(std::string_view text) {
+    auto is = [text](std::string_view word) {
+        if (text.size() != word.size()) {
+            return false;
+        }
+        for (size_t i = 0; i < word.size(); ++i) {
+            char c = text[i];
+            if (c >= 'A' && c <= 'Z') {
+                c = static_cast<char>(c - 'A' + 'a');
+            }
+            if (c != word[i]) {
+                return false;
+            }
+        }
+        return true;
+    };
+    if (text.empty() || is("0") || is("off") || is("no") || is("false")) {
+        return false;
+    }
+    if (is("1") || is("on") || is("yes") || is("true")) {
+        return true;
+    }
+    return std::nullopt;
 }
 
 std::string conninfo_error_for_log(std::string_view message) {

@@ -73,6 +73,23 @@ void append_compact_json(std::string &out, std::string_view json) {
     }
 }
 
+namespace {
+
+// The `data:` field from `payload_start` (just after "data: ") on: one line in the common case,
+// else split at CR/LF into several `data:` lines; then the blank line that ends the message.
+void finish_data(std::string &out, size_t payload_start) {
+    if (out.find_first_of("\r\n", payload_start) == std::string::npos) {
+        out.append("\n\n"); // the common case: one data line
+        return;
+    }
+    std::string compact = out.substr(payload_start);
+    out.resize(payload_start - 6);
+    append_data_lines(out, compact);
+    out.push_back('\n');
+}
+
+} // namespace
+
 void append_event_frame(std::string &out, int64_t id, std::string_view type,
                         std::string_view json_payload) {
     out.append("id: ");
@@ -87,14 +104,42 @@ void append_event_frame(std::string &out, int64_t id, std::string_view type,
     out.append("data: ");
     size_t payload_start = out.size();
     append_compact_json(out, json_payload);
-    if (out.find_first_of("\r\n", payload_start) == std::string::npos) {
-        out.append("\n\n"); // the common case: one data line
-        return;
+    finish_data(out, payload_start);
+}
+
+void append_json_string(std::string &out, std::string_view text) {
+    static const char hex[] = "0123456789abcdef";
+    out.push_back('"');
+    for (char c : text) {
+        auto u = static_cast<unsigned char>(c);
+        if (c == '"' || c == '\\') {
+            out.push_back('\\');
+            out.push_back(c);
+        } else if (u < 0x20) {
+            out.append("\\u00");
+            out.push_back(hex[u >> 4]);
+            out.push_back(hex[u & 15]);
+        } else {
+            out.push_back(c);
+        }
     }
-    std::string compact = out.substr(payload_start);
-    out.resize(payload_start - 6);
-    append_data_lines(out, compact);
-    out.push_back('\n');
+    out.push_back('"');
+}
+
+void append_target_frame(std::string &out, int64_t id, int64_t target, TargetMember member,
+                         std::string_view type, std::string_view json_payload) {
+    out.append("id: ");
+    append_int(out, id);
+    out.append("\nevent: patch\ndata: ");
+    size_t payload_start = out.size();
+    out.append("{\"target\":");
+    append_int(out, target);
+    out.append(",\"type\":");
+    append_json_string(out, type);
+    out.append(member == TargetMember::Patch ? ",\"patch\":" : ",\"state\":");
+    append_compact_json(out, json_payload);
+    out.push_back('}');
+    finish_data(out, payload_start);
 }
 
 std::string_view heartbeat_frame() {

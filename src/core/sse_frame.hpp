@@ -15,6 +15,17 @@ namespace event_piper {
 void append_event_frame(std::string &out, int64_t id, std::string_view type,
                         std::string_view json_payload);
 
+// A patch, or a folded event's state: `id: <id>\nevent: patch\ndata: {"target":<target>,
+// "type":<type as a JSON string>,"<member>":<payload compacted>}\n\n`, member "patch" (an RFC 7396
+// merge patch of the event whose SSE id is <target>) or "state" (that event's whole current
+// state, to replace what the client holds; JSON null: deleted). JSON.parse(e.data) reads it.
+enum class TargetMember { Patch, State };
+void append_target_frame(std::string &out, int64_t id, int64_t target, TargetMember member,
+                         std::string_view type, std::string_view json_payload);
+
+// Appends `text` as a JSON string (quotes, backslashes and control characters escaped).
+void append_json_string(std::string &out, std::string_view text);
+
 // `event: heartbeat\ndata: \n\n`: no id, so it never moves the client's Last-Event-ID.
 std::string_view heartbeat_frame();
 

@@ -40,6 +40,11 @@ public:
     Stream(std::string consumer, int64_t last_position, Limits limits, StreamOwner *owner = nullptr)
         : Stream(std::vector<std::string>{std::move(consumer)}, last_position, limits, owner) {}
 
+    // Folded replay: catching up sends each event once in its current state (its patches
+    // merged), instead of every row (README "Patching events").
+    void set_folded(bool folded) { folded_ = folded; }
+    bool folded() const { return folded_; }
+
     const std::string &consumer() const { return consumers_.front(); }
     const std::vector<std::string> &consumers() const { return consumers_; }
     Mode mode() const { return mode_; }
@@ -136,6 +141,7 @@ private:
     bool query_in_flight_ = false;
     bool waiting_for_listener_ = false;
     bool failed_ = false;
+    bool folded_ = false;
 };
 
 } // namespace event_piper

@@ -47,6 +47,7 @@ void *create_loc_conf(ngx_conf_t *cf) noexcept {
     lcf->groups = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
     lcf->groups_decode = NGX_CONF_UNSET;
     lcf->last_event_id = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
+    lcf->folded = static_cast<ngx_http_complex_value_t *>(NGX_CONF_UNSET_PTR);
     lcf->heartbeat = NGX_CONF_UNSET_MSEC;
     lcf->retry = NGX_CONF_UNSET_MSEC;
     lcf->replay_batch = NGX_CONF_UNSET_UINT;
@@ -84,6 +85,7 @@ char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
         conf->consumer_decode = prev->consumer_decode;
     }
     ngx_conf_merge_ptr_value(conf->last_event_id, prev->last_event_id, nullptr);
+    ngx_conf_merge_ptr_value(conf->folded, prev->folded, nullptr);
     if (conf->consumer == NGX_CONF_UNSET_PTR || conf->consumer == nullptr) {
         conf->consumer = compile_default(cf, "$http_x_consumer_id");
         ngx_str_set(&conf->consumer_header, "x_consumer_id");

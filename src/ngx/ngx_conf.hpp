@@ -33,9 +33,10 @@ struct LocConf {
     ngx_str_t groups_header;          // as consumer_header, for the groups value
     ngx_flag_t groups_decode;
     ngx_http_complex_value_t *last_event_id;
-    ngx_str_t last_event_id_header; // as consumer_header, for the resume point
-    ngx_msec_t heartbeat;           // 0: off
-    ngx_msec_t retry;               // 0: unset
+    ngx_str_t last_event_id_header;   // as consumer_header, for the resume point
+    ngx_http_complex_value_t *folded; // event_piper_folded: the client's choice (nullptr: off)
+    ngx_msec_t heartbeat;             // 0: off
+    ngx_msec_t retry;                 // 0: unset
     ngx_uint_t replay_batch;
     size_t stream_buffer;
 

@@ -113,15 +113,13 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
     if (ngx_http_complex_value(r, lcf->consumer, &consumer) != NGX_OK) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    std::string consumer_id(reinterpret_cast<char *>(consumer.data), consumer.len);
-    if (lcf->consumer_decode) {
-        auto decoded = percent_decode(consumer_id);
-        if (!decoded) {
-            return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
-                             "consumer id has a bad %-escape\n");
-        }
-        consumer_id = std::move(*decoded);
+    auto from_request =
+        consumer_id_from(std::string_view(reinterpret_cast<char *>(consumer.data), consumer.len),
+                         lcf->consumer_decode);
+    if (!from_request) {
+        return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain", "consumer id has a bad %-escape\n");
     }
+    std::string consumer_id = std::move(*from_request);
     ConsumerCheck check = check_consumer(consumer_id);
     if (check != ConsumerCheck::Ok) {
         ngx_uint_t status =
@@ -158,6 +156,21 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
                              "Last-Event-ID must be a non-negative integer\n");
         }
         last_position = *parsed;
+    }
+    bool folded = false;
+    if (lcf->folded != nullptr) {
+        ngx_str_t choice;
+        if (ngx_http_complex_value(r, lcf->folded, &choice) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        auto parsed = parse_folded_choice(
+            std::string_view(reinterpret_cast<char *>(choice.data), choice.len));
+        if (!parsed) {
+            return send_text(r, NGX_HTTP_BAD_REQUEST, "text/plain",
+                             "the folded replay choice must be on or off (1, yes, true; 0, no, "
+                             "false; empty is off)\n");
+        }
+        folded = *parsed;
     }
 
     Worker *worker = current_worker();
@@ -198,7 +211,7 @@ ngx_int_t open_stream(ngx_http_request_t *r) {
     if (mem == nullptr || cln == nullptr) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-    auto *s = new (mem) HttpStream(worker->hub(), r, *lcf, std::move(ids), last_position);
+    auto *s = new (mem) HttpStream(worker->hub(), r, *lcf, std::move(ids), last_position, folded);
     cln->handler = HttpStream::cleanup_handler;
     cln->data = s;
     ngx_http_set_ctx(r, s, ngx_event_piper_module);

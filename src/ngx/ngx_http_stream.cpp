@@ -22,10 +22,11 @@ Stream::Limits limits_of(const LocConf &conf) {
 } // namespace
 
 HttpStream::HttpStream(Hub &hub, ngx_http_request_t *r, const LocConf &conf,
-                       std::vector<std::string> consumers, int64_t last_position)
+                       std::vector<std::string> consumers, int64_t last_position, bool folded)
     : stream_(std::move(consumers), last_position, limits_of(conf), this), hub_(&hub), r_(r),
       heartbeat_(conf.heartbeat), retry_(conf.retry), end_retry_(conf.end_retry()),
       last_write_(ngx_current_msec) {
+    stream_.set_folded(folded);
     ngx_memzero(&heartbeat_ev_, sizeof(heartbeat_ev_));
     heartbeat_ev_.handler = heartbeat_handler;
     heartbeat_ev_.data = this;

@@ -22,7 +22,7 @@ namespace event_piper {
 class HttpStream final : public StreamOwner {
 public:
     HttpStream(Hub &hub, ngx_http_request_t *r, const LocConf &conf,
-               std::vector<std::string> consumers, int64_t last_position);
+               std::vector<std::string> consumers, int64_t last_position, bool folded);
     ~HttpStream() { detach(); }
     HttpStream(const HttpStream &) = delete;
     HttpStream &operator=(const HttpStream &) = delete;

@@ -87,6 +87,9 @@ def say(msg):
 class ChaosClient:
     """An EventSource-like client: reconnects with the last complete frame's id."""
 
+    # What is kept of each frame's bytes (the soak keeps a checksum: it runs for minutes).
+    keep = staticmethod(lambda raw: raw)
+
     def __init__(self, idx, consumer, port, rnd, groups=()):
         self.idx, self.consumer, self.port, self.rnd = idx, consumer, port, rnd
         self.ids = [consumer] + list(groups)
@@ -145,9 +148,9 @@ class ChaosClient:
             f = evs[self.seen]
             self.seen += 1
             try:
-                self.got.append((int(f.id), f.raw))
+                self.got.append((int(f.id), self.keep(f.raw)))
             except ValueError:
-                self.got.append((-1, f.raw))
+                self.got.append((-1, self.keep(f.raw)))
 
     def close(self, now, reset=False):
         c = self.conn
@@ -167,7 +170,7 @@ def check_client(cl, expected):
     """Counts for one client against the expected [(position, frame)] of its consumer."""
     exp_ids = [p for p, _ in expected]
     exp_set = set(exp_ids)
-    exp_frames = dict(expected)
+    exp_frames = {p: cl.keep(f) for p, f in expected}
     got_ids = [i for i, _ in cl.got]
     seen = set()
     dup = disorder = extra = wrong_bytes = 0
@@ -189,36 +192,30 @@ def check_client(cl, expected):
             "wrong_bytes": wrong_bytes, "first_lost": lost[:5]}
 
 
-@pytest.fixture
-def db(private_pg):
-    """This module's own cluster (the test restarts it), up and with the events table empty."""
-    pg_back_up(private_pg)
-    private_pg.truncate()
-    yield private_pg
-    pg_back_up(private_pg)
+class Writers:
+    """The C++ writers (tests/chaos/writer.cpp), one process each, outputs in `tmp`. stop() ends
+    them with SIGTERM and returns their outputs; kill() ends whatever is left."""
 
+    def __init__(self, db, tmp, count=WRITERS, seed=SEED, max_pause_ms=30):
+        self.db, self.tmp, self.count, self.seed, self.max_pause_ms = (db, tmp, count, seed,
+                                                                       max_pause_ms)
+        self.procs = []
 
-@pytest.fixture
-def writers(db, nginx):
-    """start() runs the C++ writers (tests/chaos/writer.cpp); stop() ends them with SIGTERM and
-    returns their outputs. Whatever is left is killed at the end of the test."""
-    procs = []
-
-    def start():
+    def start(self):
         binary = writer_binary()
         subs = ",".join(CONSUMERS + [NOBODY])
-        for w in range(WRITERS):
-            out = open(os.path.join(nginx.tmp, "writer%d.out" % w), "w+")
-            p = subprocess.Popen([binary, db.conninfo, str(w), str(SEED * 100 + w), subs,
-                                  "6", "12", "30"], stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
-            procs.append((p, out))
+        for w in range(self.count):
+            out = open(os.path.join(self.tmp, "writer%d.out" % w), "w+")
+            p = subprocess.Popen([binary, self.db.conninfo, str(w), str(self.seed * 100 + w), subs,
+                                  "6", "12", str(self.max_pause_ms)], stdout=out,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.procs.append((p, out))
 
-    def stop():
-        for p, _ in procs:
+    def stop(self):
+        for p, _ in self.procs:
             p.send_signal(signal.SIGTERM)
         results = []
-        for p, out in procs:
+        for p, out in self.procs:
             try:
                 p.wait(T(30))
             except subprocess.TimeoutExpired:
@@ -227,85 +224,104 @@ def writers(db, nginx):
             results.append(out.read())
         return results
 
-    start.stop = stop
-    yield start
-    for p, out in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        out.close()
+    def kill(self):
+        for p, out in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            out.close()
 
 
-def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, writers, request):
-    rnd = random.Random(SEED)
-    say("seed %d (EVENT_PIPER_CHAOS_SEED=%d reproduces the random choices)" % (SEED, SEED))
-    ngx = nginx.start(db, workers=2, wait_listening=False)
-    wait_all_listening(ngx)
-    clients = [ChaosClient(i, CONSUMERS[i % len(CONSUMERS)], ngx.port,
-                           random.Random(SEED * 1000 + i))
+def writer_accounts(outputs):
+    """The writers' own accounts: (committed {marker: rows}, rolled back, aborted, lost answers,
+    errors)."""
+    committed, rolled, aborted, unknown, errors = {}, set(), set(), [], []
+    for text in outputs:
+        for line in text.splitlines():
+            parts = line.split(" ")
+            if parts[0] == "C":
+                committed[parts[1]] = int(parts[2])
+            elif parts[0] == "R":
+                rolled.add(parts[1])
+            elif parts[0] == "A":
+                aborted.add(parts[1])
+            elif parts[0] == "U":
+                unknown.append(line)
+                if parts[3] == "C":
+                    committed[parts[1]] = int(parts[2])
+                else:
+                    aborted.add(parts[1])
+            elif parts[0] == "E":
+                errors.append(line)
+    return committed, rolled, aborted, unknown, errors
+
+
+def committed_frames(db):
+    """The truth, once nobody writes any more: (rows, {consumer: [(position, frame)]})."""
+    rows = db.sql("select subscriber, position, type, payload::text from event_log "
+                  "where position is not null order by position")
+    final = {k: [] for k in CONSUMERS}
+    for sub, pos, typ, payload in rows:
+        if sub in final:
+            final[sub].append((int(pos), frame(int(pos), typ, compact_json(payload))))
+    return rows, final
+
+
+def expected_for(cl, final):
+    """The events of all a client's ids, merged in position order."""
+    return sorted((e for k in cl.ids for e in final[k]), key=lambda e: e[0])
+
+
+def make_clients(port, seed=SEED, client_class=ChaosClient):
+    clients = [client_class(i, CONSUMERS[i % len(CONSUMERS)], port, random.Random(seed * 1000 + i))
                for i in range(CLIENTS_PER_CONSUMER * len(CONSUMERS))]
     for consumer, groups in MULTIPLEXED * CLIENTS_PER_MULTIPLEXED:
         i = len(clients)
-        clients.append(ChaosClient(i, consumer, ngx.port, random.Random(SEED * 1000 + i), groups))
-    request.addfinalizer(lambda: [c.close(0) for c in clients])
+        clients.append(client_class(i, consumer, port, random.Random(seed * 1000 + i), groups))
+    return clients
 
-    # Disruptions run in their own thread: the client loop keeps reading meanwhile.
-    log = []
-    problems = []
-    t_start = time.monotonic()
 
-    def at(t):
-        delay = t_start + t - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+def disrupt(what, ngx, db, t_start):
+    """One disruption ("kill": kill -9 of the listener's holder, "reload", or ("pg", seconds
+    down): a PostgreSQL restart); returns its log line."""
+    t0 = time.monotonic()
+    if what == "kill":
+        holder = wait_until(lambda: int(status(ngx).get("listener_holder_pid", 0)),
+                            T(10), what="a worker holding the listener")
+        ngx.allowed_alerts.append("worker process %d exited on signal 9" % holder)
+        os.kill(holder, signal.SIGKILL)
+        new = wait_until(
+            lambda: (lambda p: p if p not in (0, holder) else None)(
+                int(status(ngx).get("listener_holder_pid", 0))),
+            T(10), interval=0.05, what="another worker holding the listener")
+        return ("kill -9 of the listener's holder %d at %.1fs: %d holds it after %.1fs"
+                % (holder, t0 - t_start, new, time.monotonic() - t0))
+    if what == "reload":
+        old, new = ngx.reload()
+        wait_until(lambda: not any(os.path.exists("/proc/%d" % p) for p in old),
+                   T(10), what="old workers to exit after the reload")
+        return ("nginx reload at %.1fs: old workers %s gone after %.1fs"
+                % (t0 - t_start, sorted(old), time.monotonic() - t0))
+    restart_pg(db, what[1])
+    return ("PostgreSQL restart at %.1fs: down %.1fs" % (t0 - t_start, time.monotonic() - t0))
 
-    def disrupt():
-        try:
-            for t, what in ((PG_RESTART_1, "pg1"), (KILL_HOLDER_1, "kill"),
-                            (NGINX_RELOAD, "reload"), (KILL_HOLDER_2, "kill"),
-                            (PG_RESTART_2, "pg2")):
-                at(t)
-                t0 = time.monotonic()
-                if what == "kill":
-                    holder = wait_until(lambda: int(status(ngx).get("listener_holder_pid", 0)),
-                                        T(10), what="a worker holding the listener")
-                    ngx.allowed_alerts.append("worker process %d exited on signal 9" % holder)
-                    os.kill(holder, signal.SIGKILL)
-                    new = wait_until(
-                        lambda: (lambda p: p if p not in (0, holder) else None)(
-                            int(status(ngx).get("listener_holder_pid", 0))),
-                        T(10), interval=0.05, what="another worker holding the listener")
-                    log.append("kill -9 of the listener's holder %d at %.1fs: %d holds it after "
-                               "%.1fs" % (holder, t0 - t_start, new, time.monotonic() - t0))
-                elif what == "reload":
-                    old, new = ngx.reload()
-                    wait_until(lambda: not any(os.path.exists("/proc/%d" % p) for p in old),
-                               T(10), what="old workers to exit after the reload")
-                    log.append("nginx reload at %.1fs: old workers %s gone after %.1fs"
-                               % (t0 - t_start, sorted(old), time.monotonic() - t0))
-                else:
-                    restart_pg(db, PG_DOWN_1 if what == "pg1" else PG_DOWN_2)
-                    log.append("PostgreSQL restart at %.1fs: down %.1fs"
-                               % (t0 - t_start, time.monotonic() - t0))
-        except Exception as e:  # reported by the main thread
-            problems.append(repr(e))
 
-    writers()
-    disruptor = threading.Thread(target=disrupt, daemon=True)
-    disruptor.start()
+class ClientPool:
+    """Runs the clients in one thread with a selector: connects, reads, drops connections at
+    random while `chaos` is on, pauses the slow ones, reconnects with the last id."""
 
-    sel = selectors.DefaultSelector()
-    chaos = True
-    writer_outputs = None
-    final = None
-    drain_deadline = None
+    def __init__(self, clients, t_start):
+        self.clients, self.t_start = clients, t_start
+        self.sel = selectors.DefaultSelector()
+        self.chaos = True
 
-    def pump(until):
+    def pump(self, until):
+        sel, t_start, chaos = self.sel, self.t_start, self.chaos
         while True:
             now = time.monotonic()
             if now >= until:
                 return
-            for cl in clients:
+            for cl in self.clients:
                 if cl.slow and chaos and now - t_start >= cl.pause_at:
                     # Slow client: stop reading for a while, then read again.
                     if not cl.paused and cl.conn is not None:
@@ -343,71 +359,40 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
                         cl.abrupt_ends += 1
                     cl.close(time.monotonic())
 
-    t_writing = time.monotonic()
-    pump(t_start + WRITERS_STOP)
-    disruptor.join(T(30))
-    assert not disruptor.is_alive(), "the disruptions did not finish"
-    assert problems == []
-    writer_outputs = writers.stop()
-    writing_s = time.monotonic() - t_writing
-    for line in log:
-        say(line)
+    def calm(self):
+        """No more random disconnects or pauses: every client reads until told otherwise."""
+        self.chaos = False
+        for cl in self.clients:
+            cl.drop_at = None
+            if cl.paused:
+                cl.paused = False
+                if cl.conn is not None:
+                    self.sel.register(cl.conn.sock, selectors.EVENT_READ, cl)
 
-    # The truth, now that nobody writes any more.
-    rows = db.sql("select subscriber, position, type, payload::text from event_log "
-                  "where position is not null order by position")
-    final = {k: [] for k in CONSUMERS}
-    for sub, pos, typ, payload in rows:
-        if sub in final:
-            final[sub].append((int(pos), frame(int(pos), typ, compact_json(payload))))
+    def drain(self, targets, timeout):
+        """Pump until every client's last id reaches targets[client idx] (or the timeout), then
+        half a second more (anything extra would arrive now). Returns the seconds it took."""
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if all(cl.last_id >= targets[cl.idx] for cl in self.clients):
+                break
+            self.pump(time.monotonic() + 0.25)
+        self.pump(time.monotonic() + 0.5)
+        return time.monotonic() - t0
 
-
-    def expected_for(cl):  # the events of all its ids, merged in position order
-        return sorted((e for k in cl.ids for e in final[k]), key=lambda e: e[0])
-    targets = {cl.idx: (expected_for(cl)[-1][0] if expected_for(cl) else 0) for cl in clients}
-
-    # Drain: no more random disconnects; every client catches up to its consumer's newest.
-    chaos = False
-    for cl in clients:
-        cl.drop_at = None
-        if cl.paused:
-            cl.paused = False
+    def close(self):
+        for cl in self.clients:
             if cl.conn is not None:
-                sel.register(cl.conn.sock, selectors.EVENT_READ, cl)
-    drain_deadline = time.monotonic() + T(60)
-    t_drain = time.monotonic()
-    while time.monotonic() < drain_deadline:
-        if all(cl.last_id >= targets[cl.idx] for cl in clients):
-            break
-        pump(time.monotonic() + 0.25)
-    pump(time.monotonic() + 0.5)  # anything extra would arrive now
-    drain_s = time.monotonic() - t_drain
-    for cl in clients:
-        if cl.conn is not None:
-            cl.collect()
-            sel.unregister(cl.conn.sock)
-            cl.close(time.monotonic())
-    sel.close()
+                cl.collect()
+                self.sel.unregister(cl.conn.sock)
+                cl.close(time.monotonic())
+        self.sel.close()
 
-    # The writers' own accounts against the table.
-    committed, rolled, aborted, unknown, errors = {}, set(), set(), [], []
-    for text in writer_outputs:
-        for line in text.splitlines():
-            parts = line.split(" ")
-            if parts[0] == "C":
-                committed[parts[1]] = int(parts[2])
-            elif parts[0] == "R":
-                rolled.add(parts[1])
-            elif parts[0] == "A":
-                aborted.add(parts[1])
-            elif parts[0] == "U":
-                unknown.append(line)
-                if parts[3] == "C":
-                    committed[parts[1]] = int(parts[2])
-                else:
-                    aborted.add(parts[1])
-            elif parts[0] == "E":
-                errors.append(line)
+
+def table_checks(db):
+    """(marker: rows in the table, rows without a position, rows committed out of id order,
+    payloads over 8000 bytes)."""
     in_table = {m: int(n) for m, n in db.sql(
         "select payload->>'tx', count(*) from event_log group by 1")}
     unpositioned = int(db.scalar("select count(*) from event_log where position is null"))
@@ -415,14 +400,18 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
         "select count(*) from (select id, lag(id) over (order by position) as prev "
         "from event_log) x where id < prev"))
     big = int(db.scalar("select count(*) from events where octet_length(payload::text) > 8000"))
+    return in_table, unpositioned, out_of_id_order, big
 
-    # Per client.
+
+def check_clients(clients, final):
+    """Every client against its expected events: (totals, bad clients, '503 shutting down'
+    answers)."""
     totals = {"expected": 0, "delivered": 0, "lost": 0, "duplicated": 0, "out_of_order": 0,
               "unexpected": 0, "wrong_bytes": 0}
     bad_clients = []
     shutdown_503 = 0
     for cl in clients:
-        r = check_client(cl, expected_for(cl))
+        r = check_client(cl, expected_for(cl, final))
         for k in totals:
             totals[k] += r[k]
         # A request that lands on an old worker during the reload gets a 503 (see
@@ -433,6 +422,87 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
         if any(r[k] for k in ("lost", "duplicated", "out_of_order", "unexpected",
                               "wrong_bytes")) or others:
             bad_clients.append((cl.idx, cl.consumer, r, others[:2]))
+    return totals, bad_clients, shutdown_503
+
+
+@pytest.fixture
+def db(private_pg):
+    """This module's own cluster (the test restarts it), up and with the events table empty."""
+    pg_back_up(private_pg)
+    private_pg.truncate()
+    yield private_pg
+    pg_back_up(private_pg)
+
+
+@pytest.fixture
+def writers(db, nginx):
+    """start() runs the C++ writers (tests/chaos/writer.cpp); start.stop() ends them with SIGTERM
+    and returns their outputs. Whatever is left is killed at the end of the test."""
+    w = Writers(db, nginx.tmp)
+
+    def start():
+        w.start()
+
+    start.stop = w.stop
+    yield start
+    w.kill()
+
+
+def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, writers, request):
+    say("seed %d (EVENT_PIPER_CHAOS_SEED=%d reproduces the random choices)" % (SEED, SEED))
+    ngx = nginx.start(db, workers=2, wait_listening=False)
+    wait_all_listening(ngx)
+    clients = make_clients(ngx.port)
+    request.addfinalizer(lambda: [c.close(0) for c in clients])
+
+    # Disruptions run in their own thread: the client loop keeps reading meanwhile.
+    log = []
+    problems = []
+    t_start = time.monotonic()
+
+    def at(t):
+        delay = t_start + t - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def disruptions():
+        try:
+            for t, what in ((PG_RESTART_1, ("pg", PG_DOWN_1)), (KILL_HOLDER_1, "kill"),
+                            (NGINX_RELOAD, "reload"), (KILL_HOLDER_2, "kill"),
+                            (PG_RESTART_2, ("pg", PG_DOWN_2))):
+                at(t)
+                log.append(disrupt(what, ngx, db, t_start))
+        except Exception as e:  # reported by the main thread
+            problems.append(repr(e))
+
+    writers()
+    disruptor = threading.Thread(target=disruptions, daemon=True)
+    disruptor.start()
+
+    pool = ClientPool(clients, t_start)
+    t_writing = time.monotonic()
+    pool.pump(t_start + WRITERS_STOP)
+    disruptor.join(T(30))
+    assert not disruptor.is_alive(), "the disruptions did not finish"
+    assert problems == []
+    writer_outputs = writers.stop()
+    writing_s = time.monotonic() - t_writing
+    for line in log:
+        say(line)
+
+    # The truth, now that nobody writes any more.
+    rows, final = committed_frames(db)
+    targets = {cl.idx: (expected_for(cl, final)[-1][0] if expected_for(cl, final) else 0)
+               for cl in clients}
+
+    # Drain: no more random disconnects; every client catches up to its consumer's newest.
+    pool.calm()
+    drain_s = pool.drain(targets, T(60))
+    pool.close()
+
+    committed, rolled, aborted, unknown, errors = writer_accounts(writer_outputs)
+    in_table, unpositioned, out_of_id_order, big = table_checks(db)
+    totals, bad_clients, shutdown_503 = check_clients(clients, final)
     n_events = sum(len(v) for v in final.values())
     say("writers: %d transactions committed (%d rows; %d rows in the table, %d of them for "
         "nobody), %d rolled back on purpose, %d cut by a restart and retried, %d commits "
@@ -480,4 +550,3 @@ def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, wr
                                "events" % (len(bad_clients), len(clients)))
     assert totals["delivered"] == totals["expected"]
     assert totals["expected"] > 1000
-

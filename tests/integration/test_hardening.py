@@ -128,6 +128,32 @@ def test_urldecode_gives_the_decoded_id_and_checks_its_bytes(db, nginx, clients)
         assert reason in one_line_error(r, 400), bad
 
 
+def test_urldecode_reads_query_arguments_as_browsers_send_them(db, nginx, clients):
+    """With `urldecode`, '+' is a space (URLSearchParams, forms) and a plus is %2B; blanks at
+    either end of the id go, as for listed ids; an id of blanks only is missing."""
+    ngx = nginx.start(db)
+    plus = clients.stream(ngx, path="/browser/events?consumer=alice+smith", consumer=None)
+    padded = clients.stream(ngx, path="/browser/events?consumer=+bob%20%20", consumer=None)
+    escaped = clients.stream(ngx, path="/browser/events?consumer=a%2Bb", consumer=None)
+    literal = clients.stream(ngx, path="/literal/events?consumer=a+b", consumer=None)
+    for sub, n in (("alice+smith", 1), (" bob", 2), ("a b", 3), ("alice smith", 4), ("bob", 5),
+                   ("a+b", 6)):
+        db.insert(sub, '{"n": %d}' % n)
+    for c in (plus, padded, escaped, literal):
+        c.wait_events(1)
+    literal.read_for(0.3)
+    assert without_heartbeats(plus.body) == frame(4, data='{"n":4}')
+    assert without_heartbeats(padded.body) == frame(5, data='{"n":5}')
+    assert without_heartbeats(escaped.body) == frame(6, data='{"n":6}')
+    assert without_heartbeats(literal.body) == frame(6, data='{"n":6}')
+    for blank in ("+", "%20+%20", ""):
+        r = clients.track(request(ngx, "/browser/events?consumer=" + blank))
+        assert one_line_error(r, 401) == (b"missing consumer id (by default the X-Consumer-Id "
+                                          b"header, see event_piper_consumer)\n"), blank
+    r = clients.track(request(ngx, "/browser/events?consumer=bob%09"))
+    assert b"control" in one_line_error(r, 400)
+
+
 # --------------------------------------------------------------------------------------------
 # Silent stalls
 # --------------------------------------------------------------------------------------------

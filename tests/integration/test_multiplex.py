@@ -164,6 +164,21 @@ def test_ids_from_headers_and_query_arguments(db, nginx, clients):
                                           frame(4, data='{"n":4}'))
 
 
+def test_query_argument_lists_as_browsers_send_them(db, nginx, clients):
+    """With `urldecode`, '+' is a space: "+team+7+" is the id "team 7"; "%2C" stays a comma
+    inside an id (what URLSearchParams makes of a comma)."""
+    ngx = start(db, nginx)
+    q = clients.stream(ngx, consumer=None,
+                       path="/browser/events?consumer=+erin+&groups=everyone,+team+7+,x%2Cy")
+    for sub, n in (("team+7", 1), ("team 7", 2), ("erin", 3), (" erin ", 4), ("x,y", 5),
+                   ("x", 6), ("everyone", 7)):
+        db.insert(sub, '{"n": %d}' % n)
+    q.wait_events(4)
+    q.read_for(0.3)
+    assert without_heartbeats(q.body) == b"".join(frame(n, data='{"n":%d}' % n)
+                                                  for n in (2, 3, 5, 7))
+
+
 @pytest.mark.parametrize("groups, reason", [
     ("a,,b", b"empty id"),
     ("a,", b"empty id"),

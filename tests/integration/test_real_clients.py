@@ -522,6 +522,29 @@ class BrowserEventSource(RealClientTestCase):
         self.assertEqual([tuple(e) for e in state["events"]],
                          [(str(p), t, compact_json(d)) for p, t, d in rows])
 
+    def test_page_that_builds_its_url_with_url_search_params(self):
+        """`new EventSource('/events?' + new URLSearchParams({consumer: 'alice smith+co'}))`
+        sends `consumer=alice+smith%2Bco`; with `urldecode` that is the id `alice smith+co`."""
+        ngx = self.start_nginx(
+            extra_http=LOG_FORMAT,
+            location=[("event_piper_consumer", "$arg_consumer urldecode"),
+                      ("access_log", "%s/sse.log sse" % self.tmp)],
+            extra_locations=self.page_location())
+        self.start_browser()
+        session = self.browser.open(self.page_url(ngx.port, "/events", 2,
+                                                  consumer="alice smith+co"))
+        self.wait_dom(session, lambda s: "open readyState=1" in s["log"], T(30), "the page's open")
+        for n, sub in enumerate(("alice+smith+co", "alice smith+co", "alice smith co",
+                                 "alice smith+co"), 1):
+            insert(self.pg, sub, n)
+        state = self.wait_dom(session, lambda s: s["done"] == "yes", T(20), "2 events")
+        self.assertEqual([tuple(e) for e in state["events"]],
+                         expected_events(self.pg, "alice smith+co"))
+        self.browser.close()
+        ngx.quit(timeout=T(20))
+        self.assertEqual([(uri, status) for _, uri, status, _, _, _ in self.sse_log()],
+                         [("/events?consumer=alice+smith%2Bco", "200")])
+
     def cors_nginx(self, allowed_origin, consumer="$arg_consumer", credentials=False):
         """The stream on the harness's server (origin B) with the CORS setup of docs/setups.md;
         the page on a second server (origin A). Only origins listed in the map get an

@@ -419,3 +419,39 @@ def test_schema_sql_applied_without_single_transaction_keeps_the_original_servic
     db.sql(INSERT, ("toto", '{"n": "after"}'))
     assert db.sql("select id, position from event_log order by id") == \
         [(1, 1), (3, 3), (4, 4), (5, 5), (6, 6)]
+
+
+SCHEMA_BEFORE_PATCHES = os.path.join(HERE, "schema_before_patches.sql")
+FOLDED_CONF = NGINX_CONF.replace("location = /events { event_piper; }",
+                                 "location = /events { event_piper; "
+                                 "event_piper_folded $arg_folded; }")
+
+
+def test_the_module_against_the_schema_before_patches_then_upgraded(database, nginx, clients):
+    """The schema before patches (no events.patches, no event_positions.target, no merge
+    functions): full and folded streams both get the plain history (folded replay falls back
+    to it, and says so once). Once schema.sql is applied under the running module, a patch is
+    delivered live and in replay with its target, also on replay connections opened before."""
+    db = database("before_patches")
+    db.apply(SCHEMA_BEFORE_PATCHES)
+    for n in range(1, 4):
+        db.sql(INSERT, ("toto", '{"n": %d}' % n))
+    plain = b"".join(frame(n, data='{"n":%d}' % n) for n in range(1, 4))
+    ngx = nginx.start(db, conf=FOLDED_CONF)
+    full = clients.stream(ngx, "toto", last_event_id="0", settle=0)
+    folded = clients.stream(ngx, "toto", last_event_id="0", settle=0, path="/events?folded=1")
+    for c in (full, folded):
+        c.wait_events(3, timeout=T(10))
+        c.read_for(0.3)
+        assert bytes(c.body).replace(HEARTBEAT, b"") == plain
+    ngx.wait_log("folded replay asked for, but the database has no event_piper_state()")
+    db.apply(SCHEMA)
+    db.sql("insert into events (type, timestamp, subscriber, payload, patches) "
+           "values ('insert', now(), 'toto', '{\"n\": null}', 1)")
+    patch = b'id: 4\nevent: patch\ndata: {"target":1,"type":"insert","patch":{"n":null}}\n\n'
+    full.wait_events(4, timeout=T(10))
+    assert bytes(full.body).replace(HEARTBEAT, b"") == plain + patch
+    again = clients.stream(ngx, "toto", last_event_id="3", settle=0)
+    again.wait_events(1, timeout=T(10))
+    again.read_for(0.3)
+    assert bytes(again.body).replace(HEARTBEAT, b"") == patch

@@ -343,7 +343,7 @@ def test_an_update_of_an_event_id_is_refused(db, nginx, clients):
 def test_misleading_types_are_refused_for_new_rows_and_stored_ones_are_still_sent(
         db, nginx, clients):
     ngx = nginx.start(db)
-    for t in ("", "heartbeat", "error", "open"):
+    for t in ("", "heartbeat", "error", "open", "patch"):
         with pytest.raises(psycopg2.Error) as cm:
             db.insert("toto", type=t)
         assert cm.value.pgcode == "23514", "%r: %s" % (t, cm.value)  # check_violation

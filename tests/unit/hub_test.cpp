@@ -237,3 +237,19 @@ TEST_F(HubTest, CountsStreamsCatchingUp) {
     hub.open(*behind);
     EXPECT_EQ(hub.streams_catching_up(), 1u);
 }
+
+TEST_F(HubTest, APatchIsFramedWithItsTarget) {
+    hub.on_listener_ready(1, 10, 10);
+    auto s = stream("alice");
+    hub.open(*s);
+    ASSERT_EQ(s->mode(), Stream::Mode::Live);
+    hub.on_notification("b\n11 5 1 2\naliceo{}12 5 1 11 11\nalicep{\"a\": null}");
+    std::string expected = frame(11);
+    expected.replace(expected.find("event: t"), 8, "event: o");
+    append_target_frame(expected, 12, 11, TargetMember::Patch, "p", "{\"a\":null}");
+    EXPECT_EQ(drain(*s), expected);
+    EXPECT_EQ(drain(*s), "");
+    hub.on_notification("e 13 5 1 11\nalicet{\"b\": 1}");
+    EXPECT_EQ(drain(*s),
+              "id: 13\nevent: patch\ndata: {\"target\":11,\"type\":\"t\",\"patch\":{\"b\":1}}\n\n");
+}

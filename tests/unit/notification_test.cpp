@@ -102,3 +102,47 @@ TEST(Notifications, MalformedBatchesDeliverNothing) {
         EXPECT_TRUE(v.empty()) << bad;
     }
 }
+
+TEST(Notification, PatchCarriesItsTargetsPosition) {
+    Notification n;
+    ASSERT_TRUE(parse_notification("e 12 4 5 7\ntotoorder{\"a\": null}", n));
+    EXPECT_EQ(n.kind, Notification::Kind::Event);
+    EXPECT_EQ(n.position, 12);
+    EXPECT_EQ(n.target, 7);
+    EXPECT_EQ(n.subscriber, "toto");
+    EXPECT_EQ(n.type, "order");
+    EXPECT_EQ(n.payload, "{\"a\": null}");
+    ASSERT_TRUE(parse_notification("e 12 4 5\ntotoorder{}", n));
+    EXPECT_EQ(n.target, 0); // a plain event
+}
+
+TEST(Notification, RejectsMalformedPatches) {
+    Notification n;
+    // No target, a target that is not a number, not positive, not before the patch, or followed
+    // by anything but the line break.
+    for (const char *bad :
+         {"e 12 4 5 \ntotoorder{}", "e 12 4 5 x\ntotoorder{}", "e 12 4 5 0\ntotoorder{}",
+          "e 12 4 5 12\ntotoorder{}", "e 12 4 5 13\ntotoorder{}", "e 12 4 5 7 \ntotoorder{}",
+          "e 12 4 5-7\ntotoorder{}", "e 12 4 5 -7\ntotoorder{}"}) {
+        EXPECT_FALSE(parse_notification(bad, n)) << bad;
+    }
+}
+
+TEST(Notifications, BatchWithPatches) {
+    std::vector<Notification> v;
+    ASSERT_TRUE(parse_notifications("b\n3 4 1 8\ntotox{\"z\": 1}4 4 2 8 3\ntotoxp{\"z\": 2}"
+                                    "5 4 2 4 1\ntotoxpnull",
+                                    v));
+    ASSERT_EQ(v.size(), 3u);
+    EXPECT_EQ(v[0].target, 0);
+    EXPECT_EQ(v[0].payload, "{\"z\": 1}");
+    EXPECT_EQ(v[1].position, 4);
+    EXPECT_EQ(v[1].target, 3);
+    EXPECT_EQ(v[1].type, "xp");
+    EXPECT_EQ(v[1].payload, "{\"z\": 2}");
+    EXPECT_EQ(v[2].target, 1);
+    EXPECT_EQ(v[2].payload, "null");
+    EXPECT_FALSE(parse_notifications("b\n4 4 2 8 4\ntotoxp{\"z\": 2}", v));
+    EXPECT_FALSE(parse_notifications("b\n4 4 2 8 x\ntotoxp{\"z\": 2}", v));
+    EXPECT_TRUE(v.empty());
+}

@@ -409,3 +409,68 @@ TEST(ReplayQueueSql, OneIndexRangeScanPerIdMergedByPosition) {
     EXPECT_EQ(three.find("$7"), std::string::npos);
     EXPECT_NE(three.find(") AS ids ORDER BY position LIMIT $2"), std::string::npos);
 }
+
+TEST_F(ReplayQueueTest, FoldedStreamsAskTheSchemaOncePerConnectionThenGetFoldedBatches) {
+    auto s = stream("alice", 5);
+    s->set_folded(true);
+    queue.request(*s);
+    a.connected(queue);
+    ASSERT_EQ(a.sent.size(), 1u);
+    EXPECT_EQ(a.sent[0], ReplayQueue::folding_probe_sql());
+    EXPECT_FALSE(s->query_in_flight()); // still first in line
+    answer(a, FakeResult({{std::string("t")}}));
+    ASSERT_EQ(a.sent.size(), 2u);
+    EXPECT_EQ(a.sent[1], ReplayQueue::folded_sql(1));
+    EXPECT_EQ(a.last_params, (std::vector<std::string>{"5", "3", "262144", "alice"}));
+    // A folded event (target 2, whole state) and a plain one.
+    answer(a, FakeResult({{std::string("7"), std::string("order"), std::string("{\"a\": 1}"),
+                           std::string("2"), std::string("8"), std::string("2"), std::string("t")},
+                          {std::string("8"), std::string("t"), std::string("{}"), std::string("2"),
+                           std::string("8"), std::nullopt, std::nullopt}}));
+    std::string expected;
+    append_target_frame(expected, 7, 2, TargetMember::State, "order", "{\"a\":1}");
+    append_event_frame(expected, 8, "t", "{}");
+    EXPECT_EQ(drain(*s), expected);
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+    // The same connection is not asked again.
+    auto again = stream("alice", 8);
+    again->set_folded(true);
+    queue.request(*again);
+    ASSERT_EQ(a.sent.size(), 3u);
+    EXPECT_EQ(a.sent[2], ReplayQueue::folded_sql(1));
+}
+
+TEST_F(ReplayQueueTest, WithoutThePatchFunctionsFoldedStreamsGetTheFullHistory) {
+    auto s = stream("alice", 5);
+    s->set_folded(true);
+    queue.request(*s);
+    a.connected(queue);
+    answer(a, FakeResult({{std::string("f")}}));
+    ASSERT_EQ(a.sent.size(), 2u);
+    EXPECT_EQ(a.sent[1], ReplayQueue::batch_sql(1));
+    EXPECT_EQ(log.lines.size(), 1u);
+    // A new connection asks again (the schema may have been upgraded meanwhile).
+    a.lost(queue);
+    retry.fire();
+    a.connected(queue);
+    ASSERT_EQ(a.sent.size(), 3u);
+    EXPECT_EQ(a.sent[2], ReplayQueue::folding_probe_sql());
+}
+
+TEST_F(ReplayQueueTest, PatchesAndStandInsOfTheFullHistoryNameTheirTarget) {
+    auto s = stream("alice", 0);
+    queue.request(*s);
+    a.connected(queue);
+    ASSERT_EQ(a.sent[0], ReplayQueue::batch_sql(1));
+    answer(a, FakeResult({{std::string("1"), std::string("t"), std::string("{}"), std::string("3"),
+                           std::string("3"), std::nullopt, std::nullopt},
+                          {std::string("2"), std::string("p"), std::string("{\"x\": null}"),
+                           std::string("3"), std::string("3"), std::string("1"), std::string("f")},
+                          {std::string("3"), std::string("t"), std::string("{}"), std::string("3"),
+                           std::string("3"), std::string("1"), std::string("t")}}));
+    std::string expected;
+    append_event_frame(expected, 1, "t", "{}");
+    append_target_frame(expected, 2, 1, TargetMember::Patch, "p", "{\"x\":null}");
+    append_target_frame(expected, 3, 1, TargetMember::State, "t", "{}");
+    EXPECT_EQ(drain(*s), expected);
+}

@@ -60,7 +60,10 @@ TEST(Consumer, RefusesMalformedUtf8) {
 
 TEST(Consumer, PercentDecoding) {
     EXPECT_EQ(percent_decode("alice%40example.com"), "alice@example.com");
-    EXPECT_EQ(percent_decode("a+b%2Bc"), "a+b+c");
+    // application/x-www-form-urlencoded, as URLSearchParams writes it: '+' is a space, a plus
+    // is %2B.
+    EXPECT_EQ(percent_decode("a+b%2Bc"), "a b+c");
+    EXPECT_EQ(percent_decode("team+7%20a++"), "team 7 a  ");
     EXPECT_EQ(percent_decode("%c3%A9t%C3%a9"), "\xc3\xa9t\xc3\xa9");
     EXPECT_EQ(percent_decode("plain"), "plain");
     EXPECT_EQ(percent_decode("%00"), std::string("\0", 1));
@@ -91,6 +94,27 @@ TEST(ConsumerIds, TheConsumerAloneWhenThereIsNoList) {
     EXPECT_EQ(consumer_ids("a,b", "", false, error), std::vector<std::string>{"a,b"});
 }
 
+TEST(Consumer, OneIdFromTheRequest) {
+    // Blanks at either end dropped, before decoding and (spaces) after: as for listed ids.
+    EXPECT_EQ(consumer_id_from("alice", false), "alice");
+    EXPECT_EQ(consumer_id_from(" \talice \t", false), "alice");
+    EXPECT_EQ(consumer_id_from("a b", false), "a b");
+    EXPECT_EQ(consumer_id_from("+alice%20", false), "+alice%20"); // literal without urldecode
+    EXPECT_EQ(consumer_id_from("+alice%20", true), "alice");
+    EXPECT_EQ(consumer_id_from("%20+alice+smith++", true), "alice smith");
+    EXPECT_EQ(consumer_id_from("alice%2B", true), "alice+");
+    EXPECT_EQ(consumer_id_from(" alice%40example.com ", true), "alice@example.com");
+    // Only blanks: an empty id, which check_consumer calls missing (401).
+    EXPECT_EQ(consumer_id_from("+%20+", true), "");
+    EXPECT_EQ(consumer_id_from(" \t ", false), "");
+    EXPECT_EQ(check_consumer(*consumer_id_from("+", true)), ConsumerCheck::Missing);
+    // A decoded tab stays, and is refused; so is a bad escape.
+    EXPECT_EQ(consumer_id_from("alice%09", true), "alice\t");
+    EXPECT_EQ(check_consumer(*consumer_id_from("alice%09", true)), ConsumerCheck::ControlCharacter);
+    EXPECT_EQ(consumer_id_from(" alice%4 ", true), std::nullopt);
+    EXPECT_EQ(consumer_id_from("alice%4", false), "alice%4");
+}
+
 TEST(ConsumerIds, ListItemsTrimmedDecodedAndDeduplicated) {
     std::string error;
     EXPECT_EQ(consumer_ids("alice", "team-7, everyone", false, error),
@@ -109,6 +133,16 @@ TEST(ConsumerIds, ListItemsTrimmedDecodedAndDeduplicated) {
     EXPECT_EQ(error, "in the consumer id list: consumer id contains control characters\n");
     EXPECT_EQ(consumer_ids("alice", "a%20b", true, error),
               (std::vector<std::string>{"alice", "a b"}));
+    // URLSearchParams({groups: "everyone, team 7"}) sends "everyone%2C+team+7": the comma is
+    // inside an item then; "everyone,+team+7" (a literal comma) is two ids.
+    EXPECT_EQ(consumer_ids("alice", "everyone,+team+7+", true, error),
+              (std::vector<std::string>{"alice", "everyone", "team 7"}));
+    EXPECT_EQ(consumer_ids("alice", "everyone%2C+team+7", true, error),
+              (std::vector<std::string>{"alice", "everyone, team 7"}));
+    EXPECT_EQ(consumer_ids("alice", "a+b", false, error),
+              (std::vector<std::string>{"alice", "a+b"}));
+    EXPECT_TRUE(consumer_ids("alice", "a,+", true, error).empty());
+    EXPECT_EQ(error, "consumer id list has an empty id\n");
     EXPECT_TRUE(consumer_ids("alice", "a,%20", true, error).empty());
     EXPECT_EQ(error, "consumer id list has an empty id\n");
 }
@@ -152,4 +186,16 @@ TEST(ConninfoErrorForLog, KeepsOptionNamesAndDropsQuotedStrings) {
               "invalid percent-encoded token: \"...\"");
     EXPECT_EQ(conninfo_error_for_log("a \"dangling quote\nsecond line"),
               "a \"dangling quote second line");
+}
+
+TEST(FoldedChoice, OnOffAndRefusals) {
+    for (const char *on : {"1", "on", "ON", "yes", "True"}) {
+        EXPECT_EQ(parse_folded_choice(on), std::optional<bool>(true)) << on;
+    }
+    for (const char *off : {"", "0", "off", "No", "FALSE"}) {
+        EXPECT_EQ(parse_folded_choice(off), std::optional<bool>(false)) << off;
+    }
+    for (const char *bad : {"2", "onn", " on", "folded", "y"}) {
+        EXPECT_FALSE(parse_folded_choice(bad).has_value()) << bad;
+    }
 }

@@ -69,3 +69,30 @@ TEST(CompactJson, Utf8PassesThrough) {
     append_compact_json(out, "{\"é\": \"日本 語\"}");
     EXPECT_EQ(out, "{\"é\":\"日本 語\"}");
 }
+
+TEST(SseFrame, PatchNamesItsTargetInTheJsonData) {
+    std::string out;
+    append_target_frame(out, 42, 17, TargetMember::Patch, "order",
+                        R"({"status": "delivered", "n": 12345678901234567890, "x": null})");
+    EXPECT_EQ(out, "id: 42\nevent: patch\ndata: {\"target\":17,\"type\":\"order\",\"patch\":"
+                   "{\"status\":\"delivered\",\"n\":12345678901234567890,\"x\":null}}\n\n");
+}
+
+TEST(SseFrame, FoldedStateAndTombstone) {
+    std::string out;
+    append_target_frame(out, 9, 3, TargetMember::State, "t", "[1, 2]");
+    append_target_frame(out, 10, 4, TargetMember::State, "t", "null");
+    EXPECT_EQ(out, "id: 9\nevent: patch\ndata: {\"target\":3,\"type\":\"t\",\"state\":[1,2]}\n\n"
+                   "id: 10\nevent: patch\ndata: {\"target\":4,\"type\":\"t\",\"state\":null}\n\n");
+}
+
+TEST(SseFrame, TypeInsideThePatchDataIsAJsonString) {
+    std::string out;
+    append_json_string(out, std::string("a\"b\\c\x01\td\xc3\xa9", 10));
+    EXPECT_EQ(out, "\"a\\\"b\\\\c\\u0001\\u0009d\xc3\xa9\"");
+    out.clear();
+    // A type with a line break (refused by the schema) still cannot break the frame.
+    append_target_frame(out, 1, 1, TargetMember::Patch, "a\nb", "{}");
+    EXPECT_EQ(out,
+              "id: 1\nevent: patch\ndata: {\"target\":1,\"type\":\"a\\u000ab\",\"patch\":{}}\n\n");
+}
