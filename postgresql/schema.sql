@@ -807,11 +807,14 @@ END;
 $$;
 -- ---- end of event_piper_source wal ----------------------------------------------------------
 
--- The schema's version, read by the module once per listening connection (README "Schema
--- changes"). The previous release's schema has no such function: version 1. A change that
--- a module must know of raises it; a module works against its own version and the previous
--- one, and each version keeps what the previous module reads working, so that module and
--- schema can be upgraded in either order. Created last: a module that reads this version
--- finds everything above in place, also when this file is applied statement by statement.
+-- The schema's version, read by the module once per listening connection (README "Upgrades").
+--   1  the schema of c28232f, which has no such function;
+--   2  writers' rules: definer trigger functions, PREPARE TRANSACTION and id changes refused,
+--      reserved types (never released alone);
+--   3  patches: events.patches, event_positions.target, the patch notification forms, folding.
+-- A change that a module must know of raises it; a module works against its own version and the
+-- earlier ones, and each version keeps what the earlier modules read working, so that module and
+-- schema can be upgraded in either order. Created last: a module that reads this version finds
+-- everything above in place, also when this file is applied statement by statement.
 CREATE OR REPLACE FUNCTION event_piper_schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 2';
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 3';
