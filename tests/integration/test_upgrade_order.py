@@ -57,6 +57,7 @@ LONGEST_DELAY = 3.0
 NGINX_CONF = """
 http {
     event_piper_postgres "{{ postgres }}";
+    {{ http }}
     server {
         listen 127.0.0.1:{{ port }};
         location = /events {
@@ -452,3 +453,49 @@ def test_a_reload_keeps_the_module_it_loaded_even_when_its_file_was_replaced(
     time.sleep(0.5)
     assert ngx.log_count("the database's schema is version") == 0, \
         "the reload loaded the new file"
+
+
+def test_the_previous_module_gets_patches_from_its_check_late_and_loses_nothing(
+        database, nginx, clients, previous_module):
+    """Why patches wait for the last module (README "Upgrades"): the previous module against
+    this schema ignores a notification holding a patch (a form it does not know), also the plain
+    events of its batch; its listener's check finds the positions no notification announced and
+    sends the streams to the table: late by up to two check periods (two thirds of
+    event_piper_listener_timeout each), nothing lost. Plain events alone stay live."""
+    db = database("upgrade_patches_old_module")
+    db.apply(SCHEMA)
+    ngx = nginx.start(db, module=previous_module, http={"event_piper_listener_timeout": "3s"})
+    c = clients.stream(ngx, "p", last_event_id="0", settle=0)
+    c.read_for(0.5)
+
+    def commit(rows):
+        """One transaction of (payload, patches) rows; returns the time of its commit."""
+        conn = db.connect(autocommit=False)
+        try:
+            ids = {}
+            with conn.cursor() as cur:
+                for name, payload, patches in rows:
+                    cur.execute("insert into events (type, timestamp, subscriber, payload, "
+                                "patches) values ('order', now(), 'p', %s, %s) returning id",
+                                (payload, ids.get(patches)))
+                    ids[name] = cur.fetchone()[0]
+            conn.commit()
+            return time.monotonic()
+        finally:
+            conn.close()
+
+    def arrival(count, timeout):
+        c.wait_events(count, timeout=timeout)
+        return time.monotonic()
+
+    t = commit([("a", '{"n": 1}', None)])
+    plain = arrival(1, T(5)) - t
+    t = commit([("b", '{"n": 2}', None), ("b1", '{"n": 3}', "b")])  # a batch with a patch
+    patched = arrival(3, T(10)) - t
+    c.read_for(0.3)
+    assert c.event_ids() == db.positions("p"), "every event once, in order"
+    note("previous module, this schema: a plain event %.2f s after its commit; a batch holding "
+         "a patch %.2f s (check period 2 s)" % (plain, patched))
+    assert plain < T(1.0)
+    assert patched <= T(2 * 2.0 + 1.0), "later than two check periods"
+    assert ngx.log_count("were committed a check period ago but not notified") >= 1
