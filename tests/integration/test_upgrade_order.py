@@ -50,6 +50,12 @@ with open(SCHEMA) as _f:
     CURRENT_VERSION = int(re.search(r"event_piper_schema_version\(\) RETURNS integer\s+"
                                     r"LANGUAGE sql [^']*'SELECT (\d+)'", _f.read()).group(1))
 
+# The listener's checks every 3.3 s (its round trip, the held writers' query, the table check),
+# so that they run against each schema during a step; and the log lines they write on failure.
+CHECKS = {"event_piper_listener_timeout": "5s"}
+CHECK_FAILURES = ("cannot look for event writers", "the check for rows without a position failed",
+                  "no answer from the server")
+
 # "No interval longer than a few seconds in which live streams receive nothing that was
 # committed": the longest a committed event may take to reach a stream, reconnects included.
 LONGEST_DELAY = 3.0
@@ -205,7 +211,8 @@ class Rollout:
         if port is not None:  # the balancer names the instance by its port
             harness.free_port = lambda: port
         try:
-            ngx = Nginx(make_tmp("instance"), NGINX_CONF, pg=self.db, workers=2, module=module)
+            ngx = Nginx(make_tmp("instance"), NGINX_CONF, pg=self.db, workers=2, module=module,
+                        http=CHECKS)
         finally:
             harness.free_port = real_free_port
         self.nginx.instances.append(ngx)
@@ -279,6 +286,9 @@ class Rollout:
                                                                       worst.worst))
         for r in self.readers:
             r.close()
+        for ngx in self.instances:
+            for failure in CHECK_FAILURES:
+                assert ngx.log_count(failure) == 0, "%s: %s" % (ngx.error_log, failure)
 
 
 class Master:
@@ -329,7 +339,8 @@ class OneInstance(Rollout):
     def _start_detached(self, module):
         """Started by a shell that exits at once: nginx takes USR2 only from a master whose
         parent is no longer the one that started it (as after daemonizing)."""
-        ngx = Nginx(make_tmp("instance"), NGINX_CONF, pg=self.db, workers=2, module=module)
+        ngx = Nginx(make_tmp("instance"), NGINX_CONF, pg=self.db, workers=2, module=module,
+                    http=CHECKS)
         self.nginx.instances.append(ngx)
         # The shell stays until nginx wrote its pid file: nginx notes its parent at start.
         out = subprocess.run(
@@ -411,6 +422,11 @@ def test_two_instances_and_the_schema_upgraded_in_any_order_lose_nothing_and_sta
     if order == "module_first":
         a = rollout.upgrade(0, new)
         b = rollout.upgrade(1, new)
+        # Both instances' checks (this module's, on a connection of their own) ran on schema 1.
+        rollout.meanwhile(lambda: wait_until(
+            lambda: len(db.app_connections(harness.CHECK_APP)) == 2, T(15), interval=0.1,
+            what="the check connection of each instance"))
+        rollout.read_for(0.5)
         rollout.apply_schema()
         for ngx in (a, b):  # read at their listener's connection: the schema was older then
             assert schema_version_logged(ngx, 1)
