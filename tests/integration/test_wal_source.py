@@ -190,10 +190,23 @@ def test_no_position_is_visible_before_its_event(db, nginx, clients):
         wait_until(lambda: db.scalar("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
                                      (pid,)) == "SyncRep", T(10), what="the writer held in COMMIT")
         db.insert("toto", '{"n": 3}')  # committed, visible, decoded after the held one
-        time.sleep(1)  # the positioner has decoded both meanwhile
-        orphans = db.scalar("SELECT count(*) FROM event_positions p "
-                            "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = p.event_id)")
-        assert orphans == 0, "a position is visible before its event"
+
+        def orphans():
+            return db.scalar("SELECT count(*) FROM event_positions p "
+                             "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = p.event_id)")
+
+        def positioner_waits():
+            return db.superuser_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                "'event_piper_positioner' AND state = 'active' "
+                "AND query LIKE '%event_piper_wal_apply%'")[0][0] > 0
+
+        # The positioner has decoded the held commit: it waits, or (the bug) wrote its position.
+        wait_until(lambda: orphans() > 0 or positioner_waits(), T(10),
+                   what="the positioner to decode the held commit")
+        time.sleep(0.5)
+        assert orphans() == 0, "a position is visible before its event"
+        assert positioner_waits()
         assert positions(db) == [(1, 1, "toto")]  # the held commit holds the later one back
         late = clients.stream(ngx, "toto", last_event_id="1")
         su("SELECT pg_cancel_backend(%s)", (pid,))  # the commit becomes visible
