@@ -219,7 +219,8 @@ bench-patching: deps-bench
 SOAK_MINUTES ?= 20
 
 soak: build clients deps-bench
-	SOAK_MINUTES=$(SOAK_MINUTES) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest \
+	SOAK_MINUTES=$(SOAK_MINUTES) EVENT_PIPER_CHAOS_SOURCES=trigger PYTHONDONTWRITEBYTECODE=1 \
+	    $(PYTHON) -m pytest \
 	    tests/integration/soak_chaos.py $(PYTEST_ARGS)
 
 ## Container deployment (docker/, README "Docker"), with docker if a Docker daemon answers, else

@@ -270,11 +270,6 @@ char *set_source(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
         mcf->source_wal = 0;
     } else if (args[1].len == 3 && ngx_strncasecmp(args[1].data, (u_char *)"wal", 3) == 0) {
         mcf->source_wal = 1;
-        // Said where the choice is made: the README's Limits give the known loss.
-        ngx_conf_log_error(NGX_LOG_WARN, cf, 0,
-                           "\"event_piper_source wal\" is experimental: a client may miss events "
-                           "around a kill of the positioner's worker or a PostgreSQL restart "
-                           "(README, Limits); the default \"trigger\" has no such loss");
     } else {
         return invalid_value(cf, cmd, "\"trigger\" or \"wal\"");
     }

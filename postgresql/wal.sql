@@ -34,16 +34,37 @@ BEGIN
 END;
 $$;
 
+-- Whether every transaction of `xids` (32-bit transaction ids, as logical decoding gives them)
+-- is visible to a snapshot taken now. Each id is placed below the snapshot's xmax (at most 2^31
+-- back, as PostgreSQL compares transaction ids); an id at or after xmax is not visible yet.
+CREATE OR REPLACE FUNCTION event_piper_wal_visible(xids bigint[]) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT NOT EXISTS (
+        SELECT 1
+          FROM (SELECT s, pg_snapshot_xmax(s)::text::bigint AS xmax
+                  FROM pg_current_snapshot() AS s) AS cur,
+               LATERAL (SELECT (cur.xmax % 4294967296 - x + 4294967296) % 4294967296 AS back
+                          FROM unnest(xids) AS x) AS d
+         WHERE d.back = 0 OR d.back > 2147483648
+            OR NOT pg_visible_in_snapshot((cur.xmax - d.back)::text::xid8, cur.s))
+$$;
+
+-- The apply function before it took the transactions' ids (replaced by the one below).
+DROP FUNCTION IF EXISTS event_piper_wal_apply(pg_lsn, pg_lsn, bigint, bigint[], bigint[], text[],
+                                              bigint[], text[], bigint[], text[], bigint[],
+                                              boolean, text, text);
+
 -- One positioner transaction (or one part of it, new_lsn NULL, inside BEGIN ... COMMIT):
 -- fencing first (the progress row locked and compared: a positioner that froze and woke up after
--- another took over finds another lsn and steps down), then the later changes in commit order
--- (a TRUNCATE, deletes, subscriber moves), the new positions, the notifications (the trigger's
--- formats, built by the positioner), the progress.
+-- another took over finds another lsn and steps down), a wait until the decoded transactions
+-- (`xids`) are visible, then the later changes in commit order (a TRUNCATE, deletes, subscriber
+-- moves), the new positions, the notifications (the trigger's formats, built by the positioner),
+-- the progress.
 CREATE OR REPLACE FUNCTION event_piper_wal_apply(
     expect_lsn pg_lsn, new_lsn pg_lsn, new_last_position bigint,
     positions bigint[], ids bigint[], subscribers text[], commit_times bigint[],
     notifications text[], move_ids bigint[], move_subscribers text[], delete_ids bigint[],
-    truncate_first boolean, holder_name text, channel text)
+    truncate_first boolean, holder_name text, channel text, xids bigint[] DEFAULT '{}')
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     cur record;
@@ -56,6 +77,16 @@ BEGIN
             coalesce(cur.lsn::text, 'NULL'), coalesce(cur.source, 'none'),
             coalesce(expect_lsn::text, 'NULL');
     END IF;
+    -- A writer's commit record is flushed, and so decoded, a moment before the commit becomes
+    -- visible to other sessions (on a loaded server, milliseconds; with a synchronous standby,
+    -- once the standby confirmed). Positions committed in that moment would be visible without
+    -- their rows: a stream reading the table (after an "r" or "p" hint, or catching up) would
+    -- find the position but not the event, and pass over it. So wait, each check with a new
+    -- snapshot, until every decoded transaction written here is visible.
+    WHILE cardinality(xids) > 0 LOOP
+        EXIT WHEN event_piper_wal_visible(xids);
+        PERFORM pg_sleep(0.001);
+    END LOOP;
     IF truncate_first THEN
         TRUNCATE event_positions;
     END IF;

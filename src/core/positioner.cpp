@@ -110,10 +110,10 @@ const char *Positioner::drop_idle_slot_sql() {
 const char *Positioner::apply_sql() {
     // Arguments: the progress this positioner expects (fencing; '' = NULL), the new one ('' =
     // a part: progress unchanged), the last position given, the rows, the notifications, later
-    // changes, the holder and the channel.
+    // changes, the holder, the channel, and the ids of the decoded transactions written.
     return "SELECT event_piper_wal_apply(nullif($1, '')::pg_lsn, nullif($2, '')::pg_lsn, "
            "$3::bigint, $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8::text[], "
-           "$9::bigint[], $10::text[], $11::bigint[], $12::boolean, $13, $14)";
+           "$9::bigint[], $10::text[], $11::bigint[], $12::boolean, $13, $14, $15::bigint[])";
 }
 
 Positioner::Positioner(DbLink &apply, ReplicationLink &replication, Timer &retry, Timer &status,
@@ -194,6 +194,7 @@ void Positioner::lose(std::string_view why, bool quiet) {
     done_.clear();
     done_index_.clear();
     notifications_.clear();
+    xids_.clear();
     moves_.clear();
     deletes_.clear();
     truncate_ = done_dirty_ = false;
@@ -458,6 +459,7 @@ void Positioner::handle_message(const pgoutput::Message &m) {
         skip_txn_ = awaiting_switch_ || (!stored_null_ && m.final_lsn < stored_lsn_);
         txn_spilled_ = txn_switch_wal_ = txn_switch_trigger_ = false;
         txn_commit_time_ = m.commit_time;
+        txn_xid_ = m.xid;
         txn_last_position_ = 0;
         return;
     case Kind::Commit:
@@ -645,6 +647,9 @@ void Positioner::on_commit(const pgoutput::Message &m) {
             rows.push_back(&r);
         }
     }
+    if (!rows.empty()) {
+        note_xid();
+    }
     if (!txn_spilled_) {
         for (std::string &n : wal_notifications(rows)) {
             notification_bytes_ += n.size();
@@ -676,6 +681,15 @@ void Positioner::on_commit(const pgoutput::Message &m) {
     }
 }
 
+void Positioner::note_xid() {
+    // A writer's commit is in the WAL (and so decoded) a moment before other sessions see it:
+    // its positions must not be visible before its rows (a stream reading the table would pass
+    // over them), so the database waits for these transactions before it writes positions.
+    if (xids_.empty() || xids_.back() != txn_xid_) {
+        xids_.push_back(txn_xid_);
+    }
+}
+
 void Positioner::maybe_apply() {
     if (phase_ != Phase::Streaming || applying_ != Apply::None) {
         bool over = pending_count_ >= settings_.rows_max || pending_bytes_ >= settings_.bytes_max;
@@ -703,6 +717,7 @@ void Positioner::maybe_apply() {
             open_.clear();
             open_index_.clear();
             txn_spilled_ = true;
+            note_xid();
             send_apply(false);
         }
         return;
@@ -751,6 +766,7 @@ void Positioner::send_apply(bool final) {
         move_ids.push_back(id);
         move_subscribers.push_back(subscriber);
     }
+    std::string p_xids = int_array(xids_);
     std::string expect = stored_null_ ? std::string() : pgoutput::lsn_text(stored_lsn_);
     std::string next = final ? pgoutput::lsn_text(done_lsn_) : std::string();
     std::string last = num(last_position_);
@@ -759,7 +775,7 @@ void Positioner::send_apply(bool final) {
                 p_notifications = text_array(notifications_), p_move_ids = int_array(move_ids),
                 p_move_subscribers = text_array(move_subscribers), p_deletes = int_array(deletes_);
     const char *truncate = truncate_ ? "true" : "false";
-    const char *params[14] = {expect.c_str(),
+    const char *params[15] = {expect.c_str(),
                               next.c_str(),
                               last.c_str(),
                               p_positions.c_str(),
@@ -772,7 +788,8 @@ void Positioner::send_apply(bool final) {
                               p_deletes.c_str(),
                               truncate,
                               settings_.holder.c_str(),
-                              settings_.channel.c_str()};
+                              settings_.channel.c_str(),
+                              p_xids.c_str()};
     if (inflight_oldest_ms_ == 0) {
         inflight_oldest_ms_ = oldest_pending_ms_;
     }
@@ -787,6 +804,7 @@ void Positioner::send_apply(bool final) {
     done_.clear();
     done_index_.clear();
     notifications_.clear();
+    xids_.clear();
     moves_.clear();
     deletes_.clear();
     truncate_ = false;
@@ -799,7 +817,7 @@ void Positioner::send_apply(bool final) {
     }
     count_pending();
     applying_ = final ? Apply::Final : Apply::Part;
-    apply_.send(apply_sql(), 14, params);
+    apply_.send(apply_sql(), 15, params);
 }
 
 void Positioner::applied() {

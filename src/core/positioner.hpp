@@ -155,6 +155,7 @@ private:
     void truncate_pending();
     bool column(const std::vector<pgoutput::Column> &tuple, int index, std::string &out) const;
     void maybe_apply();
+    void note_xid();
     void send_apply(bool final);
     void send_plain(const char *sql, Apply what);
     void applied();
@@ -196,6 +197,10 @@ private:
     bool txn_switch_wal_ = false;
     bool txn_switch_trigger_ = false;
     int64_t txn_commit_time_ = 0;
+    int64_t txn_xid_ = 0; // the open transaction's id (pgoutput's Begin)
+    // The ids of the decoded transactions whose rows the next write positions: the database
+    // waits until they are visible before it commits their positions (see event_piper_wal_apply).
+    std::vector<int64_t> xids_;
     int64_t txn_last_position_ = 0;
     std::vector<WalRow> open_;
     std::unordered_map<int64_t, size_t> open_index_;

@@ -17,6 +17,11 @@ same consumers), and must hold the events of all their ids merged in position or
 At the end every client must hold exactly the committed events of its ids, as the table has
 them (`select position, type, payload ... where subscriber = ... order by position`), byte for
 byte: 0 lost, 0 duplicated, 0 out of order. The counts are printed.
+
+It runs twice: with the trigger giving positions, and with `event_piper_source wal` (the cluster
+restarted with wal_level = logical, the database switched with event_piper_set_source('wal')):
+there the worker killed holds the positioner too, and PostgreSQL's restarts cut its writes.
+EVENT_PIPER_CHAOS_SOURCES=trigger (or wal) runs one of them.
 """
 
 import os
@@ -44,6 +49,7 @@ NGINX_CONF = """
 http {
     event_piper_postgres "{{ postgres }}";
     event_piper_replay_connections 2;
+    {{ http }}
     server {
         listen 127.0.0.1:{{ port }};
         location = /events {
@@ -258,6 +264,9 @@ def writer_accounts(outputs):
 
 def committed_frames(db):
     """The truth, once nobody writes any more: (rows, {consumer: [(position, frame)]})."""
+    if getattr(db, "source", "trigger") == "wal":  # the positioner's lag: every row positioned
+        wait_until(lambda: int(db.scalar("select count(*) from event_log where position is null"))
+                   == 0, T(30), what="the positioner to position every committed row")
     rows = db.sql("select subscriber, position, type, payload::text from event_log "
                   "where position is not null order by position")
     final = {k: [] for k in CONSUMERS}
@@ -425,13 +434,25 @@ def check_clients(clients, final):
     return totals, bad_clients, shutdown_503
 
 
-@pytest.fixture
-def db(private_pg):
-    """This module's own cluster (the test restarts it), up and with the events table empty."""
-    pg_back_up(private_pg)
-    private_pg.truncate()
-    yield private_pg
-    pg_back_up(private_pg)
+@pytest.fixture(params=os.environ.get("EVENT_PIPER_CHAOS_SOURCES", "trigger,wal").split(","))
+def db(private_pg, request):
+    """This module's own cluster (the test restarts it), up and with the events table empty, in
+    the source mode of the parameter (wal: wal_level = logical and event_piper_set_source)."""
+    pg = private_pg
+    pg.source = request.param
+    pg_back_up(pg)
+    if pg.source == "wal" and not pg.logical:
+        pg.logical = True
+        pg.stop()
+        pg.start()
+    if pg.logical and pg.scalar("SELECT source FROM event_piper_wal_progress") == "wal":
+        pg.superuser_sql("SELECT event_piper_set_source('trigger', 0)")
+    pg.truncate()
+    if pg.source == "wal":
+        pg.sql("UPDATE event_piper_wal_progress SET lsn = NULL, last_position = 0")
+        assert pg.superuser_sql("SELECT event_piper_set_source('wal')")[0][0] == "wal"
+    yield pg
+    pg_back_up(pg)
 
 
 @pytest.fixture
@@ -450,7 +471,8 @@ def writers(db, nginx):
 
 def test_writers_restarts_reload_and_resuming_clients_lose_nothing(db, nginx, writers, request):
     say("seed %d (EVENT_PIPER_CHAOS_SEED=%d reproduces the random choices)" % (SEED, SEED))
-    ngx = nginx.start(db, workers=2, wait_listening=False)
+    ngx = nginx.start(db, workers=2, wait_listening=False,
+                      http={"event_piper_source": db.source})
     wait_all_listening(ngx)
     clients = make_clients(ngx.port)
     request.addfinalizer(lambda: [c.close(0) for c in clients])

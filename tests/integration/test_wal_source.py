@@ -164,6 +164,68 @@ def test_kill_9_of_the_positioner_worker_loses_and_duplicates_nothing(db, nginx,
     assert [int(e.id) for e in c.events] == list(range(1, total + 1))
 
 
+def test_no_position_is_visible_before_its_event(db, nginx, clients):
+    """A writer's commit is decoded a moment before other sessions can see it (a loaded server,
+    or here, held that way: a synchronous standby that never answers). Positions committed in
+    that moment were visible without their event: a stream reading the table passed over it
+    (the chaos test in wal mode lost deliveries so). The positioner waits until the writer's
+    commit is visible."""
+    su = db.superuser_sql
+    # nginx's sessions commit without waiting for the standby; the held writer waits for it.
+    su("ALTER ROLE event_piper SET synchronous_commit = local")
+    held = None
+    try:
+        ngx = nginx.start(db)
+        live = clients.stream(ngx, "toto")
+        db.insert("toto", '{"n": 1}')
+        live.wait_events(1, timeout=T(10))
+        su("ALTER SYSTEM SET synchronous_standby_names = 'event_piper_test_nobody'")
+        su("SELECT pg_reload_conf()")
+        held = db.connect(autocommit=False)
+        pid = db.run(held, "SELECT pg_backend_pid()")[0][0]
+        db.run(held, "SET synchronous_commit = on")
+        db.run(held, "insert into events (type, timestamp, subscriber, payload) "
+                     "values ('insert', now(), 'toto', '{\"n\": 2}')")
+        done = threading.Event()
+        threading.Thread(target=lambda: (held.commit(), done.set()), daemon=True).start()
+        wait_until(lambda: db.scalar("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
+                                     (pid,)) == "SyncRep", T(10), what="the writer held in COMMIT")
+        db.insert("toto", '{"n": 3}')  # committed, visible, decoded after the held one
+
+        def orphans():
+            return db.scalar("SELECT count(*) FROM event_positions p "
+                             "WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.id = p.event_id)")
+
+        def positioner_waits():
+            return db.superuser_sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                "'event_piper_positioner' AND state = 'active' "
+                "AND query LIKE '%event_piper_wal_apply%'")[0][0] > 0
+
+        # The positioner has decoded the held commit: it waits, or (the bug) wrote its position.
+        wait_until(lambda: orphans() > 0 or positioner_waits(), T(10),
+                   what="the positioner to decode the held commit")
+        time.sleep(0.5)
+        assert orphans() == 0, "a position is visible before its event"
+        assert positioner_waits()
+        assert positions(db) == [(1, 1, "toto")]  # the held commit holds the later one back
+        late = clients.stream(ngx, "toto", last_event_id="1")
+        su("SELECT pg_cancel_backend(%s)", (pid,))  # the commit becomes visible
+        assert done.wait(T(10))
+    finally:
+        su("ALTER SYSTEM RESET synchronous_standby_names")
+        su("SELECT pg_reload_conf()")
+        su("ALTER ROLE event_piper RESET synchronous_commit")
+        if held is not None:
+            held.close()
+    expected = frame(2, "insert", '{"n":2}') + frame(3, "insert", '{"n":3}')
+    for c in (live, late):
+        c.wait_events(2 if c is late else 3, timeout=T(10))
+    assert b"".join(e.raw for e in late.events) == expected
+    assert b"".join(e.raw for e in live.events[1:]) == expected
+    assert [r[1] for r in positions(db)] == [1, 2, 3]
+
+
 def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_wakes(
         db, nginx, clients):
     instances = [nginx.start(db), nginx.start(db)]

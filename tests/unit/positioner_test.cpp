@@ -209,7 +209,7 @@ TEST_F(PositionerTest, OneTransactionIsPositionedNotifiedStoredThenConfirmed) {
     EXPECT_EQ(apply.sent.size(), 1u); // nothing before the socket is drained
     p.on_replication_drained();
     ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
-    ASSERT_EQ(params().size(), 14u);
+    ASSERT_EQ(params().size(), 15u);
     EXPECT_EQ(params()[0], "0/100");      // the progress it expects (fencing)
     EXPECT_EQ(params()[1], "0/230");      // the progress it stores: the commit's end LSN
     EXPECT_EQ(params()[2], "11");         // the last position given
@@ -221,6 +221,7 @@ TEST_F(PositionerTest, OneTransactionIsPositionedNotifiedStoredThenConfirmed) {
     EXPECT_EQ(params()[11], "false");
     EXPECT_EQ(params()[12], "host 42");
     EXPECT_EQ(params()[13], "new_events");
+    EXPECT_EQ(params()[14], "{700}"); // the database waits until this transaction is visible
     EXPECT_EQ(p.oldest_pending_ms(), static_cast<uint64_t>((kTime + 946684800000000LL) / 1000));
     // Not confirmed before the positions are committed.
     size_t copies = repl.copies.size();
@@ -405,6 +406,42 @@ TEST_F(PositionerTest, LaterUpdatesDeletesAndTruncatesKeepPositionsRight) {
     EXPECT_EQ(params()[1], "0/830");
 }
 
+// A writer's commit is decoded a moment before other sessions can see it: positions committed
+// then are visible without their rows, and a stream reading the table passes over them (the
+// chaos test in wal mode lost deliveries this way). Every write names the transactions whose
+// rows it positions, so that the database waits until they are visible.
+TEST_F(PositionerTest, EveryWriteNamesTheTransactionsItPositionsForTheVisibilityWait) {
+    start();
+    relation();
+    data(wal::begin(0x200, kTime, 701));
+    data(wal::insert(kRel, 7, "toto", "insert", "{}"));
+    data(wal::commit(0x200, 0x230, kTime));
+    data(wal::begin(0x240, kTime, 702));
+    data(wal::insert(kRel, 8, "toto", "insert", "{}"));
+    data(wal::insert(kRel, 9, "alice", "insert", "{}"));
+    data(wal::commit(0x240, 0x270, kTime));
+    p.on_replication_drained();
+    ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
+    ASSERT_EQ(params().size(), 15u);
+    EXPECT_EQ(params()[4], "{7,8,9}");
+    EXPECT_EQ(params()[14], "{701,702}");
+    applied();
+    // A transaction whose rows all went again (deleted by itself) positions nothing: no wait.
+    data(wal::begin(0x300, kTime, 703));
+    data(wal::insert(kRel, 10, "toto", "insert", "{}"));
+    data(wal::del(kRel, 10));
+    data(wal::commit(0x300, 0x330, kTime));
+    p.on_replication_drained();
+    ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
+    EXPECT_EQ(params()[4], "{}");
+    EXPECT_EQ(params()[14], "{}");
+    applied();
+    // The next transaction alone.
+    txn(0x400, 0x430, {{11, "toto"}});
+    p.on_replication_drained();
+    EXPECT_EQ(params()[14], "{700}");
+}
+
 TEST_F(PositionerTest, ATransactionOf200000RowsIsWrittenInPartsInBoundedMemory) {
     start();
     relation();
@@ -422,8 +459,9 @@ TEST_F(PositionerTest, ATransactionOf200000RowsIsWrittenInPartsInBoundedMemory) 
                 began = true;
             } else {
                 ASSERT_EQ(sql, Positioner::apply_sql());
-                EXPECT_EQ(params()[1], "");   // a part: no progress yet
-                EXPECT_EQ(params()[7], "{}"); // no notifications held for it
+                EXPECT_EQ(params()[1], "");     // a part: no progress yet
+                EXPECT_EQ(params()[7], "{}");   // no notifications held for it
+                EXPECT_EQ(params()[14], "{9}"); // visible before its positions are
                 std::string list = params()[3];
                 // Positions continue without a gap, in insert order.
                 size_t count = elements(list);
@@ -441,6 +479,8 @@ TEST_F(PositionerTest, ATransactionOf200000RowsIsWrittenInPartsInBoundedMemory) 
     ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
     EXPECT_EQ(params()[1], "0/1030");
     EXPECT_EQ(params()[7], text_array({"p 200010"})); // a bare position for the whole transaction
+    // The parts waited already, in the same positioner transaction.
+    EXPECT_EQ(params()[14], elements(params()[3]) > 0 ? "{9}" : "{}");
     next_expected += static_cast<int64_t>(elements(params()[3]));
     final_sent = true;
     p.on_link_result(apply, FakeResult::command_ok());
