@@ -5,7 +5,7 @@ A cluster of its own with wal_level = logical (scripts/pgctl.sh, EVENT_PIPER_PG_
 database switched with event_piper_set_source('wal') before each test. Told as user stories:
 a live event byte-exact; commits out of id order, a rollback, and rows changed or deleted by
 their own transaction, live and in replay; the positioner's worker killed with -9 while writers
-insert.
+insert; patches, live, in replay and folded, with their targets found by the positioner.
 """
 
 import json
@@ -17,7 +17,7 @@ import time
 import pytest
 
 import harness
-from harness import T, frame, wait_until
+from harness import HEARTBEAT, T, frame, wait_until
 
 NGINX_CONF = """
 http {
@@ -25,7 +25,7 @@ http {
     event_piper_source wal;
     server {
         listen 127.0.0.1:{{ port }};
-        location = /events { event_piper; }
+        location = /events { event_piper; event_piper_folded $arg_folded; }
         location = /status { event_piper_status; }
     }
 }
@@ -254,3 +254,118 @@ def test_a_transaction_of_200000_rows_arrives_whole_in_order_in_bounded_memory(
     live.wait_events(201, timeout=T(60))
     assert [int(e.id) for e in live.events] == [r[0] for r in toto]
     assert live.events[0].data == '{"changed":true}'
+
+
+# -- patches (docs/patching.md): the positioner finds each patch's target and stores it --
+
+def insert(db, subscriber, payload, patches=None, type="order"):
+    """One event (a patch when `patches` names an event id), its own transaction; its id."""
+    return db.scalar("insert into events (type, timestamp, subscriber, payload, patches) "
+                     "values (%s, now(), %s, %s, %s) returning id",
+                     (type, subscriber, payload, patches))
+
+
+def patch_frame(id, target, data, type="order", member="patch"):
+    return ('id: %s\nevent: patch\ndata: {"target":%s,"type":"%s","%s":%s}\n\n'
+            % (id, target, type, member, data)).encode()
+
+
+def body(c):
+    return bytes(c.body).replace(HEARTBEAT, b"")
+
+
+def positioned(db, n):
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= n, T(10),
+               what="%d events positioned" % n)
+
+
+def test_a_patch_is_delivered_live_and_in_replay_with_its_target(db, nginx, clients):
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1,
+               T(10), what="a positioner reading the slot")
+    order = insert(db, "toto", '{"status": "paid", "n": 12345678901234567890}')
+    positioned(db, 1)
+    # Its target is in the table: the positioner reads its position before writing.
+    insert(db, "toto", '{"status": "shipped", "n": null}', patches=order)
+    insert(db, "toto", '{"x": 1}', type="other")  # an event that patches nothing
+    # A transaction with an event and its patches: the targets are in the positioner's batch.
+    conn = db.connect(autocommit=False)
+    with conn, conn.cursor() as cur:
+        cur.execute("insert into events (type, timestamp, subscriber, payload) "
+                    "values ('order', now(), 'toto', '{\"a\": 1}') returning id")
+        second = cur.fetchone()[0]
+        for i in range(2):
+            cur.execute("insert into events (type, timestamp, subscriber, payload, patches) "
+                        "values ('order', now(), 'toto', %s, %s)", ('{"a": %d}' % (i + 2), second))
+        cur.execute("insert into events (type, timestamp, subscriber, payload, patches) "
+                    "values ('order', now(), 'toto', 'null', %s)", (order,))  # a tombstone
+    conn.close()
+    expected = (frame(1, "order", '{"n":12345678901234567890,"status":"paid"}')
+                + patch_frame(2, 1, '{"n":null,"status":"shipped"}')
+                + frame(3, "other", '{"x":1}')
+                + frame(4, "order", '{"a":1}')
+                + patch_frame(5, 4, '{"a":2}')
+                + patch_frame(6, 4, '{"a":3}')
+                + patch_frame(7, 1, 'null'))
+    live.wait_events(7, timeout=T(10))
+    assert body(live) == expected
+    assert db.sql("SELECT position, target FROM event_positions ORDER BY position") == [
+        (1, None), (2, 1), (3, None), (4, None), (5, 4), (6, 4), (7, 1)]
+    replay = clients.stream(ngx, "toto", last_event_id="0", settle=0)
+    replay.wait_events(7, timeout=T(10))
+    replay.read_for(0.3)
+    assert body(replay) == expected
+
+
+def test_folded_resume_sends_each_event_once_in_its_current_state(db, nginx, clients):
+    ngx = nginx.start(db)
+    a = insert(db, "alice", '{"status": "paid"}')        # 1
+    b = insert(db, "alice", '{"status": "paid"}')        # 2
+    positioned(db, 2)
+    insert(db, "alice", '{"status": "shipped"}', a)      # 3
+    insert(db, "alice", '{"x": 1}', type="other")        # 4, patches nothing
+    insert(db, "alice", 'null', b)                       # 5, a tombstone
+    insert(db, "alice", '{"status": "delivered"}', a)    # 6
+    positioned(db, 6)
+    c = clients.stream(ngx, "alice", last_event_id="2", settle=0, path="/events?folded=1")
+    c.wait_events(3, timeout=T(10))
+    c.read_for(0.3)
+    assert body(c) == (
+        frame(4, "other", '{"x":1}')
+        + patch_frame(5, 2, 'null', member="state")
+        + patch_frame(6, 1, '{"status":"delivered"}', member="state"))
+    # Then live, as usual.
+    insert(db, "alice", '{"status": "returned"}', a)
+    c.wait_events(4, timeout=T(10))
+    assert c.events[3].raw == patch_frame(7, 1, '{"status":"returned"}')
+
+
+def test_a_bad_patch_is_delivered_as_a_plain_event_and_logged(db, nginx, clients):
+    """Nothing of ours runs at INSERT in wal mode: a patch naming an event of another subscriber,
+    a patch or no event cannot be refused; the positioner delivers it as a plain event (nothing
+    lost; a client keyed by target ids never saw such an id) and says so in the error log."""
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    theirs = insert(db, "alice", '{"a": 1}')               # 1
+    mine = insert(db, "toto", '{"a": 1}')                  # 2
+    positioned(db, 2)
+    patch = insert(db, "toto", '{"a": 2}', patches=mine)   # 3, good
+    bad = [insert(db, "toto", '{"b": 1}', patches=theirs),  # 4, another subscriber's
+           insert(db, "toto", '{"b": 2}', patches=patch),   # 5, a patch of a patch
+           insert(db, "toto", '{"b": 3}', patches=99999)]   # 6, no such event
+    expected = (frame(2, "order", '{"a":1}') + patch_frame(3, 2, '{"a":2}')
+                + frame(4, "order", '{"b":1}') + frame(5, "order", '{"b":2}')
+                + frame(6, "order", '{"b":3}'))
+    live.wait_events(5, timeout=T(10))
+    assert body(live) == expected
+    replay = clients.stream(ngx, "toto", last_event_id="0", settle=0)
+    replay.wait_events(5, timeout=T(10))
+    replay.read_for(0.3)
+    assert body(replay) == expected
+    log = ngx.read_error_log()
+    for event, target, why in ((bad[0], theirs, "belongs to another subscriber"),
+                               (bad[1], patch, "is itself a patch"),
+                               (bad[2], 99999, "does not exist")):
+        assert ("event %d patches event %d, which %s: delivered as a plain event"
+                % (event, target, why)) in log
