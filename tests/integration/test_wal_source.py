@@ -369,3 +369,33 @@ def test_a_bad_patch_is_delivered_as_a_plain_event_and_logged(db, nginx, clients
                                (bad[2], 99999, "does not exist")):
         assert ("event %d patches event %d, which %s: delivered as a plain event"
                 % (event, target, why)) in log
+
+
+def test_compaction_in_wal_mode_keeps_every_resume_right(db, nginx, clients):
+    """Compaction deletes the folded patches; in wal mode no trigger deletes their positions, and
+    the positioner applies the decoded deletes later, at their place in the commit order."""
+    ngx = nginx.start(db)
+    a = insert(db, "toto", '{"s": "paid", "n": 1}')     # 1
+    positioned(db, 1)
+    insert(db, "toto", '{"s": "shipped"}', a)           # 2
+    insert(db, "toto", '{"x": 1}', type="other")        # 3
+    insert(db, "toto", '{"n": null}', a)                # 4
+    insert(db, "toto", '{"s": "delivered"}', a)         # 5
+    positioned(db, 5)
+    assert db.scalar("SELECT event_piper_compact(4)") == 1
+    insert(db, "toto", '{"y": 1}', type="other")        # 6: after the compaction's changes
+    wait_until(lambda: db.scalar("SELECT max(position) FROM event_positions") == 6, T(10),
+               what="the compaction's changes and one more event positioned")
+    assert db.sql("SELECT position, event_id, target FROM event_positions ORDER BY position") == [
+        (1, a, None), (3, 3, None), (4, a, 1), (5, 5, 1), (6, 6, None)]
+    tail = (patch_frame(4, 1, '{"s":"shipped"}', member="state")
+            + patch_frame(5, 1, '{"s":"delivered"}') + frame(6, "other", '{"y":1}'))
+    for last, expected in (("0", frame(1, "order", '{"s":"shipped"}') + frame(3, "other", '{"x":1}')
+                            + tail),
+                           ("2", frame(3, "other", '{"x":1}') + tail),  # a deleted patch's
+                           ("3", tail)):
+        c = clients.stream(ngx, "toto", last_event_id=last, settle=0)
+        c.wait_events(expected.count(b"\n\n"), timeout=T(10))
+        c.read_for(0.3)
+        assert body(c) == expected, last
+    assert "event_piper positioner:" not in ngx.read_error_log()
