@@ -310,7 +310,9 @@ void Positioner::on_link_result(DbLink &, const QueryResult &result) {
     }
     if (applying_ != Apply::None && !result.ok()) {
         std::string error = result.error();
-        if (error.find("fenced") != std::string::npos) {
+        if (applying_ == Apply::Lookup) {
+            lose("reading the targets of patches failed: " + error);
+        } else if (error.find("fenced") != std::string::npos) {
             lose("another positioner wrote the progress (" + error + "): stepping down");
         } else {
             lose("writing positions failed: " + error);
