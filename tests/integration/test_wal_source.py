@@ -10,6 +10,7 @@ insert; patches, live, in replay and folded, with their targets found by the pos
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -399,3 +400,60 @@ def test_compaction_in_wal_mode_keeps_every_resume_right(db, nginx, clients):
         c.read_for(0.3)
         assert body(c) == expected, last
     assert "event_piper positioner:" not in ngx.read_error_log()
+
+
+def test_patches_from_concurrent_writers_all_get_their_targets(db, nginx, clients):
+    """Writers insert events and patches of recent events (their own, just committed, or of the
+    same transaction) in transactions of 1 to 4 rows: every patch's target is found, whether in
+    the positioner's batch or in the table, and the live frames are the replay's."""
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1,
+               T(10), what="a positioner reading the slot")
+    stop = threading.Event()
+    ids = []
+
+    def writer(seed):
+        rnd = random.Random(seed)
+        conn = db.connect(autocommit=False)
+        mine = []
+        while not stop.is_set():
+            with conn.cursor() as cur:
+                for _ in range(rnd.randint(1, 4)):
+                    target = rnd.choice(mine) if mine and rnd.random() < 0.6 else None
+                    cur.execute("insert into events (type, timestamp, subscriber, payload, "
+                                "patches) values ('order', now(), 'toto', %s, %s) returning id",
+                                ('{"w": %d, "n": %d}' % (seed, len(ids)), target))
+                    new = cur.fetchone()[0]
+                    if target is None:
+                        mine.append(new)
+                    ids.append(new)
+            conn.commit()
+            time.sleep(0.002)
+        conn.close()
+
+    threads = [threading.Thread(target=writer, args=(s,), daemon=True) for s in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(T(3))
+    stop.set()
+    for t in threads:
+        t.join(10)
+    total = len(ids)
+    positioned(db, total)
+    patches = db.scalar("SELECT count(*) FROM events WHERE patches IS NOT NULL")
+    harness.log("%d events, %d of them patches" % (total, patches))
+    assert patches > total // 4
+    # Every patch carries its target's position, every plain event none.
+    assert db.scalar(
+        "SELECT count(*) FROM event_positions p JOIN events e ON e.id = p.event_id "
+        "LEFT JOIN event_positions t ON t.event_id = e.patches "
+        "WHERE p.target IS DISTINCT FROM t.position") == 0
+    live.wait_events(total, timeout=T(20))
+    replay = clients.stream(ngx, "toto", last_event_id="0", settle=0)
+    replay.wait_events(total, timeout=T(20))
+    replay.read_for(0.3)
+    assert body(live) == body(replay)
+    assert sum(1 for e in live.events if e.event == "patch") == db.scalar(
+        "SELECT count(*) FROM events WHERE patches IS NOT NULL")
+    assert "patches event" not in ngx.read_error_log()
