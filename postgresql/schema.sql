@@ -373,7 +373,11 @@ BEGIN
                  WHERE p.position = r.root
                     OR (p.target = r.root AND p.position <= r.last AND e.patches IS NOT NULL)) f;
         UPDATE events SET payload = state WHERE id = rid;
-        DELETE FROM events WHERE id = ANY (gone); -- their positions go with them (trigger)
+        DELETE FROM events WHERE id = ANY (gone);
+        -- Their positions: the delete trigger has removed them in trigger mode; in wal mode it is
+        -- disabled, and the positioner would remove them only later, after the stand-in below
+        -- has taken one of their positions.
+        DELETE FROM event_positions WHERE event_id = ANY (gone);
         DELETE FROM event_positions WHERE target = r.root AND event_id = rid; -- older stand-in
         INSERT INTO event_positions (position, event_id, subscriber, committed_at, target)
             VALUES (r.last, rid, rsub, r.at, r.root);

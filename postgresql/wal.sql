@@ -49,22 +49,29 @@ LANGUAGE sql VOLATILE AS $$
             OR NOT pg_visible_in_snapshot((cur.xmax - d.back)::text::xid8, cur.s))
 $$;
 
--- The apply function before it took the transactions' ids (replaced by the one below).
+-- The apply function before it took the transactions' ids and the patches' targets (replaced by
+-- the one below).
 DROP FUNCTION IF EXISTS event_piper_wal_apply(pg_lsn, pg_lsn, bigint, bigint[], bigint[], text[],
                                               bigint[], text[], bigint[], text[], bigint[],
                                               boolean, text, text);
+DROP FUNCTION IF EXISTS event_piper_wal_apply(pg_lsn, pg_lsn, bigint, bigint[], bigint[], text[],
+                                              bigint[], text[], bigint[], text[], bigint[],
+                                              boolean, text, text, bigint[]);
 
 -- One positioner transaction (or one part of it, new_lsn NULL, inside BEGIN ... COMMIT):
 -- fencing first (the progress row locked and compared: a positioner that froze and woke up after
 -- another took over finds another lsn and steps down), a wait until the decoded transactions
 -- (`xids`) are visible, then the later changes in commit order (a TRUNCATE, deletes, subscriber
 -- moves), the new positions, the notifications (the trigger's formats, built by the positioner),
--- the progress.
+-- the progress. `targets`: per row, the position of the event a patch patches
+-- (event_positions.target), found and checked by the positioner; NULL for plain events and for
+-- patches it delivers as plain events (docs/patching.md, "In wal mode").
 CREATE OR REPLACE FUNCTION event_piper_wal_apply(
     expect_lsn pg_lsn, new_lsn pg_lsn, new_last_position bigint,
     positions bigint[], ids bigint[], subscribers text[], commit_times bigint[],
     notifications text[], move_ids bigint[], move_subscribers text[], delete_ids bigint[],
-    truncate_first boolean, holder_name text, channel text, xids bigint[] DEFAULT '{}')
+    truncate_first boolean, holder_name text, channel text, xids bigint[] DEFAULT '{}',
+    targets bigint[] DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     cur record;
@@ -103,8 +110,9 @@ BEGIN
     -- opened while the database was unreachable starts after the positions committed before it
     -- opened, and a writer's commit is visible as a position only after the positioner's.
     IF cardinality(positions) > 0 THEN
-        INSERT INTO event_positions (position, event_id, subscriber)
-        SELECT r.pos, r.id, r.sub FROM unnest(positions, ids, subscribers) AS r(pos, id, sub);
+        INSERT INTO event_positions (position, event_id, subscriber, target)
+        SELECT r.pos, r.id, r.sub, r.tgt
+          FROM unnest(positions, ids, subscribers, targets) AS r(pos, id, sub, tgt);
     END IF;
     FOREACH n IN ARRAY notifications LOOP
         t := pg_notify(channel, n)::text;

@@ -14,12 +14,18 @@ std::string num(int64_t v) {
     return std::to_string(v);
 }
 
+// A patch's target after the lengths (" <position>"); nothing for a plain event.
+std::string target_field(const WalRow &r) {
+    return r.target != 0 ? " " + num(r.target) : std::string();
+}
+
 // event_piper_message in schema.sql.
 std::string one_message(int64_t pos, const WalRow &r) {
     const std::string p = num(pos);
+    const std::string tgt = target_field(r);
     const size_t sub = r.subscriber.size(), typ = r.type.size(), body = r.payload.size();
-    if (sub + typ + body + p.size() + num(sub).size() + num(typ).size() + 5 < 7999) {
-        return "e " + p + " " + num(sub) + " " + num(typ) + "\n" + r.subscriber + r.type +
+    if (sub + typ + body + p.size() + num(sub).size() + num(typ).size() + tgt.size() + 5 < 7999) {
+        return "e " + p + " " + num(sub) + " " + num(typ) + tgt + "\n" + r.subscriber + r.type +
                r.payload;
     }
     if (sub < 7900) {
@@ -31,7 +37,7 @@ std::string one_message(int64_t pos, const WalRow &r) {
 // event_piper_batch_record in schema.sql.
 std::string batch_record(const WalRow &r) {
     return num(r.position) + " " + num(r.subscriber.size()) + " " + num(r.type.size()) + " " +
-           num(r.payload.size()) + "\n" + r.subscriber + r.type + r.payload;
+           num(r.payload.size()) + target_field(r) + "\n" + r.subscriber + r.type + r.payload;
 }
 
 void quote_into(std::string &out, const std::string &item) {
@@ -87,6 +93,19 @@ std::string text_array(const std::vector<std::string> &items) {
     return out;
 }
 
+// Like int_array, with 0 as NULL (a plain event's target).
+static std::string target_array(const std::vector<int64_t> &items) {
+    std::string out = "{";
+    for (size_t i = 0; i < items.size(); ++i) {
+        if (i > 0) {
+            out.push_back(',');
+        }
+        out += items[i] != 0 ? num(items[i]) : std::string("NULL");
+    }
+    out.push_back('}');
+    return out;
+}
+
 std::string int_array(const std::vector<int64_t> &items) {
     std::string out = "{";
     for (size_t i = 0; i < items.size(); ++i) {
@@ -110,10 +129,18 @@ const char *Positioner::drop_idle_slot_sql() {
 const char *Positioner::apply_sql() {
     // Arguments: the progress this positioner expects (fencing; '' = NULL), the new one ('' =
     // a part: progress unchanged), the last position given, the rows, the notifications, later
-    // changes, the holder, the channel, and the ids of the decoded transactions written.
+    // changes, the holder, the channel, the ids of the decoded transactions written, and the
+    // rows' targets (positions; NULL: plain).
     return "SELECT event_piper_wal_apply(nullif($1, '')::pg_lsn, nullif($2, '')::pg_lsn, "
            "$3::bigint, $4::bigint[], $5::bigint[], $6::text[], $7::bigint[], $8::text[], "
-           "$9::bigint[], $10::text[], $11::bigint[], $12::boolean, $13, $14, $15::bigint[])";
+           "$9::bigint[], $10::text[], $11::bigint[], $12::boolean, $13, $14, $15::bigint[], "
+           "$16::bigint[])";
+}
+
+const char *Positioner::targets_sql() {
+    // The event's own position is its smallest (a compaction's stand-in comes later).
+    return "SELECT e.id, e.subscriber, e.patches, (SELECT min(p.position) FROM event_positions p "
+           "WHERE p.event_id = e.id) FROM events e WHERE e.id = ANY ($1::bigint[])";
 }
 
 Positioner::Positioner(DbLink &apply, ReplicationLink &replication, Timer &retry, Timer &status,
@@ -195,6 +222,8 @@ void Positioner::lose(std::string_view why, bool quiet) {
     done_index_.clear();
     notifications_.clear();
     xids_.clear();
+    deferred_.clear();
+    looked_up_.clear();
     moves_.clear();
     deletes_.clear();
     truncate_ = done_dirty_ = false;
@@ -273,9 +302,20 @@ void Positioner::on_link_result(DbLink &, const QueryResult &result) {
         confirmed_lsn_ = stored_lsn_;
         return;
     }
+    if (applying_ == Apply::Lookup && result.ok()) {
+        for (int row = 0; row < result.rows(); ++row) {
+            TargetRow &t = looked_up_[result.number(row, 0)];
+            t.subscriber.assign(result.value(row, 1));
+            t.patches = result.is_null(row, 2) ? 0 : result.number(row, 2);
+            t.position = result.is_null(row, 3) ? 0 : result.number(row, 3);
+        }
+        return;
+    }
     if (applying_ != Apply::None && !result.ok()) {
         std::string error = result.error();
-        if (error.find("fenced") != std::string::npos) {
+        if (applying_ == Apply::Lookup) {
+            lose("reading the targets of patches failed: " + error);
+        } else if (error.find("fenced") != std::string::npos) {
             lose("another positioner wrote the progress (" + error + "): stepping down");
         } else {
             lose("writing positions failed: " + error);
@@ -305,6 +345,10 @@ void Positioner::on_link_idle(DbLink &) {
     }
     switch (applying_) {
     case Apply::None:
+        return;
+    case Apply::Lookup:
+        applying_ = Apply::None;
+        looked_up();
         return;
     case Apply::Begin:
         applying_ = Apply::None;
@@ -474,7 +518,7 @@ void Positioner::handle_message(const pgoutput::Message &m) {
             return;
         }
         events_relid_ = m.relation_id;
-        col_id_ = col_type_ = col_subscriber_ = col_payload_ = -1;
+        col_id_ = col_type_ = col_subscriber_ = col_payload_ = col_patches_ = -1;
         for (size_t i = 0; i < m.relation_columns.size(); ++i) {
             const std::string &name = m.relation_columns[i].name;
             int index = static_cast<int>(i);
@@ -486,6 +530,8 @@ void Positioner::handle_message(const pgoutput::Message &m) {
                 col_subscriber_ = index;
             } else if (name == "payload") {
                 col_payload_ = index;
+            } else if (name == "patches") {
+                col_patches_ = index;
             }
         }
         if (col_id_ < 0 || col_type_ < 0 || col_subscriber_ < 0 || col_payload_ < 0) {
@@ -532,6 +578,15 @@ bool Positioner::column(const std::vector<pgoutput::Column> &tuple, int index,
     return true;
 }
 
+int64_t Positioner::patches_of(const std::vector<pgoutput::Column> &tuple) const {
+    std::string text;
+    int64_t id = 0;
+    if (column(tuple, col_patches_, text)) {
+        std::from_chars(text.data(), text.data() + text.size(), id);
+    }
+    return id;
+}
+
 void Positioner::handle_change(const pgoutput::Message &m) {
     using Kind = pgoutput::Message::Kind;
     const std::vector<pgoutput::Column> &tuple = m.kind == Kind::Delete ? m.old_tuple : m.new_tuple;
@@ -555,6 +610,7 @@ void Positioner::handle_change(const pgoutput::Message &m) {
             lose("an events insert without subscriber, type or payload");
             return;
         }
+        row.patches = patches_of(tuple);
         pending_bytes_ += row.subscriber.size() + row.type.size() + row.payload.size();
         open_index_[id] = open_.size();
         open_.push_back(std::move(row));
@@ -568,6 +624,7 @@ void Positioner::handle_change(const pgoutput::Message &m) {
             column(tuple, col_subscriber_, row.subscriber);
             column(tuple, col_type_, row.type);
             column(tuple, col_payload_, row.payload);
+            row.patches = patches_of(tuple);
             pending_bytes_ += row.subscriber.size() + row.type.size() + row.payload.size();
         } else if (in_done != done_index_.end()) {
             column(tuple, col_subscriber_, done_[in_done->second].subscriber);
@@ -638,7 +695,8 @@ void Positioner::on_commit(const pgoutput::Message &m) {
             return;
         }
     }
-    // The transaction's surviving rows get the next positions, in the order they were inserted.
+    // The transaction's surviving rows get the next positions, in the order they were inserted,
+    // then its patches their targets' positions.
     std::vector<const WalRow *> rows;
     for (WalRow &r : open_) {
         if (r.alive) {
@@ -650,7 +708,21 @@ void Positioner::on_commit(const pgoutput::Message &m) {
     if (!rows.empty()) {
         note_xid();
     }
-    if (!txn_spilled_) {
+    bool lookup = false;
+    for (WalRow &r : open_) {
+        if (r.alive) {
+            resolve_target(r);
+            lookup = lookup || r.lookup;
+        }
+    }
+    if (!txn_spilled_ && lookup) {
+        // Built once the targets are read (send_apply), in this place of the order.
+        deferred_.push_back({notifications_.size(), done_.size(), done_.size() + rows.size()});
+        notifications_.emplace_back();
+        for (const WalRow *r : rows) {
+            pending_bytes_ += r->subscriber.size() + r->type.size() + r->payload.size() + 48;
+        }
+    } else if (!txn_spilled_) {
         for (std::string &n : wal_notifications(rows)) {
             notification_bytes_ += n.size();
             pending_bytes_ += n.size();
@@ -706,11 +778,21 @@ void Positioner::maybe_apply() {
         if (!explicit_txn_) {
             send_plain("BEGIN", Apply::Begin);
         } else {
-            // The open transaction's rows so far get their positions now, in order.
+            // The open transaction's rows so far get their positions now, in order, and its
+            // patches their targets (rows of earlier parts are in the table already).
             for (WalRow &r : open_) {
                 if (r.alive) {
                     r.position = ++last_position_;
                     txn_last_position_ = r.position;
+                }
+            }
+            for (WalRow &r : open_) {
+                if (r.alive) {
+                    resolve_target(r);
+                }
+            }
+            for (WalRow &r : open_) {
+                if (r.alive) {
                     done_.push_back(std::move(r));
                 }
             }
@@ -746,8 +828,116 @@ void Positioner::send_plain(const char *sql, Apply what) {
     apply_.send(sql, 0, nullptr);
 }
 
+void Positioner::resolve_target(WalRow &row) {
+    row.target = 0;
+    row.lookup = false;
+    if (row.patches == 0) {
+        return;
+    }
+    // An earlier row of the same transaction, or of a transaction of this batch.
+    auto in_open = open_index_.find(row.patches);
+    if (in_open != open_index_.end()) {
+        const WalRow &t = open_[in_open->second];
+        check_target(row, t.alive, t.subscriber, t.patches, t.position);
+        return;
+    }
+    auto in_done = done_index_.find(row.patches);
+    if (in_done != done_index_.end()) {
+        const WalRow &t = done_[in_done->second];
+        check_target(row, t.alive, t.subscriber, t.patches, t.position);
+        return;
+    }
+    row.lookup = true; // in the table (or nowhere): send_lookup
+}
+
+void Positioner::check_target(WalRow &row, bool exists, const std::string &subscriber,
+                              int64_t patches, int64_t position) {
+    // The checks of the trigger (event_piper_patch_target in schema.sql). Here the writer has
+    // committed already: a bad patch cannot be refused, so it is delivered as a plain event
+    // (nothing is lost, and a client keyed by targets ignores an id it never saw), and logged.
+    row.lookup = false;
+    const char *why = nullptr;
+    if (!exists) {
+        why = "does not exist";
+    } else if (subscriber != row.subscriber) {
+        why = "belongs to another subscriber";
+    } else if (patches != 0) {
+        why = "is itself a patch";
+    } else if (position == 0 || position >= row.position) {
+        why = "has no position before it";
+    }
+    if (why == nullptr) {
+        row.target = position;
+        return;
+    }
+    row.target = 0;
+    log_.write(LogLevel::Warn, "event_piper positioner: event " + num(row.id) + " patches event " +
+                                   num(row.patches) + ", which " + why +
+                                   ": delivered as a plain event at position " + num(row.position));
+}
+
+void Positioner::send_lookup(bool final) {
+    std::vector<int64_t> ids;
+    for (const WalRow &r : done_) {
+        if (r.lookup) {
+            ids.push_back(r.patches);
+        }
+    }
+    std::sort(ids.begin(), ids.end());
+    ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+    lookup_params_ = int_array(ids);
+    lookup_ids_ = std::move(ids);
+    lookup_final_ = final;
+    looked_up_.clear();
+    const char *params[1] = {lookup_params_.c_str()};
+    applying_ = Apply::Lookup;
+    apply_.send(targets_sql(), 1, params);
+}
+
+void Positioner::looked_up() {
+    for (WalRow &r : done_) {
+        if (!r.lookup || !std::binary_search(lookup_ids_.begin(), lookup_ids_.end(), r.patches)) {
+            continue; // decoded while the read ran: the next round
+        }
+        auto t = looked_up_.find(r.patches);
+        if (t == looked_up_.end()) {
+            check_target(r, false, std::string(), 0, 0);
+        } else {
+            check_target(r, true, t->second.subscriber, t->second.patches, t->second.position);
+        }
+    }
+    looked_up_.clear();
+    send_apply(lookup_final_);
+}
+
 void Positioner::send_apply(bool final) {
-    std::vector<int64_t> positions, ids, times;
+    // Patches whose targets were not in memory: their positions are read first (rows decoded
+    // meanwhile may need another round).
+    if (std::any_of(done_.begin(), done_.end(), [](const WalRow &r) { return r.lookup; })) {
+        send_lookup(final);
+        return;
+    }
+    if (!deferred_.empty()) {
+        std::vector<std::string> all;
+        size_t next = 0;
+        for (size_t i = 0; i < notifications_.size(); ++i) {
+            if (next < deferred_.size() && deferred_[next].slot == i) {
+                std::vector<const WalRow *> rows;
+                for (size_t k = deferred_[next].first; k < deferred_[next].last; ++k) {
+                    rows.push_back(&done_[k]);
+                }
+                for (std::string &n : wal_notifications(rows)) {
+                    all.push_back(std::move(n));
+                }
+                ++next;
+            } else {
+                all.push_back(std::move(notifications_[i]));
+            }
+        }
+        notifications_ = std::move(all);
+        deferred_.clear();
+    }
+    std::vector<int64_t> positions, ids, times, targets;
     std::vector<std::string> subscribers;
     size_t rows = 0;
     for (const WalRow &r : done_) {
@@ -756,6 +946,7 @@ void Positioner::send_apply(bool final) {
         }
         positions.push_back(r.position);
         ids.push_back(r.id);
+        targets.push_back(r.target);
         subscribers.push_back(r.subscriber);
         times.push_back(r.commit_time);
         ++rows;
@@ -773,9 +964,10 @@ void Positioner::send_apply(bool final) {
     std::string p_positions = int_array(positions), p_ids = int_array(ids),
                 p_subscribers = text_array(subscribers), p_times = int_array(times),
                 p_notifications = text_array(notifications_), p_move_ids = int_array(move_ids),
-                p_move_subscribers = text_array(move_subscribers), p_deletes = int_array(deletes_);
+                p_move_subscribers = text_array(move_subscribers), p_deletes = int_array(deletes_),
+                p_targets = target_array(targets);
     const char *truncate = truncate_ ? "true" : "false";
-    const char *params[15] = {expect.c_str(),
+    const char *params[16] = {expect.c_str(),
                               next.c_str(),
                               last.c_str(),
                               p_positions.c_str(),
@@ -789,7 +981,8 @@ void Positioner::send_apply(bool final) {
                               truncate,
                               settings_.holder.c_str(),
                               settings_.channel.c_str(),
-                              p_xids.c_str()};
+                              p_xids.c_str(),
+                              p_targets.c_str()};
     if (inflight_oldest_ms_ == 0) {
         inflight_oldest_ms_ = oldest_pending_ms_;
     }
@@ -817,7 +1010,7 @@ void Positioner::send_apply(bool final) {
     }
     count_pending();
     applying_ = final ? Apply::Final : Apply::Part;
-    apply_.send(apply_sql(), 15, params);
+    apply_.send(apply_sql(), 16, params);
 }
 
 void Positioner::applied() {

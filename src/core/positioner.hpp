@@ -62,11 +62,15 @@ struct WalRow {
     std::string payload;
     int64_t commit_time = 0; // microseconds since 2000-01-01
     bool alive = true;       // false: deleted (or truncated) before it was written
+    int64_t patches = 0;     // the id of the event it patches (events.patches); 0: none
+    int64_t target = 0;      // that event's position, once checked; 0: delivered as plain
+    bool lookup = false;     // the target is not in memory: read from the table before writing
 };
 
 // The notifications the trigger would send for one transaction's rows, in position order, built
 // the same way (events_commit_notify in schema.sql): one "b" batch of as many as fit in 7,999
-// bytes, "e" for a lone event, "r" for an event too large to notify.
+// bytes, "e" for a lone event, "r" for an event too large to notify. A patch's records carry
+// its target's position after the lengths.
 std::vector<std::string> wal_notifications(const std::vector<const WalRow *> &rows);
 
 // A PostgreSQL array literal of text elements, each quoted.
@@ -125,6 +129,8 @@ public:
     static const char *progress_sql();
     static const char *apply_sql();
     static const char *drop_idle_slot_sql();
+    // The patched events not in memory: their subscriber, whether they are patches, position.
+    static const char *targets_sql();
 
     // DbLinkOwner (the apply link)
     void on_link_ready(DbLink &link) override;
@@ -142,7 +148,13 @@ public:
     void on_replication_lost(std::string_view why) override;
 
 private:
-    enum class Apply { None, Begin, Part, Final, Commit };
+    enum class Apply { None, Lookup, Begin, Part, Final, Commit };
+
+    // A transaction whose notifications wait for its patches' targets: its rows are
+    // done_[first, last), its notifications go in place of notifications_[slot].
+    struct Deferred {
+        size_t slot, first, last;
+    };
 
     void connect();
     void lose(std::string_view why, bool quiet = false);
@@ -154,9 +166,15 @@ private:
     void on_commit(const pgoutput::Message &m);
     void truncate_pending();
     bool column(const std::vector<pgoutput::Column> &tuple, int index, std::string &out) const;
+    int64_t patches_of(const std::vector<pgoutput::Column> &tuple) const;
     void maybe_apply();
     void note_xid();
     void send_apply(bool final);
+    void resolve_target(WalRow &row);
+    void check_target(WalRow &row, bool exists, const std::string &subscriber, int64_t patches,
+                      int64_t position);
+    void send_lookup(bool final);
+    void looked_up();
     void send_plain(const char *sql, Apply what);
     void applied();
     void confirm(pgoutput::Lsn lsn, bool reply);
@@ -189,6 +207,7 @@ private:
     // The relation id of events and its columns' indexes.
     uint32_t events_relid_ = 0;
     int col_id_ = -1, col_type_ = -1, col_subscriber_ = -1, col_payload_ = -1;
+    int col_patches_ = -1; // absent before the schema had patches
 
     // The transaction being decoded.
     bool in_txn_ = false;
@@ -209,6 +228,7 @@ private:
     std::vector<WalRow> done_;
     std::unordered_map<int64_t, size_t> done_index_;
     std::vector<std::string> notifications_;
+    std::vector<Deferred> deferred_;
     size_t notification_bytes_ = 0;
     std::unordered_map<int64_t, std::string> moves_; // later subscriber changes, by event id
     std::vector<int64_t> deletes_;
@@ -231,6 +251,14 @@ private:
     uint64_t applying_transactions_ = 0;
     size_t applying_rows_ = 0;
     bool applying_final_ = false;
+    bool lookup_final_ = false; // what send_apply goes on with after the targets' lookup
+    std::string lookup_params_;
+    std::vector<int64_t> lookup_ids_; // sorted: the ids that read asked for
+    struct TargetRow {
+        std::string subscriber;
+        int64_t patches = 0, position = 0;
+    };
+    std::unordered_map<int64_t, TargetRow> looked_up_;
     bool reading_ = true;
 
     uint64_t transactions_ = 0;

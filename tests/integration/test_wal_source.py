@@ -5,11 +5,12 @@ A cluster of its own with wal_level = logical (scripts/pgctl.sh, EVENT_PIPER_PG_
 database switched with event_piper_set_source('wal') before each test. Told as user stories:
 a live event byte-exact; commits out of id order, a rollback, and rows changed or deleted by
 their own transaction, live and in replay; the positioner's worker killed with -9 while writers
-insert.
+insert; patches, live, in replay and folded, with their targets found by the positioner.
 """
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -17,7 +18,7 @@ import time
 import pytest
 
 import harness
-from harness import T, frame, wait_until
+from harness import HEARTBEAT, T, frame, wait_until
 
 NGINX_CONF = """
 http {
@@ -25,7 +26,7 @@ http {
     event_piper_source wal;
     server {
         listen 127.0.0.1:{{ port }};
-        location = /events { event_piper; }
+        location = /events { event_piper; event_piper_folded $arg_folded; }
         location = /status { event_piper_status; }
     }
 }
@@ -316,3 +317,205 @@ def test_a_transaction_of_200000_rows_arrives_whole_in_order_in_bounded_memory(
     live.wait_events(201, timeout=T(60))
     assert [int(e.id) for e in live.events] == [r[0] for r in toto]
     assert live.events[0].data == '{"changed":true}'
+
+
+# -- patches (docs/patching.md): the positioner finds each patch's target and stores it --
+
+def insert(db, subscriber, payload, patches=None, type="order"):
+    """One event (a patch when `patches` names an event id), its own transaction; its id."""
+    return db.scalar("insert into events (type, timestamp, subscriber, payload, patches) "
+                     "values (%s, now(), %s, %s, %s) returning id",
+                     (type, subscriber, payload, patches))
+
+
+def patch_frame(id, target, data, type="order", member="patch"):
+    return ('id: %s\nevent: patch\ndata: {"target":%s,"type":"%s","%s":%s}\n\n'
+            % (id, target, type, member, data)).encode()
+
+
+def body(c):
+    return bytes(c.body).replace(HEARTBEAT, b"")
+
+
+def positioned(db, n):
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= n, T(10),
+               what="%d events positioned" % n)
+
+
+def test_a_patch_is_delivered_live_and_in_replay_with_its_target(db, nginx, clients):
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1,
+               T(10), what="a positioner reading the slot")
+    order = insert(db, "toto", '{"status": "paid", "n": 12345678901234567890}')
+    positioned(db, 1)
+    # Its target is in the table: the positioner reads its position before writing.
+    insert(db, "toto", '{"status": "shipped", "n": null}', patches=order)
+    insert(db, "toto", '{"x": 1}', type="other")  # an event that patches nothing
+    # A transaction with an event and its patches: the targets are in the positioner's batch.
+    conn = db.connect(autocommit=False)
+    with conn, conn.cursor() as cur:
+        cur.execute("insert into events (type, timestamp, subscriber, payload) "
+                    "values ('order', now(), 'toto', '{\"a\": 1}') returning id")
+        second = cur.fetchone()[0]
+        for i in range(2):
+            cur.execute("insert into events (type, timestamp, subscriber, payload, patches) "
+                        "values ('order', now(), 'toto', %s, %s)", ('{"a": %d}' % (i + 2), second))
+        cur.execute("insert into events (type, timestamp, subscriber, payload, patches) "
+                    "values ('order', now(), 'toto', 'null', %s)", (order,))  # a tombstone
+    conn.close()
+    expected = (frame(1, "order", '{"n":12345678901234567890,"status":"paid"}')
+                + patch_frame(2, 1, '{"n":null,"status":"shipped"}')
+                + frame(3, "other", '{"x":1}')
+                + frame(4, "order", '{"a":1}')
+                + patch_frame(5, 4, '{"a":2}')
+                + patch_frame(6, 4, '{"a":3}')
+                + patch_frame(7, 1, 'null'))
+    live.wait_events(7, timeout=T(10))
+    assert body(live) == expected
+    assert db.sql("SELECT position, target FROM event_positions ORDER BY position") == [
+        (1, None), (2, 1), (3, None), (4, None), (5, 4), (6, 4), (7, 1)]
+    replay = clients.stream(ngx, "toto", last_event_id="0", settle=0)
+    replay.wait_events(7, timeout=T(10))
+    replay.read_for(0.3)
+    assert body(replay) == expected
+
+
+def test_folded_resume_sends_each_event_once_in_its_current_state(db, nginx, clients):
+    ngx = nginx.start(db)
+    a = insert(db, "alice", '{"status": "paid"}')        # 1
+    b = insert(db, "alice", '{"status": "paid"}')        # 2
+    positioned(db, 2)
+    insert(db, "alice", '{"status": "shipped"}', a)      # 3
+    insert(db, "alice", '{"x": 1}', type="other")        # 4, patches nothing
+    insert(db, "alice", 'null', b)                       # 5, a tombstone
+    insert(db, "alice", '{"status": "delivered"}', a)    # 6
+    positioned(db, 6)
+    c = clients.stream(ngx, "alice", last_event_id="2", settle=0, path="/events?folded=1")
+    c.wait_events(3, timeout=T(10))
+    c.read_for(0.3)
+    assert body(c) == (
+        frame(4, "other", '{"x":1}')
+        + patch_frame(5, 2, 'null', member="state")
+        + patch_frame(6, 1, '{"status":"delivered"}', member="state"))
+    # Then live, as usual.
+    insert(db, "alice", '{"status": "returned"}', a)
+    c.wait_events(4, timeout=T(10))
+    assert c.events[3].raw == patch_frame(7, 1, '{"status":"returned"}')
+
+
+def test_a_bad_patch_is_delivered_as_a_plain_event_and_logged(db, nginx, clients):
+    """Nothing of ours runs at INSERT in wal mode: a patch naming an event of another subscriber,
+    a patch or no event cannot be refused; the positioner delivers it as a plain event (nothing
+    lost; a client keyed by target ids never saw such an id) and says so in the error log."""
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    theirs = insert(db, "alice", '{"a": 1}')               # 1
+    mine = insert(db, "toto", '{"a": 1}')                  # 2
+    positioned(db, 2)
+    patch = insert(db, "toto", '{"a": 2}', patches=mine)   # 3, good
+    bad = [insert(db, "toto", '{"b": 1}', patches=theirs),  # 4, another subscriber's
+           insert(db, "toto", '{"b": 2}', patches=patch),   # 5, a patch of a patch
+           insert(db, "toto", '{"b": 3}', patches=99999)]   # 6, no such event
+    expected = (frame(2, "order", '{"a":1}') + patch_frame(3, 2, '{"a":2}')
+                + frame(4, "order", '{"b":1}') + frame(5, "order", '{"b":2}')
+                + frame(6, "order", '{"b":3}'))
+    live.wait_events(5, timeout=T(10))
+    assert body(live) == expected
+    replay = clients.stream(ngx, "toto", last_event_id="0", settle=0)
+    replay.wait_events(5, timeout=T(10))
+    replay.read_for(0.3)
+    assert body(replay) == expected
+    log = ngx.read_error_log()
+    for event, target, why in ((bad[0], theirs, "belongs to another subscriber"),
+                               (bad[1], patch, "is itself a patch"),
+                               (bad[2], 99999, "does not exist")):
+        assert ("event %d patches event %d, which %s: delivered as a plain event"
+                % (event, target, why)) in log
+
+
+def test_compaction_in_wal_mode_keeps_every_resume_right(db, nginx, clients):
+    """Compaction deletes the folded patches; in wal mode no trigger deletes their positions, and
+    the positioner applies the decoded deletes later, at their place in the commit order."""
+    ngx = nginx.start(db)
+    a = insert(db, "toto", '{"s": "paid", "n": 1}')     # 1
+    positioned(db, 1)
+    insert(db, "toto", '{"s": "shipped"}', a)           # 2
+    insert(db, "toto", '{"x": 1}', type="other")        # 3
+    insert(db, "toto", '{"n": null}', a)                # 4
+    insert(db, "toto", '{"s": "delivered"}', a)         # 5
+    positioned(db, 5)
+    assert db.scalar("SELECT event_piper_compact(4)") == 1
+    insert(db, "toto", '{"y": 1}', type="other")        # 6: after the compaction's changes
+    wait_until(lambda: db.scalar("SELECT max(position) FROM event_positions") == 6, T(10),
+               what="the compaction's changes and one more event positioned")
+    assert db.sql("SELECT position, event_id, target FROM event_positions ORDER BY position") == [
+        (1, a, None), (3, 3, None), (4, a, 1), (5, 5, 1), (6, 6, None)]
+    tail = (patch_frame(4, 1, '{"s":"shipped"}', member="state")
+            + patch_frame(5, 1, '{"s":"delivered"}') + frame(6, "other", '{"y":1}'))
+    for last, expected in (("0", frame(1, "order", '{"s":"shipped"}') + frame(3, "other", '{"x":1}')
+                            + tail),
+                           ("2", frame(3, "other", '{"x":1}') + tail),  # a deleted patch's
+                           ("3", tail)):
+        c = clients.stream(ngx, "toto", last_event_id=last, settle=0)
+        c.wait_events(expected.count(b"\n\n"), timeout=T(10))
+        c.read_for(0.3)
+        assert body(c) == expected, last
+    assert "event_piper positioner:" not in ngx.read_error_log()
+
+
+def test_patches_from_concurrent_writers_all_get_their_targets(db, nginx, clients):
+    """Writers insert events and patches of recent events (their own, just committed, or of the
+    same transaction) in transactions of 1 to 4 rows: every patch's target is found, whether in
+    the positioner's batch or in the table, and the live frames are the replay's."""
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1,
+               T(10), what="a positioner reading the slot")
+    stop = threading.Event()
+    ids = []
+
+    def writer(seed):
+        rnd = random.Random(seed)
+        conn = db.connect(autocommit=False)
+        mine = []
+        while not stop.is_set():
+            with conn.cursor() as cur:
+                for _ in range(rnd.randint(1, 4)):
+                    target = rnd.choice(mine) if mine and rnd.random() < 0.6 else None
+                    cur.execute("insert into events (type, timestamp, subscriber, payload, "
+                                "patches) values ('order', now(), 'toto', %s, %s) returning id",
+                                ('{"w": %d, "n": %d}' % (seed, len(ids)), target))
+                    new = cur.fetchone()[0]
+                    if target is None:
+                        mine.append(new)
+                    ids.append(new)
+            conn.commit()
+            time.sleep(0.002)
+        conn.close()
+
+    threads = [threading.Thread(target=writer, args=(s,), daemon=True) for s in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(T(3))
+    stop.set()
+    for t in threads:
+        t.join(10)
+    total = len(ids)
+    positioned(db, total)
+    patches = db.scalar("SELECT count(*) FROM events WHERE patches IS NOT NULL")
+    harness.log("%d events, %d of them patches" % (total, patches))
+    assert patches > total // 4
+    # Every patch carries its target's position, every plain event none.
+    assert db.scalar(
+        "SELECT count(*) FROM event_positions p JOIN events e ON e.id = p.event_id "
+        "LEFT JOIN event_positions t ON t.event_id = e.patches "
+        "WHERE p.target IS DISTINCT FROM t.position") == 0
+    live.wait_events(total, timeout=T(20))
+    replay = clients.stream(ngx, "toto", last_event_id="0", settle=0)
+    replay.wait_events(total, timeout=T(20))
+    replay.read_for(0.3)
+    assert body(live) == body(replay)
+    assert sum(1 for e in live.events if e.event == "patch") == db.scalar(
+        "SELECT count(*) FROM events WHERE patches IS NOT NULL")
+    assert "patches event" not in ngx.read_error_log()

@@ -185,6 +185,21 @@ TEST(WalNotifications, LoneEventBatchAndLargeEvent) {
     EXPECT_EQ(expect, 200);
 }
 
+TEST(WalNotifications, APatchCarriesItsTargetAfterTheLengths) {
+    WalRow a{5, 1, "toto", "order", "{\"a\": 1}", 0, true};
+    WalRow b{6, 2, "toto", "order", "{\"a\": 2}", 0, true, 1, 5};
+    EXPECT_EQ(wal_notifications({&b}), std::vector<std::string>{"e 6 4 5 5\ntotoorder{\"a\": 2}"});
+    auto two = wal_notifications({&a, &b});
+    ASSERT_EQ(two.size(), 1u);
+    EXPECT_EQ(two[0], "b\n5 4 5 8\ntotoorder{\"a\": 1}6 4 5 8 5\ntotoorder{\"a\": 2}");
+    std::vector<Notification> parsed;
+    ASSERT_TRUE(parse_notifications(two[0], parsed));
+    ASSERT_EQ(parsed.size(), 2u);
+    EXPECT_EQ(parsed[0].target, 0);
+    EXPECT_EQ(parsed[1].target, 5);
+    EXPECT_EQ(parsed[1].payload, "{\"a\": 2}");
+}
+
 TEST(WalArrays, QuotedLiterals) {
     EXPECT_EQ(int_array({}), "{}");
     EXPECT_EQ(int_array({1, -2, 30}), "{1,-2,30}");
@@ -209,7 +224,7 @@ TEST_F(PositionerTest, OneTransactionIsPositionedNotifiedStoredThenConfirmed) {
     EXPECT_EQ(apply.sent.size(), 1u); // nothing before the socket is drained
     p.on_replication_drained();
     ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
-    ASSERT_EQ(params().size(), 15u);
+    ASSERT_EQ(params().size(), 16u);
     EXPECT_EQ(params()[0], "0/100");      // the progress it expects (fencing)
     EXPECT_EQ(params()[1], "0/230");      // the progress it stores: the commit's end LSN
     EXPECT_EQ(params()[2], "11");         // the last position given
@@ -221,7 +236,8 @@ TEST_F(PositionerTest, OneTransactionIsPositionedNotifiedStoredThenConfirmed) {
     EXPECT_EQ(params()[11], "false");
     EXPECT_EQ(params()[12], "host 42");
     EXPECT_EQ(params()[13], "new_events");
-    EXPECT_EQ(params()[14], "{700}"); // the database waits until this transaction is visible
+    EXPECT_EQ(params()[14], "{700}");  // the database waits until this transaction is visible
+    EXPECT_EQ(params()[15], "{NULL}"); // targets: a plain event has none
     EXPECT_EQ(p.oldest_pending_ms(), static_cast<uint64_t>((kTime + 946684800000000LL) / 1000));
     // Not confirmed before the positions are committed.
     size_t copies = repl.copies.size();
@@ -422,7 +438,7 @@ TEST_F(PositionerTest, EveryWriteNamesTheTransactionsItPositionsForTheVisibility
     data(wal::commit(0x240, 0x270, kTime));
     p.on_replication_drained();
     ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
-    ASSERT_EQ(params().size(), 15u);
+    ASSERT_EQ(params().size(), 16u);
     EXPECT_EQ(params()[4], "{7,8,9}");
     EXPECT_EQ(params()[14], "{701,702}");
     applied();
@@ -652,4 +668,162 @@ TEST_F(PositionerTest, MalformedStreamIsALostLink) {
     p.on_replication_data("w short");
     EXPECT_EQ(p.phase(), Positioner::Phase::Waiting);
     EXPECT_EQ(log.count("bad replication message"), 1u);
+}
+
+// Patches: the target's position is found in memory (the same transaction, or one of the batch)
+// or read from the table before the write, stored with the row and sent in the notification.
+TEST_F(PositionerTest, APatchOfAnEventOfTheSameBatchCarriesItsTarget) {
+    start();
+    data(wal::patched_relation(kRel));
+    data(wal::begin(0x200, kTime, 700));
+    data(wal::patch_insert(kRel, 7, "toto", "order", "{\"a\": 1}", 0));
+    data(wal::patch_insert(kRel, 8, "toto", "order", "{\"a\": 2}", 7));
+    data(wal::commit(0x200, 0x230, kTime));
+    data(wal::begin(0x300, kTime, 701));
+    data(wal::patch_insert(kRel, 9, "toto", "order", "null", 7));
+    data(wal::commit(0x300, 0x330, kTime));
+    p.on_replication_drained();
+    ASSERT_EQ(apply.sent.back(), Positioner::apply_sql()); // no lookup: all in memory
+    EXPECT_EQ(params()[3], "{11,12,13}");
+    EXPECT_EQ(params()[15], "{NULL,11,11}");
+    EXPECT_EQ(params()[7], text_array({"b\n11 4 5 8\ntotoorder{\"a\": 1}12 4 5 8 11\n"
+                                       "totoorder{\"a\": 2}",
+                                       "e 13 4 5 11\ntotoordernull"}));
+    applied();
+    EXPECT_EQ(log.count("patches event"), 0u);
+}
+
+TEST_F(PositionerTest, APatchOfAnOlderEventReadsItsTargetFromTheTableFirst) {
+    start();
+    data(wal::patched_relation(kRel));
+    data(wal::begin(0x200, kTime, 700));
+    data(wal::patch_insert(kRel, 1, "toto", "other", "{}", 0));
+    data(wal::patch_insert(kRel, 9, "toto", "order", "{\"a\": 2}", 3));
+    data(wal::patch_insert(kRel, 10, "toto", "other", "{}", 0));
+    data(wal::commit(0x200, 0x230, kTime));
+    p.on_replication_drained();
+    ASSERT_EQ(apply.sent.back(), Positioner::targets_sql());
+    EXPECT_EQ(params(), std::vector<std::string>{"{3}"});
+    // Rows decoded meanwhile wait for the next write.
+    data(wal::begin(0x300, kTime, 701));
+    data(wal::patch_insert(kRel, 11, "toto", "order", "{\"a\": 3}", 2));
+    data(wal::commit(0x300, 0x330, kTime));
+    p.on_link_result(apply, FakeResult({{std::string("3"), std::string("toto"), std::nullopt,
+                                         std::string("4")}}));
+    apply.idle(p);
+    // The second transaction's patch needs the table too: another round, then the write.
+    ASSERT_EQ(apply.sent.back(), Positioner::targets_sql());
+    EXPECT_EQ(params(), std::vector<std::string>{"{2}"});
+    p.on_link_result(apply, FakeResult({{std::string("2"), std::string("toto"), std::nullopt,
+                                         std::string("3")}}));
+    apply.idle(p);
+    ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
+    EXPECT_EQ(params()[1], "0/330");
+    EXPECT_EQ(params()[3], "{11,12,13,14}");
+    EXPECT_EQ(params()[15], "{NULL,4,NULL,3}");
+    EXPECT_EQ(params()[7],
+              text_array({"b\n11 4 5 2\ntotoother{}12 4 5 8 4\ntotoorder{\"a\": 2}13 4 5 2\n"
+                          "totoother{}",
+                          "e 14 4 5 3\ntotoorder{\"a\": 3}"}));
+    applied();
+    EXPECT_EQ(repl.last_flush(), 0x330u);
+    EXPECT_EQ(log.count("patches event"), 0u);
+    EXPECT_EQ(p.rows(), 4u);
+}
+
+TEST_F(PositionerTest, BadPatchesAreDeliveredAsPlainEventsAndLogged) {
+    start();
+    data(wal::patched_relation(kRel));
+    data(wal::begin(0x200, kTime, 700));
+    data(wal::patch_insert(kRel, 7, "toto", "order", "{}", 0));
+    data(wal::patch_insert(kRel, 8, "toto", "order", "{\"a\": 1}", 7));
+    data(wal::patch_insert(kRel, 9, "toto", "order", "{\"a\": 2}", 8));   // a patch of a patch
+    data(wal::patch_insert(kRel, 10, "alice", "order", "{\"a\": 3}", 7)); // another subscriber
+    data(wal::patch_insert(kRel, 11, "toto", "order", "{\"a\": 4}", 12)); // inserted after it
+    data(wal::patch_insert(kRel, 12, "toto", "order", "{}", 0));
+    data(wal::patch_insert(kRel, 13, "toto", "order", "{\"a\": 5}", 5)); // gone
+    data(wal::patch_insert(kRel, 14, "toto", "order", "{\"a\": 6}", 6)); // elsewhere
+    data(wal::commit(0x200, 0x230, kTime));
+    p.on_replication_drained();
+    ASSERT_EQ(apply.sent.back(), Positioner::targets_sql());
+    EXPECT_EQ(params(), std::vector<std::string>{"{5,6}"});
+    p.on_link_result(apply, FakeResult({{std::string("6"), std::string("bob"), std::nullopt,
+                                         std::string("3")}}));
+    apply.idle(p);
+    ASSERT_EQ(apply.sent.back(), Positioner::apply_sql());
+    EXPECT_EQ(params()[15], "{NULL,11,NULL,NULL,NULL,NULL,NULL,NULL}");
+    EXPECT_EQ(log.count("event 9 patches event 8, which is itself a patch: delivered as a plain "
+                        "event at position 13"),
+              1u);
+    EXPECT_EQ(log.count("event 10 patches event 7, which belongs to another subscriber"), 1u);
+    EXPECT_EQ(log.count("event 11 patches event 12, which has no position before it"), 1u);
+    EXPECT_EQ(log.count("event 13 patches event 5, which does not exist"), 1u);
+    EXPECT_EQ(log.count("event 14 patches event 6, which belongs to another subscriber"), 1u);
+    applied();
+    EXPECT_EQ(p.rows(), 8u);
+}
+
+TEST_F(PositionerTest, PatchesInTheWrittenPartsOfALargeTransactionGetTheirTargets) {
+    start();
+    data(wal::patched_relation(kRel));
+    data(wal::begin(0x1000, kTime, 9));
+    std::vector<std::string> targets;
+    // 250 rows: each tenth patches the row before it, the first patch a row from before.
+    for (int64_t id = 1; id <= 250; ++id) {
+        int64_t patches = id % 10 == 0 ? id - 1 : 0;
+        if (id == 5) {
+            patches = 1000; // in the table
+        }
+        data(wal::patch_insert(kRel, id, "toto", "order", "{}", patches));
+        while (apply.state() == DbLink::State::Busy) {
+            const std::string &sql = apply.sent.back();
+            if (sql == Positioner::targets_sql()) {
+                // The table: 1000 at position 3, rows of earlier parts at 10 + id.
+                std::vector<FakeResult::Row> rows;
+                std::string list = params()[0];
+                for (size_t at = 1; at < list.size();) {
+                    size_t end = list.find_first_of(",}", at);
+                    int64_t id = std::stoll(list.substr(at, end - at));
+                    rows.push_back({std::to_string(id), std::string("toto"), std::nullopt,
+                                    std::to_string(id == 1000 ? 3 : 10 + id)});
+                    at = end + 1;
+                }
+                p.on_link_result(apply, FakeResult(rows));
+            } else if (sql == Positioner::apply_sql()) {
+                targets.push_back(params()[15]);
+                p.on_link_result(apply, FakeResult::command_ok());
+            } else {
+                p.on_link_result(apply, FakeResult::command_ok());
+            }
+            apply.idle(p);
+        }
+    }
+    data(wal::commit(0x1000, 0x1030, kTime));
+    while (apply.state() == DbLink::State::Busy) {
+        if (apply.sent.back() == Positioner::apply_sql()) {
+            targets.push_back(params()[15]);
+        }
+        p.on_link_result(apply, FakeResult::command_ok());
+        apply.idle(p);
+    }
+    std::string all;
+    for (auto &t : targets) {
+        all += t.substr(1, t.size() - 2) + (t == "{}" ? "" : ",");
+    }
+    // Position of id n is 10 + n: a patch of id n - 1 names position 9 + n.
+    size_t patches = 0;
+    size_t start_at = 0;
+    for (int64_t id = 1; id <= 250; ++id) {
+        size_t end = all.find(',', start_at);
+        std::string got = all.substr(start_at, end - start_at);
+        start_at = end + 1;
+        std::string want = id == 5        ? "3"
+                           : id % 10 == 0 ? std::to_string(9 + id)
+                                          : std::string("NULL");
+        EXPECT_EQ(got, want) << id;
+        patches += got != "NULL" ? 1 : 0;
+    }
+    EXPECT_EQ(patches, 26u);
+    EXPECT_EQ(repl.last_flush(), 0x1030u);
+    EXPECT_EQ(log.count("patches event"), 0u);
 }

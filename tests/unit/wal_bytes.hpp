@@ -106,6 +106,40 @@ inline std::string del(uint32_t relid, int64_t id) {
         .c('n');
 }
 
+// The events table with the column of patches (schema.sql since patches): a sixth column.
+inline std::string patched_relation(uint32_t relid) {
+    Bytes b;
+    b.c('R').u32(relid).cstr("public").cstr("events").c('d').u16(6);
+    b.u8(1).cstr("id").u32(20).u32(0xffffffff);
+    b.u8(0).cstr("type").u32(1043).u32(0xffffffff);
+    b.u8(0).cstr("timestamp").u32(1114).u32(0xffffffff);
+    b.u8(0).cstr("subscriber").u32(1043).u32(0xffffffff);
+    b.u8(0).cstr("payload").u32(3802).u32(0xffffffff);
+    b.u8(0).cstr("patches").u32(20).u32(0xffffffff);
+    return b;
+}
+
+// An insert into patched_relation: `patches` 0 is NULL (a plain event).
+inline std::string patch_insert(uint32_t relid, int64_t id, std::string_view subscriber,
+                                std::string_view type, std::string_view payload, int64_t patches) {
+    Bytes b;
+    b.c('I')
+        .u32(relid)
+        .c('N')
+        .u16(6)
+        .text(std::to_string(id))
+        .text(type)
+        .text("2026-12-03 15:00:00")
+        .text(subscriber)
+        .text(payload);
+    if (patches != 0) {
+        b.text(std::to_string(patches));
+    } else {
+        b.c('n');
+    }
+    return b;
+}
+
 inline std::string truncate(uint32_t relid) {
     return Bytes().c('T').u32(1).u8(0).u32(relid);
 }
