@@ -468,6 +468,7 @@ void Listener::on_table_idle() {
     TableAnswer a = std::move(answer_);
     answer_ = TableAnswer{};
     table_error_.clear();
+    size_t still_count = a.still_ids.size();
     std::vector<int64_t> ids = std::move(a.still_ids);
     size_t taken = 0;
     while (taken < a.found_ids.size() && ids.size() < unpositioned_followed) {
@@ -479,6 +480,9 @@ void Listener::on_table_idle() {
     }
     scanned_to_ = next; // lower only when the ids started again
     int64_t rows = static_cast<int64_t>(ids.size()) + a.found - static_cast<int64_t>(taken);
+    if (settings_.positioned_after_commit) {
+        rows = static_cast<int64_t>(still_count); // late; those found this round may be in flight
+    }
     unpositioned_ids_ = std::move(ids);
     note_unpositioned(rows);
 }
@@ -546,9 +550,15 @@ void Listener::note_unpositioned(int64_t rows) {
             log_.write(LogLevel::Warn,
                        "event_piper: " + std::string(capped(rows) ? "at least " : "") +
                            to_text(static_cast<uint64_t>(rows)) +
-                           " committed rows of table events have no position (was the trigger "
-                           "events_commit_notify disabled or dropped?): no client can receive "
-                           "them; apply postgresql/schema.sql again to give them positions");
+                           (settings_.positioned_after_commit
+                                ? " committed rows of table events have had no position for a "
+                                  "check period (event_piper_source wal: has the positioner "
+                                  "stopped? its log lines say why): no client receives them "
+                                  "until it positions them"
+                                : " committed rows of table events have no position (was the "
+                                  "trigger events_commit_notify disabled or dropped?): no client "
+                                  "can receive them; apply postgresql/schema.sql again to give "
+                                  "them positions"));
         } else {
             log_.write(LogLevel::Notice, "event_piper: every row of table events has a position "
                                          "again");

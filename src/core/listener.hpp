@@ -42,6 +42,10 @@ public:
         std::string channel;     // a plain identifier (checked by the configuration)
         uint64_t check_ms = 0;   // period of the round trip that checks the link (0: never)
         uint64_t timeout_ms = 0; // how long that round trip may take
+        // Rows get their positions after their commit (event_piper_source wal: the positioner
+        // follows the writers by milliseconds): a row counts as without a position only when a
+        // later round finds it still without, that is after a whole check period.
+        bool positioned_after_commit = false;
     };
 
     // `retry` fires on_retry_timer, `check` fires on_check_timer. `table_link` (its owner must

@@ -187,7 +187,7 @@ const char *health_reason(Health health) {
         return "the database notifies another channel than event_piper_channel";
     case Health::Unpositioned:
         return "committed events have no position (is the trigger events_commit_notify "
-               "enabled?)";
+               "enabled? with event_piper_source wal: is the positioner running?)";
     }
     return "unknown";
 }

@@ -21,6 +21,7 @@ Listener::Settings listener_settings(const MainConf &conf) {
     // Two silent periods and one unanswered check fit in the configured time.
     settings.check_ms = conf.listener_timeout / 3;
     settings.timeout_ms = conf.listener_timeout - 2 * settings.check_ms;
+    settings.positioned_after_commit = conf.source_wal == 1;
     return settings;
 }
 

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -20,14 +21,19 @@ import pytest
 import harness
 from harness import HEARTBEAT, T, frame, wait_until
 
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "chaos"))
+from piper_chaos import http_get  # noqa: E402
+
 NGINX_CONF = """
 http {
     event_piper_postgres "{{ postgres }}";
     event_piper_source wal;
+    {{ http }}
     server {
         listen 127.0.0.1:{{ port }};
         location = /events { event_piper; event_piper_folded $arg_folded; }
         location = /status { event_piper_status; }
+        location = /health { event_piper_health; }
     }
 }
 """
@@ -519,3 +525,49 @@ def test_patches_from_concurrent_writers_all_get_their_targets(db, nginx, client
     assert sum(1 for e in live.events if e.event == "patch") == db.scalar(
         "SELECT count(*) FROM events WHERE patches IS NOT NULL")
     assert "patches event" not in ngx.read_error_log()
+
+
+def test_health_is_up_while_the_positioner_follows_and_down_while_it_is_stalled(
+        db, nginx, clients):
+    """A row the positioner is about to position is in flight, not missing: health stays UP under
+    steady writes with a check every second. Rows still without a position a check period later
+    (the positioner cannot read the slot) turn it DOWN, with the reason, until it is back."""
+    ngx = nginx.start(db, http={"event_piper_listener_timeout": "3s"})
+
+    def health():
+        c = http_get(ngx.port, "/health")
+        return c.status, bytes(c.body)
+
+    wait_until(lambda: health()[0] == 200, T(10), what="health UP")
+    conn = db.connect()
+    answers = []
+    try:
+        t_end = time.monotonic() + 4  # four checks
+        n = 0
+        while time.monotonic() < t_end:
+            n += 1
+            db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                         "values ('insert', now(), 'toto', %s)", ('{"n": %d}' % n,))
+            if n % 10 == 0:
+                answers.append(health())
+            time.sleep(0.005)
+        assert answers and all(a == (200, b'{"status":"UP"}') for a in answers), \
+            [a for a in answers if a[0] != 200][:3]
+        # The positioner stalled: it cannot log in for replication any more.
+        db.superuser_sql("ALTER ROLE event_piper NOREPLICATION")
+        db.superuser_sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE backend_type = 'walsender'")
+        db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                     "values ('insert', now(), 'toto', '{}')")
+        wait_until(lambda: health()[0] == 503, T(20), what="health DOWN")
+        status, body = health()
+        doc = json.loads(body)
+        assert doc["status"] == "DOWN" and "is the positioner running?" in doc["reason"], body
+    finally:
+        db.superuser_sql("ALTER ROLE event_piper REPLICATION")
+        conn.close()
+    wait_until(lambda: health() == (200, b'{"status":"UP"}'), T(40), what="health UP again")
+    total = db.scalar("SELECT count(*) FROM events")
+    c = clients.stream(ngx, "toto", last_event_id="0")
+    c.wait_events(total, timeout=T(20))
+    assert [int(e.id) for e in c.events] == list(range(1, total + 1))

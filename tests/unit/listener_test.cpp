@@ -411,6 +411,53 @@ TEST_F(ListenerTest, RowsWithoutAPositionAreCountedAndFollowedByIdSoTheReadMoves
     EXPECT_EQ(table_round(), (std::vector<std::string>{"12", "{}", "10000"}));
 }
 
+// With event_piper_source wal a row gets its position a moment after its commit: a check that
+// finds rows without one may see them in flight. They count (status, health, the log) only when
+// the next round finds them still without: the positioner stalled.
+TEST(ListenerWal, RowsCountAsWithoutAPositionOnlyWhenTheNextRoundStillFindsThem) {
+    FakeLink link, table;
+    FakeTimer retry, check;
+    Events events;
+    FakeLog log;
+    Listener::Settings settings{"new_events", 20000, 20000};
+    settings.positioned_after_commit = true;
+    Listener listener{link, table, retry, check, events, log, settings};
+    listener.start();
+    link.connected(listener);
+    listener.on_link_result(link, FakeResult::command_ok());
+    link.idle(listener);
+    listener.on_link_result(
+        link, FakeResult({{std::string("42"), std::nullopt, std::string("new_events")}}));
+    link.idle(listener);
+    ASSERT_EQ(listener.phase(), Listener::Phase::Live);
+    auto round = [&](std::optional<std::string> found, std::optional<std::string> ids,
+                     std::optional<std::string> still) {
+        check.fire();
+        listener.on_check_timer();
+        listener.on_link_result(link, FakeResult({{std::string("42")}}));
+        link.idle(listener);
+        if (table.state() == DbLink::State::Connecting) {
+            table.connected(listener);
+        }
+        listener.on_link_result(table, FakeResult({{std::string("0"), std::nullopt, std::nullopt,
+                                                    std::nullopt, std::nullopt, std::nullopt}}));
+        table.idle(listener); // no writer held back; the table check is sent
+        listener.on_link_result(table, FakeResult({{std::string("700"), found, ids, still}}));
+        table.idle(listener);
+    };
+    round(std::string("2"), std::string("698,699"), std::nullopt); // in flight
+    EXPECT_EQ(listener.unpositioned_rows(), 0);
+    EXPECT_EQ(log.count("have had no position"), 0u);
+    round(std::string("0"), std::nullopt, std::nullopt); // positioned meanwhile
+    EXPECT_EQ(listener.unpositioned_rows(), 0);
+    round(std::string("1"), std::string("750"), std::nullopt);
+    round(std::string("0"), std::nullopt, std::string("750")); // still none a period later
+    EXPECT_EQ(listener.unpositioned_rows(), 1);
+    EXPECT_EQ(log.count("1 committed rows of table events have had no position for a check "
+                        "period (event_piper_source wal: has the positioner stopped?"),
+              1u);
+}
+
 TEST_F(ListenerTest, BeyondTheRowsFollowedByIdTheCountIsALowerBoundAndTheReadWaitsForRoom) {
     bring_up();
     table_round();
