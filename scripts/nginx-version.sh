@@ -33,7 +33,6 @@ CONFIGURE_ARGS=(
     --with-compat
     --with-http_auth_request_module
     --with-http_v2_module
-    --without-http_charset_module
     --without-http_gzip_module
     --without-http_ssi_module
     --without-http_userid_module
