@@ -421,7 +421,9 @@ def test_schema_sql_applied_without_single_transaction_keeps_the_original_servic
         [(1, 1), (3, 3), (4, 4), (5, 5), (6, 6)]
 
 
-SCHEMA_BEFORE_PATCHES = os.path.join(HERE, "schema_before_patches.sql")
+# The schema before patches is the previous release's (no events.patches, no
+# event_positions.target), which test_upgrade_order.py keeps too.
+SCHEMA_BEFORE_PATCHES = os.path.join(HERE, "schema_c28232f.sql")
 FOLDED_CONF = NGINX_CONF.replace("location = /events { event_piper; }",
                                  "location = /events { event_piper; "
                                  "event_piper_folded $arg_folded; }")
