@@ -327,20 +327,7 @@ def test_a_transaction_of_200000_rows_arrives_whole_in_order_in_bounded_memory(
 
 # -- patches (docs/patching.md): the positioner finds each patch's target and stores it --
 
-def insert(db, subscriber, payload, patches=None, type="order"):
-    """One event (a patch when `patches` names an event id), its own transaction; its id."""
-    return db.scalar("insert into events (type, timestamp, subscriber, payload, patches) "
-                     "values (%s, now(), %s, %s, %s) returning id",
-                     (type, subscriber, payload, patches))
-
-
-def patch_frame(id, target, data, type="order", member="patch"):
-    return ('id: %s\nevent: patch\ndata: {"target":%s,"type":"%s","%s":%s}\n\n'
-            % (id, target, type, member, data)).encode()
-
-
-def body(c):
-    return bytes(c.body).replace(HEARTBEAT, b"")
+from test_patching import body, insert, patch_frame  # noqa: E402  (the same helpers)
 
 
 def positioned(db, n):
