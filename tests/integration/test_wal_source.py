@@ -19,7 +19,7 @@ import time
 import pytest
 
 import harness
-from harness import HEARTBEAT, T, frame, wait_until
+from harness import T, frame, wait_until
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "chaos"))
 from piper_chaos import http_get  # noqa: E402
