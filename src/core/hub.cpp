@@ -31,6 +31,9 @@ void Hub::open(Stream &s) {
         } else if (waiting_since_ms_ == 0) {
             // No position known yet: the listener's first reading decides where it starts.
             waiting_since_ms_ = clock_.now_ms();
+            if (interest_ != nullptr) {
+                interest_->publish_waiting_since(waiting_since_ms_);
+            }
         }
     }
     for (const std::string &id : s.consumers()) {
@@ -143,6 +146,9 @@ void Hub::on_listener_ready(uint64_t epoch, int64_t newest, int64_t start_for_wa
     epoch_ = epoch;
     note_position(newest);
     waiting_since_ms_ = 0;
+    if (interest_ != nullptr) {
+        interest_->publish_waiting_since(0);
+    }
     registry_.for_each_all([start_for_waiting](Stream &s) {
         s.on_listener_ready(start_for_waiting);
         s.wake();

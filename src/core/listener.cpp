@@ -75,7 +75,8 @@ void Listener::read_newest() {
     phase_ = Phase::ReadingNewest;
     newest_ = 0;
     start_for_waiting_ = 0;
-    std::string since = to_text(events_.waiting_since_ms());
+    since_read_ = events_.waiting_since_ms();
+    std::string since = to_text(since_read_);
     const char *params[1] = {since.c_str()};
     // Streams opened without a resume point while the database was unreachable start after what
     // was committed before they opened, by the database's commit clock ($1 = 0: none waiting).
@@ -234,6 +235,14 @@ void Listener::on_link_idle(DbLink &link) {
 }
 
 void Listener::go_live() {
+    // A stream may have started waiting after the oldest waiting time was read, and before the
+    // query's snapshot: the snapshot may hold events committed after it opened. Its time is
+    // known now (a worker publishes it when the stream opens): read the start point again.
+    uint64_t waiting = events_.waiting_since_ms();
+    if (waiting != 0 && (since_read_ == 0 || waiting < since_read_)) {
+        read_newest();
+        return;
+    }
     phase_ = Phase::Live;
     epoch_ = ++listens_;
     announced_floor_ = std::max(announced_floor_, newest_); // the hub starts from here

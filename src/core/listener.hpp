@@ -135,7 +135,8 @@ private:
     uint64_t reconnects_ = 0;
     int64_t newest_ = 0;
     int64_t start_for_waiting_ = 0;
-    std::string last_error_; // logged once per distinct reason
+    uint64_t since_read_ = 0; // the oldest waiting stream's time the start point was read for
+    std::string last_error_;  // logged once per distinct reason
     int64_t unpositioned_ = 0;
     // The table check: ids up to scanned_to_ were read (those without a position are in
     // unpositioned_ids_, lowest first, and read again by id every round); what the round in

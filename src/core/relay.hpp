@@ -31,6 +31,9 @@ public:
     // position before it reads the bits, so every event above it reaches a stream whose bits
     // were set before this read (forwarded, or re-read from the table).
     virtual int64_t newest_published() const { return -1; }
+    // When this worker's oldest stream without a position began waiting (0: none), published
+    // at once: the listener's holder reads it for the start point of waiting streams.
+    virtual void publish_waiting_since(uint64_t) {}
 
 protected:
     ~InterestBits() = default;
@@ -44,6 +47,7 @@ public:
     void add(std::string_view consumer);
     void remove(std::string_view consumer);
     int64_t newest_published() const { return bits_.newest_published(); }
+    void publish_waiting_since(uint64_t ms) { bits_.publish_waiting_since(ms); }
 
 private:
     InterestBits &bits_;

@@ -349,6 +349,10 @@ int64_t NgxRelay::newest_published() const {
     return holder_ ? -1 : zone_->board.newest.load();
 }
 
+void NgxRelay::publish_waiting_since(uint64_t ms) {
+    slot_->relay.waiting_since_ms = ms; // also each tick, from the hub
+}
+
 uint64_t NgxRelay::waiting_since_ms(uint64_t mine) const {
     uint64_t oldest = mine;
     for (const StatusSlot &s : zone_->slots) {

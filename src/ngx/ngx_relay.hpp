@@ -60,6 +60,7 @@ public:
     // InterestBits
     void set(size_t bit, bool on) override;
     int64_t newest_published() const override;
+    void publish_waiting_since(uint64_t ms) override;
 
 private:
     NgxRelay(ngx_log_t *log, StatusZone *zone, StatusSlot *slot, Hub &hub, EpochSource &epochs,

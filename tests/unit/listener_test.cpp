@@ -329,6 +329,25 @@ TEST_F(ListenerTest, StreamsWaitingForAPositionStartByTheCommitClock) {
     EXPECT_EQ(events.ready.back().start, 40);
 }
 
+// A stream that began waiting after the listener read the oldest waiting time may have opened
+// before events the query's snapshot holds: the start point is read again for it.
+TEST_F(ListenerTest, AStreamThatBeganWaitingDuringTheReadGetsTheStartPointReadAgain) {
+    listener.start();
+    link.connected(listener);
+    link.idle(listener);
+    EXPECT_EQ(link.last_params, std::vector<std::string>{"0"}); // none waiting yet
+    events.waiting_since = 1700000000123;                       // published by a worker meanwhile
+    listener.on_link_result(link, newest_row("42"));
+    link.idle(listener);
+    EXPECT_TRUE(events.ready.empty());
+    EXPECT_EQ(link.last_params, std::vector<std::string>{"1700000000123"});
+    listener.on_link_result(link, newest_row("42", "new_events", std::string("41")));
+    link.idle(listener);
+    ASSERT_EQ(events.ready.size(), 1u);
+    EXPECT_EQ(events.ready.back().newest, 42);
+    EXPECT_EQ(events.ready.back().start, 41);
+}
+
 TEST_F(ListenerTest, ASilentLinkIsCheckedAndAFrozenOneIsReplaced) {
     bring_up();
     EXPECT_EQ(check.fire(), 20000u);
