@@ -57,6 +57,16 @@ build/unit_tests: $(UNIT_OBJS) $(UNIT_LIST)
 
 -include $(UNIT_OBJS:.o=.d)
 
+## build/grammar_check: the parser and the positioner's notifications on stdin/stdout, for
+# tests/integration/test_grammar.py (docs/notification-grammar.md).
+GRAMMAR_CHECK_OBJS := $(patsubst %.cpp,build/unit/%.o,$(wildcard src/core/*.cpp) \
+                      tests/grammar/grammar_check.cpp)
+
+build/grammar_check: $(GRAMMAR_CHECK_OBJS)
+	$(UNIT_CXX) $(UNIT_CXXFLAGS) $(GRAMMAR_CHECK_OBJS) -o $@ -lcjson -pthread
+
+-include build/unit/tests/grammar/grammar_check.d
+
 unit-build: build/unit_tests
 
 unit: build/unit_tests
