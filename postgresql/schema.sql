@@ -186,7 +186,8 @@ BEGIN
                    e.subscriber
               FROM events e
              WHERE NOT EXISTS (SELECT 1 FROM event_positions p WHERE p.event_id = e.id);
-        -- A bare position: every open stream reads the table for what it has not sent.
+        -- A bare position ("p", docs/notification-grammar.md): every open stream reads the
+        -- table for what it has not sent.
         PERFORM pg_notify(chan, 'p ' || event_piper_nth_position(pos0, n));
     END IF;
 END;
@@ -543,7 +544,8 @@ RETURNS text LANGUAGE sql STABLE AS $$
            || octet_length(body) || coalesce(' ' || tgt, '') || E'\n' || sub || typ || body
 $$;
 
--- Runs at COMMIT (deferred), once per transaction (see event_piper_note_insert).
+-- Runs at COMMIT (deferred), once per transaction (see event_piper_note_insert). Its
+-- notifications: docs/notification-grammar.md.
 CREATE OR REPLACE FUNCTION events_commit_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
