@@ -8,7 +8,7 @@
 -- constraint trigger, such that positions become visible strictly in increasing order: once a
 -- reader sees position p, no position below p can appear later.
 --
--- Where positions live (issue 11). Not in the event row: writing them there is an UPDATE of an
+-- Where positions live. Not in the event row: writing them there is an UPDATE of an
 -- indexed column, which writes the whole row a second time with all its index entries and leaves
 -- a dead row version per event for autovacuum. They live in `event_positions`, a narrow
 -- insert-only table (position, event id, subscriber, commit time) whose index on
@@ -34,7 +34,7 @@
 -- id; the original service's rows keep position = id (see the migration below).
 
 -- What this database has before this script: nothing, the original service's table (no
--- positions), a schema that kept positions in events.position (before issue 11's side table), or
+-- positions), a schema that kept positions in events.position (before event_positions), or
 -- this one. Decided before anything is created.
 SELECT set_config('event_piper.layout',
                   CASE WHEN to_regclass('events') IS NULL THEN 'new'

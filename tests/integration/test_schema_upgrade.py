@@ -1,9 +1,9 @@
-"""Issue 11, points 3 and 4: moving a database to postgresql/schema.sql keeps every position;
-and the once-per-transaction trigger with transactions larger than one id list.
+"""Moving a database to postgresql/schema.sql keeps every position; and the once-per-transaction
+trigger with transactions larger than one id list.
 
-- A database with the schema before issue 11 (tests/integration/schema_before_issue11.sql: one
-  advisory lock and one UPDATE per row), or with the first step of issue 11
-  (schema_positions_in_events.sql: positions still in events.position), rows whose positions
+- A database with the schema before event_positions (tests/integration/schema_before_issue11.sql:
+  one advisory lock and one UPDATE per row), or with positions still in events.position
+  (schema_positions_in_events.sql), rows whose positions
   differ from their ids, gets
   schema.sql applied in one transaction while writers insert: no existing position changes, and
   every row committed meanwhile gets a new, larger one.
