@@ -19,10 +19,12 @@ namespace event_piper {
 namespace {
 
 constexpr ngx_msec_t tick_ms = 500;
-// Notifications are shorter than grammar::notify_payload_limit (docs/notification-grammar.md).
+// The receive buffer. A datagram holds at most relay_batch_bytes, or one notification, which is
+// shorter than grammar::notify_payload_limit (docs/notification-grammar.md).
 constexpr size_t max_datagram = 65536;
-static_assert(relay_batch_bytes + relay_header + 4 + grammar::notify_payload_limit <= max_datagram,
-              "a datagram holds a full batch and one more notification");
+static_assert(relay_batch_bytes <= max_datagram &&
+                  relay_header + 4 + grammar::notify_payload_limit <= max_datagram,
+              "every datagram fits in the receive buffer");
 
 // The holder word: pid and status slot together, so that one compare-and-swap claims both and
 // a follower never pairs a new holder with the previous holder's socket.
