@@ -57,6 +57,16 @@ build/unit_tests: $(UNIT_OBJS) $(UNIT_LIST)
 
 -include $(UNIT_OBJS:.o=.d)
 
+## build/grammar_check: the parser and the positioner's notifications on stdin/stdout, for
+# tests/integration/test_grammar.py (docs/notification-grammar.md).
+GRAMMAR_CHECK_OBJS := $(patsubst %.cpp,build/unit/%.o,$(wildcard src/core/*.cpp) \
+                      tests/grammar/grammar_check.cpp)
+
+build/grammar_check: $(GRAMMAR_CHECK_OBJS)
+	$(UNIT_CXX) $(UNIT_CXXFLAGS) $(GRAMMAR_CHECK_OBJS) -o $@ -lcjson -pthread
+
+-include build/unit/tests/grammar/grammar_check.d
+
 unit-build: build/unit_tests
 
 unit: build/unit_tests
@@ -109,7 +119,7 @@ endef
 
 # make test runs make test-deb first (the Debian package, below), so that pytest's summary stays
 # the last line; a failure of either fails the target.
-test: build $(UNIT_BIN) clients
+test: build $(UNIT_BIN) build/grammar_check clients
 	@deb=0; $(MAKE) --no-print-directory test-deb || deb=1; \
 	$(RUN_TESTS); status=$$?; \
 	if [ $$deb != 0 ]; then echo "make test-deb FAILED (see above)"; fi; \
@@ -124,7 +134,7 @@ test-asan: export EVENT_PIPER_MODULE = $(CURDIR)/build/asan/ngx_event_piper_modu
 test-asan: export EVENT_PIPER_NGINX_PRELOAD = $(ASAN_PRELOAD)
 test-asan: export ASAN_OPTIONS = detect_leaks=0:abort_on_error=1
 test-asan: export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1:abort_on_error=1
-test-asan: build-asan $(UNIT_BIN) clients
+test-asan: build-asan $(UNIT_BIN) build/grammar_check clients
 	@$(RUN_TESTS)
 
 ## nginx version matrix: nginx and the module built from each source in NGINX_SRC_DIR

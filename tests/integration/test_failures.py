@@ -1,4 +1,4 @@
-"""Issue 4, points 1-5: never lose an event when things break.
+"""Never lose an event when things break.
 
 PostgreSQL restarts and listener loss, PostgreSQL down at nginx start, commits out of id order and
 rollbacks, payloads of up to 1 MB, nginx reload and quit with open streams, and bad input. The
@@ -486,7 +486,7 @@ def test_rolled_back_inserts_never_appear(db, start_nginx, clients, request):
 
 def test_a_row_changed_by_its_own_transaction_is_delivered_as_committed(
         db, start_nginx, clients, request):
-    """Issue 9, item 1: live delivery carries the committed row, never the INSERT's image."""
+    """Live delivery carries the committed row, never the INSERT's image."""
     ngx = start_nginx()
     alice = clients.stream(ngx, "alice", settle=0)
     bob = clients.stream(ngx, "bob", settle=0)

@@ -1,4 +1,4 @@
-"""Issue 9: what an attack on the product found, each item with the test that failed before.
+"""What an attack on the product found, each item with the test that failed before.
 
 Identity (two consumer headers, %-encoded query arguments), silent stalls (a frozen listening
 backend, the server's reason for refusing a connection, server notices, a channel mismatch),
