@@ -155,6 +155,16 @@ void ReplayQueue::release(Stream &s) {
 }
 
 void ReplayQueue::dispatch() {
+    // A send or connect that fails at once reports on_link_lost from inside this loop, which
+    // dispatches again: the loop that is running goes on with what is left.
+    if (dispatching_) {
+        return;
+    }
+    dispatching_ = true;
+    struct Done {
+        bool &flag;
+        ~Done() { flag = false; }
+    } done{dispatching_};
     while (!queue_.empty()) {
         if (budget_ != 0 && held_ >= budget_) {
             return; // clients have not taken what was read for them: wait for release()
@@ -382,6 +392,9 @@ void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
     if (!retry_.armed()) {
         retry_.arm(backoff_.next());
     }
+    // Another link may be idle now: it serves them without waiting out the backoff (which only
+    // holds back opening links).
+    dispatch();
 }
 
 // A tiny statement_timeout on the role, a missing grant: every catching-up stream fails the same

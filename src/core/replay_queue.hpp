@@ -129,6 +129,7 @@ private:
     };
     std::vector<FailureLine> failure_lines_; // a few reasons (bounded)
     bool reported_down_ = false;
+    bool dispatching_ = false;
 };
 
 } // namespace event_piper

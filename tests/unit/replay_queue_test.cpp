@@ -153,6 +153,20 @@ TEST_F(ReplayQueueTest, ALinkLostMidBatchRequeuesTheStreamFirstAndBacksOff) {
     EXPECT_EQ(log.count("replay connection is back"), 1u);
 }
 
+TEST_F(ReplayQueueTest, ALinkLostMidBatchHandsTheStreamToAnIdleLinkAtOnce) {
+    auto s1 = stream("alice", 0), s2 = stream("bob", 0);
+    queue.request(*s1);
+    queue.request(*s2);
+    a.connected(queue);
+    b.connected(queue);
+    answer(b, batch({}, 0, 9)); // bob is live: b is idle
+    a.lost(queue, "server closed the connection");
+    // Not after the backoff: b is there now.
+    EXPECT_EQ(b.last_params[3], "alice");
+    EXPECT_TRUE(s1->query_in_flight());
+    EXPECT_EQ(queue.queued(), 0u);
+}
+
 TEST_F(ReplayQueueTest, ConnectFailuresBackOffAndDoubling) {
     auto s = stream("alice", 0);
     queue.request(*s);
