@@ -9,6 +9,24 @@
 
 namespace event_piper {
 
+namespace {
+
+// The columns of batch_sql() and folded_sql(), in the order of their SELECT lists below.
+namespace batch_col {
+constexpr int position = 0;
+constexpr int type = 1;
+constexpr int body = 2;
+constexpr int fetched = 3; // rows found before the byte cap
+constexpr int newest = 4;  // the newest committed position
+constexpr int target = 5;  // a patch's or stand-in's target position (NULL: a plain event)
+constexpr int state = 6;   // "t": a whole state, not a merge patch
+} // namespace batch_col
+
+// The one column of folding_probe_sql().
+constexpr int probe_has_folding = 0;
+
+} // namespace
+
 std::string ReplayQueue::batch_sql(size_t ids) {
     std::string branches;
     for (size_t i = 0; i < ids; ++i) {
@@ -262,7 +280,7 @@ void ReplayQueue::on_link_ready(DbLink &link) {
 void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
     Slot &slot = slot_of(link);
     if (slot.probing) {
-        bool yes = result.ok() && result.rows() == 1 && result.value(0, 0) == "t";
+        bool yes = result.ok() && result.rows() == 1 && result.value(0, probe_has_folding) == "t";
         slot.folding = yes ? Folding::Yes : Folding::No;
         if (!yes && !warned_no_folding_) {
             log_.write(LogLevel::Warn,
@@ -285,24 +303,26 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
     }
     int n = result.rows();
     if (n > 0) {
-        slot.newest = result.number(0, 4);
+        slot.newest = result.number(0, batch_col::newest);
         events_.note_position(slot.newest);
-        if (result.is_null(0, 0)) {
+        if (result.is_null(0, batch_col::position)) {
             return; // nothing after the streams' position
         }
-        slot.fetched = static_cast<size_t>(result.number(0, 3));
+        slot.fetched = static_cast<size_t>(result.number(0, batch_col::fetched));
     }
     frames_.clear();
     ends_.clear();
     for (int row = 0; row < n; ++row) {
-        int64_t pos = result.number(row, 0);
-        if (result.columns() > 6 && !result.is_null(row, 5)) {
-            append_target_frame(frames_, pos, result.number(row, 5),
-                                result.value(row, 6) == "t" ? TargetMember::State
-                                                            : TargetMember::Patch,
-                                result.value(row, 1), result.value(row, 2));
+        int64_t pos = result.number(row, batch_col::position);
+        if (result.columns() > batch_col::state && !result.is_null(row, batch_col::target)) {
+            append_target_frame(frames_, pos, result.number(row, batch_col::target),
+                                result.value(row, batch_col::state) == "t" ? TargetMember::State
+                                                                           : TargetMember::Patch,
+                                result.value(row, batch_col::type),
+                                result.value(row, batch_col::body));
         } else {
-            append_event_frame(frames_, pos, result.value(row, 1), result.value(row, 2));
+            append_event_frame(frames_, pos, result.value(row, batch_col::type),
+                               result.value(row, batch_col::body));
         }
         ends_.emplace_back(pos, frames_.size());
         events_.note_position(pos);
