@@ -136,6 +136,7 @@ void ReplayQueue::reset(Slot &slot) {
     slot.folding = kept.folding;
     slot.standby = kept.standby;
     slot.probed_ms = kept.probed_ms;
+    slot.checked = kept.checked;
 }
 
 void ReplayQueue::close_all() {
@@ -195,7 +196,8 @@ bool ReplayQueue::standby_up() const {
     }
     for (const Slot &slot : slots_) {
         DbLink::State st = slot.link->state();
-        if (slot.standby && (st == DbLink::State::Ready || st == DbLink::State::Busy)) {
+        if (slot.standby && slot.checked &&
+            (st == DbLink::State::Ready || st == DbLink::State::Busy)) {
             return true;
         }
     }
@@ -375,6 +377,7 @@ void ReplayQueue::retry_standby() {
 void ReplayQueue::on_link_ready(DbLink &link) {
     Slot &slot = slot_of(link);
     slot.folding = Folding::Unknown; // a new connection
+    slot.checked = false;
     if (slot.standby) {
         // Before its first batch: is it a standby at all, and how far behind.
         reset(slot);
@@ -495,6 +498,7 @@ void ReplayQueue::on_link_idle(DbLink &link) {
     if (slot.probe == Probe::Standby) {
         std::string why = std::move(slot.not_standby);
         reset(slot);
+        slot.checked = why.empty();
         if (!why.empty()) {
             link.close();
             standby_lost(why);
@@ -556,6 +560,7 @@ void ReplayQueue::on_link_idle(DbLink &link) {
 void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
     Slot &slot = slot_of(link);
     slot.folding = Folding::Unknown; // the next connection may see another schema
+    slot.checked = false;
     std::vector<Stream *> streams = std::move(slot.streams);
     streams.insert(streams.end(), slot.deferred.begin(), slot.deferred.end());
     bool standby = slot.standby;

@@ -118,6 +118,7 @@ private:
         Folding folding = Folding::Unknown; // kept by reset(): a property of the connection
         bool standby = false;               // kept by reset(): of the standby pool
         uint64_t probed_ms = 0;             // kept by reset(): its last standby check
+        bool checked = false;               // kept by reset(): passed it on this connection
         Probe probe = Probe::None;          // the query in flight is a check
         std::string not_standby;            // the standby check's refusal, if any
         std::vector<Stream *> streams;      // whose batch is in flight (nullptr: gone meanwhile)

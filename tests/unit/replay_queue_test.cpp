@@ -605,6 +605,7 @@ TEST_F(StandbyTest, AServerThatIsNotInRecoveryIsNotUsed) {
     auto s = stream("alice", 0);
     q.request(*s);
     sb.connected(q);
+    EXPECT_FALSE(q.standby_up());  // not before it passed the check
     answer(sb, standby("f", "0")); // a primary (prefer-standby found none), or promoted
     EXPECT_EQ(sb.state(), DbLink::State::Down);
     EXPECT_EQ(log.count("the server is not a standby"), 1u);
