@@ -237,6 +237,12 @@ def test_without_a_standby_replay_reads_the_primary(db, nginx, clients):
     assert_exact(db, c)
     s = status_when(ngx, lambda s: s["replay_primary_rows"] >= 700, "700 rows replayed")
     assert (s["replay_primary_rows"], s["replay_standby_rows"]) == (700, 0), s
+    c = harness.HttpClient(ngx.port).request("GET", "/status?format=prometheus")
+    text = bytes(c.wait_complete().body).decode()
+    c.close()
+    for metric in ("event_piper_replay_primary_rows_total", "event_piper_replay_standby_up",
+                   "event_piper_replay_standby_lag_milliseconds"):
+        assert "\n# TYPE %s " % metric in text, metric
     assert ngx.log_count("replay standby unavailable, replay reads the primary") >= 1
 
 
