@@ -9,7 +9,7 @@ SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
         test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall \
-        bench-patching soak clients docker-build docker-run test-docker nginx-versions \
+        bench-patching bench-standby soak clients docker-build docker-run test-docker nginx-versions \
         test-nginx-versions
 
 all: build
@@ -222,6 +222,13 @@ bench-writers: deps
 bench-patching: deps-bench
 	@scripts/build.sh
 	bench/patching.py
+
+# Only the standby section (100 clients resuming 100,000 events each with a hot standby named by
+# event_piper_replay_postgres: the primary's share of the replayed rows; bench/standby.py, results
+# in bench/standby.json).
+bench-standby: deps-bench
+	@scripts/build.sh
+	bench/standby.py
 
 ## The soak (tests/integration/soak_chaos.py, not part of `make test`): the chaos test's mix for
 # SOAK_MINUTES; fails on loss, duplication or growth of worker RSS, fds or PostgreSQL connections.

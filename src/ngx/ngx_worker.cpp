@@ -87,6 +87,12 @@ Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
             hub_.replay(), cycle->log, text(conf.conninfo), "event_piper_replay"));
         hub_.replay().add_link(*replay_links_.back());
     }
+    // As many standby links, which read history while a standby answers.
+    for (ngx_uint_t i = 0; conf.replay_conninfo.len != 0 && i < conf.replay_connections; ++i) {
+        replay_links_.push_back(std::make_unique<PgLink>(
+            hub_.replay(), cycle->log, text(conf.replay_conninfo), "event_piper_replay"));
+        hub_.replay().add_standby_link(*replay_links_.back());
+    }
     if (conf.listener_shared && relay_ == nullptr) {
         ngx_log_error(NGX_LOG_WARN, log_, 0,
                       "event_piper: no relay for the shared listener, this worker listens itself");
@@ -165,6 +171,12 @@ void Worker::publish() {
     stats.replay_failures = hub_.replay().failures();
     stats.replay_queries = hub_.replay().queries();
     stats.replay_queued = hub_.replay().queued();
+    stats.replay_primary_queries = hub_.replay().primary_served().queries;
+    stats.replay_primary_rows = hub_.replay().primary_served().rows;
+    stats.replay_standby_queries = hub_.replay().standby_served().queries;
+    stats.replay_standby_rows = hub_.replay().standby_served().rows;
+    stats.replay_standby_up = hub_.replay().standby_up() ? 1 : 0;
+    stats.replay_standby_lag_ms = hub_.replay().standby_lag_ms();
     if (relay_ != nullptr) {
         relay_->fill_stats(stats);
     }
