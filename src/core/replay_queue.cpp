@@ -9,6 +9,16 @@
 
 namespace event_piper {
 
+namespace {
+
+// Column 7: the retention horizon (positions at or below it may have been removed), NULL on a
+// schema without retention or a role that may not read it: the query runs on every schema.
+constexpr const char *removed_sql =
+    "(SELECT CASE WHEN has_sequence_privilege(k.s, 'SELECT') THEN pg_sequence_last_value(k.s)"
+    " END FROM (SELECT to_regclass('event_piper_removed_upto') AS s) AS k)";
+
+} // namespace
+
 std::string ReplayQueue::batch_sql(size_t ids) {
     std::string branches;
     for (size_t i = 0; i < ids; ++i) {
@@ -20,8 +30,10 @@ std::string ReplayQueue::batch_sql(size_t ids) {
                     " ON e.id = p.event_id WHERE p.subscriber = $" +
                     std::to_string(i + 4) + " AND p.position > $1 ORDER BY p.position LIMIT $2)";
     }
-    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state"
-           " FROM (SELECT coalesce(max(position), 0) AS newest FROM event_positions) AS m"
+    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state, m.removed"
+           " FROM (SELECT coalesce(max(position), 0) AS newest, " +
+           std::string(removed_sql) +
+           " AS removed FROM event_positions) AS m"
            " LEFT JOIN LATERAL ("
            "  SELECT position, type, body, target, state, count(*) OVER () AS fetched,"
            "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
@@ -48,8 +60,10 @@ std::string ReplayQueue::folded_sql(size_t ids) {
                     " WHERE q.target = coalesce(p.target, p.position) AND q.position > p.position)"
                     " ORDER BY p.position LIMIT $2)";
     }
-    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state"
-           " FROM (SELECT coalesce(max(position), 0) AS newest FROM event_positions) AS m"
+    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state, m.removed"
+           " FROM (SELECT coalesce(max(position), 0) AS newest, " +
+           std::string(removed_sql) +
+           " AS removed FROM event_positions) AS m"
            " LEFT JOIN LATERAL ("
            "  SELECT position, type, body, target, state, fetched,"
            "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
@@ -277,6 +291,15 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
     if (n > 0) {
         slot.newest = result.number(0, 4);
         events_.note_position(slot.newest);
+        // Retention: a stream resumed from below the horizon is told before anything else.
+        int64_t removed = result.columns() > 7 && !result.is_null(0, 7) ? result.number(0, 7) : 0;
+        for (Stream *s : slot.streams) {
+            if (s != nullptr && s->history_gone(removed)) {
+                std::string frame;
+                append_history_gone_frame(frame, s->last_position(), removed);
+                s->append_raw(frame);
+            }
+        }
         if (result.is_null(0, 0)) {
             return; // nothing after the streams' position
         }
