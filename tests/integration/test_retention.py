@@ -5,6 +5,8 @@ positioner's side is in test_wal_source.py); patched events stay whole while a p
 kept (docs/patching.md).
 """
 
+import threading
+
 import psycopg2
 import pytest
 
@@ -124,3 +126,71 @@ def test_retention_by_commit_time_keeps_what_committed_after_it(db):
 def test_history_gone_is_a_reserved_type(db):
     with pytest.raises(psycopg2.errors.CheckViolation):
         db.insert("toto", type="history-gone")
+
+
+def test_a_batch_in_progress_holds_no_writer_and_no_stream(db, nginx, clients):
+    for _ in range(4):
+        db.insert("toto")  # 1..4
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    conn = db.connect(autocommit=False)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select * from event_piper_retain_batch(3, 0, 10)")
+            assert cur.fetchone() == (3, 3)
+            # Not committed yet: a writer and the commit order go on meanwhile.
+            writer = db.connect()
+            with writer.cursor() as w:
+                w.execute("set lock_timeout = '2s'")
+                w.execute("insert into events (type, timestamp, subscriber, payload) "
+                          "values ('insert', now(), 'toto', '{\"foo\": \"bar\"}')")
+            writer.close()
+            live.wait_events(1, timeout=T(10))
+            assert body(live) == frame(5)
+        conn.commit()
+    finally:
+        conn.close()
+    assert db.positions("toto") == [4, 5]
+
+
+def test_a_patch_racing_the_removal_of_its_target_never_outlives_it(db):
+    order = insert(db, "toto", '{"status": "paid"}')  # 1
+    insert(db, "toto", '{"x": 1}', type="other")      # 2
+    # A writer whose patch of event 1 is being committed holds it (FOR KEY SHARE): the removal
+    # skips it, and the family stays whole.
+    writer = db.connect(autocommit=False)
+    with writer.cursor() as w:
+        w.execute("insert into events (type, timestamp, subscriber, payload, patches) "
+                  "values ('order', now(), 'toto', '{\"status\": \"shipped\"}', %s)", (order,))
+        w.execute("set constraints events_commit_notify immediate")  # its commit-time work now
+        assert db.scalar("select removed from event_piper_retain_batch(2, 0, 10)") == 1
+    writer.commit()
+    writer.close()
+    assert db.positions("toto") == [1, 3]
+    # A removal in progress holds the target: a patch of it waits, then is refused.
+    remover = db.connect(autocommit=False)
+    with remover.cursor() as r:
+        r.execute("select removed from event_piper_retain_batch(3, 0, 10)")
+        assert r.fetchone() == (2,)
+        result = {}
+
+        def patch():
+            conn = db.connect()
+            try:
+                with conn.cursor() as c:
+                    c.execute("insert into events (type, timestamp, subscriber, payload, patches) "
+                              "values ('order', now(), 'toto', '{\"a\": 1}', %s)", (order,))
+            except psycopg2.Error as e:
+                result["error"] = str(e)
+            finally:
+                conn.close()
+
+        t = threading.Thread(target=patch)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive(), "the patch did not wait for the removal of its target"
+        remover.commit()
+        t.join(T(10))
+    remover.close()
+    assert "which does not exist" in result.get("error", ""), result
+    assert db.scalar("select count(*) from events") == 0
