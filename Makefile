@@ -9,7 +9,8 @@ SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
         test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall \
-        bench-patching bench-standby soak clients docker-build docker-run test-docker nginx-versions \
+        bench-patching bench-standby bench-year bench-retention soak clients docker-build docker-run \
+        test-docker nginx-versions \
         test-nginx-versions
 
 all: build
@@ -212,6 +213,18 @@ bench-stall: deps-bench
 	$(BENCH_CHECK)
 	@scripts/build.sh
 	BENCH_TESTS=j BENCH_OUT=build/bench-stall BENCH_COMMAND="make bench-stall" bench/run.sh
+
+# Only section (y), a year of events (issue 25): resume, live and writer figures on a small table
+# and on BENCH_YEAR_ROWS events (default 20,000,000); results in build/bench-year/year.md.
+bench-year: deps-bench
+	$(BENCH_CHECK)
+	@scripts/build.sh
+	BENCH_TESTS=y BENCH_OUT=build/bench-year BENCH_COMMAND="make bench-year" bench/run.sh
+
+# Retention's cost (README "Retention"): removing RETENTION_EVENTS events (default 1,000,000)
+# while writers insert; results in build/bench-retention/retention.md. PostgreSQL only.
+bench-retention: deps
+	bench/retention.sh
 
 # Only the writer section (what an event costs the database; PostgreSQL only, no nginx).
 bench-writers: deps

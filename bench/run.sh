@@ -26,6 +26,9 @@
 #   BENCH_REPLAY_ROWS=N        stored events for the replay test (default 1000000)
 #   BENCH_STALL_ROWS=N         events in the table for (j) (default 10000000, quick 1000000)
 #   BENCH_STALL_MS=N           publishing time of (j) (default 60000: three listener checks)
+#   BENCH_YEAR_ROWS=N          events of the large table of (y), a year of events (default
+#                              20000000; not in the default list: make bench-year)
+#   BENCH_YEAR_SMALL=N         events of its small table (default 100000)
 #   BENCH_NGINX_EXTRA="..."    extra http{} directives for both nginx (e.g. "request_pool_size 1k;")
 #   BENCH_KEEP=1               keep the temporary folder (logs, configs)
 #   EVENT_PIPER_MODULE=path    module to load (default build/ngx_event_piper_module.so)
@@ -76,6 +79,8 @@ else
     STALL_ROWS=${BENCH_STALL_ROWS:-10000000}
 fi
 STALL_MS=${BENCH_STALL_MS:-60000}
+YEAR_ROWS=${BENCH_YEAR_ROWS:-20000000}
+YEAR_SMALL=${BENCH_YEAR_SMALL:-100000}
 NGINX_EXTRA=${BENCH_NGINX_EXTRA:-}   # extra http{} directives, the same for both systems
 MEM_STREAMS=10000
 LAT_STREAMS=1000
@@ -632,6 +637,127 @@ print(json.load(urllib.request.urlopen("http://127.0.0.1:%s/status" % sys.argv[1
     done
 }
 
+# (y) issue 25: a year of events. The same measurements on a small table (YEAR_SMALL events) and
+# on a large one (YEAR_ROWS), both over 10,000 consumers y0..y9999 with skewed volumes (consumer
+# floor(10000 * r^4) for a uniform r: y0 holds about 10 % of the events, y9999 a few in 100,000):
+#   - time to first byte of a resume from Last-Event-ID 0, for y9999 (few events) and y0 (many):
+#     from the request to the first `id:` line, median of YEAR_TTFB_REPS (default 20) requests;
+#   - live commit-to-receipt latency p50/p99: 1 stream, RATE events/s for LAT_MS;
+#   - single-row writer commits/s: pgbench, 4 clients, one INSERT per transaction, median of
+#     REPS runs of 10 s (the cluster of make bench: fsync off).
+# The large table is loaded after the small one is measured, so the two cannot alternate: run it
+# on a quiet machine.
+# Rows are added with the trigger bypassed and positions set in bulk (as for (j)). Writes the
+# table to $OUT/year.md (and "y" lines to results.jsonl).
+YEAR_TTFB_REPS=${YEAR_TTFB_REPS:-20}
+load_year_rows() { # total events wanted in the table
+    local have add
+    have=$(psql_su -At -c "select count(*) from events where subscriber like 'y%'")
+    add=$(( $1 - have ))
+    (( add > 0 )) || return 0
+    log "(y) storing $add events over 10,000 skewed consumers (trigger bypassed; $1 in all)"
+    psql_su >/dev/null <<EOF
+SET session_replication_role = replica;  -- no commit trigger: positions are set here, no NOTIFY
+SELECT setseed(0.25);
+CREATE TEMP TABLE year_from AS
+SELECT (SELECT coalesce(max(id), 0) FROM events) AS id,
+       (SELECT coalesce(max(position), 0) FROM event_positions) AS position;
+INSERT INTO events (type, timestamp, subscriber, payload)
+SELECT 'order_paid', now(), 'y' || floor(10000 * power(random(), 4))::int,
+       jsonb_build_object('t', 0, 'order', g, 'status', 'paid', 'amount', 99.5, 'currency', 'EUR')
+  FROM generate_series(1, $add) g;
+INSERT INTO event_positions (position, event_id, subscriber)
+SELECT f.position + row_number() OVER (ORDER BY e.id), e.id, e.subscriber
+  FROM events e, year_from f WHERE e.id > f.id;
+SELECT setval('events_position_seq', (SELECT max(position) FROM event_positions));
+RESET session_replication_role;
+VACUUM ANALYZE events;
+VACUUM ANALYZE event_positions;
+EOF
+}
+
+year_ttfb() { # consumer -> median seconds to the first id: line, over YEAR_TTFB_REPS resumes
+    python3 - "${PORTS[module]}" "$1" "$YEAR_TTFB_REPS" <<'EOF'
+import socket, statistics, sys, time
+port, consumer, reps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+times = []
+for _ in range(reps):
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    t0 = time.monotonic()
+    s.sendall(("GET /events HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n"
+               "X-Consumer-Id: %s\r\nLast-Event-ID: 0\r\n\r\n" % consumer).encode())
+    got = b""
+    while b"\nid: " not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise SystemExit("connection closed before the first event")
+        got += chunk
+    times.append(time.monotonic() - t0)
+    s.close()
+print("%.6f" % statistics.median(times))
+EOF
+}
+
+test_y() {
+    local phase rows few many few_n many_n lat tps out
+    : >"$TMP/year.txt"
+    printf '%s\n' '\set s random(0, 9999)' \
+        "insert into events (type, timestamp, subscriber, payload) values ('order_paid', now(), 'y' || :s, '{\"order\": 1, \"status\": \"paid\"}');" \
+        >"$TMP/year_insert.sql"
+    for phase in small year; do
+        rows=$YEAR_SMALL
+        [[ $phase == year ]] && rows=$YEAR_ROWS
+        load_year_rows "$rows"
+        restart_nginx module
+        few_n=$(psql_su -At -c "select count(*) from event_positions where subscriber = 'y9999'")
+        many_n=$(psql_su -At -c "select count(*) from event_positions where subscriber = 'y0'")
+        few=$(year_ttfb y9999)
+        many=$(year_ttfb y0)
+        log "(y) $phase, $rows events: first byte of a resume from 0: y9999 ($few_n events) ${few}s, y0 ($many_n events) ${many}s"
+        run_client "\"test\":\"y\",\"phase\":\"$phase\",\"rows\":$rows,\"rate\":$RATE" \
+            stream $(stream_args module) $(pub_args module) --pub-conns 1 --pg-conninfo "$CONNINFO" \
+            --conns 1 --consumer y_live --pids "${WPIDS[module]}" --duration-ms "$LAT_MS" \
+            --rate "$RATE" --payload-bytes "$PAYLOAD_BYTES" --drain-ms 10000
+        lat=$(tail -n 1 "$JSONL" | python3 -c 'import json, sys
+p = json.load(sys.stdin)["latency_us"]["pct"]; print("%s %s" % (p["50"], p["99"]))')
+        local runs=() rep
+        for rep in $(seq 1 "$REPS"); do
+            out=$(/usr/lib/postgresql/15/bin/pgbench -n -c 4 -j 2 -T 10 -f "$TMP/year_insert.sql" \
+                -h "$PGDATA_DIR" -p "$PGPORT" -U event_piper event_piper 2>&1) \
+                || { echo "$out" >&2; die "pgbench failed"; }
+            runs+=("$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -1)")
+        done
+        tps=$(printf '%s\n' "${runs[@]}" | python3 -c 'import statistics, sys
+print(statistics.median(float(l) for l in sys.stdin))')
+        log "(y) $phase: live p50 p99 $lat us, writers $tps commits/s"
+        echo "$phase $rows $few_n $few $many_n $many $lat $tps" >>"$TMP/year.txt"
+        echo "{\"test\":\"y\",\"part\":\"summary\",\"phase\":\"$phase\",\"rows\":$rows,\"few_events\":$few_n,\"ttfb_few_s\":$few,\"many_events\":$many_n,\"ttfb_many_s\":$many,\"writer_tps\":$tps}" >>"$JSONL"
+    done
+    mkdir -p "$OUT"
+    python3 - "$TMP/year.txt" "$RATE" "$LAT_MS" <<'EOF' | tee "$OUT/year.md" >&2
+import sys
+rows = [l.split() for l in open(sys.argv[1])]
+s, y = rows[0], rows[1]
+def ratio(a, b):
+    return "%.2f" % (float(b) / float(a)) if float(a) > 0 else "-"
+print("## A year of events (y)\n")
+print("Small table: %s events; large table: %s events; 10,000 consumers, skewed. Live: 1 stream, "
+      "%s events/s for %s ms. Writers: pgbench, 4 clients, single-row INSERT, median of 10-s runs.\n"
+      % (s[1], y[1], sys.argv[2], sys.argv[3]))
+print("| | small | large | large / small |\n|---|---|---|---|")
+print("| first byte of a resume from 0, y9999 (%s / %s events) | %.1f ms | %.1f ms | %s |"
+      % (s[2], y[2], float(s[3]) * 1e3, float(y[3]) * 1e3, ratio(s[3], y[3])))
+print("| first byte of a resume from 0, y0 (%s / %s events) | %.1f ms | %.1f ms | %s |"
+      % (s[4], y[4], float(s[5]) * 1e3, float(y[5]) * 1e3, ratio(s[5], y[5])))
+print("| live commit-to-receipt p50 | %.2f ms | %.2f ms | %s |"
+      % (float(s[6]) / 1e3, float(y[6]) / 1e3, ratio(s[6], y[6])))
+print("| live commit-to-receipt p99 | %.2f ms | %.2f ms | %s |"
+      % (float(s[7]) / 1e3, float(y[7]) / 1e3, ratio(s[7], y[7])))
+print("| single-row writer commits/s | %.0f | %.0f | %s |"
+      % (float(s[8]), float(y[8]), ratio(s[8], y[8])))
+EOF
+}
+
 # --- run ------------------------------------------------------------------------------------
 STARTED=$(date +%s)
 log "temp folder $TMP; workers $WORKERS; reps $REPS; tests: $TESTS"
@@ -651,6 +777,7 @@ for t in $TESTS; do
         h) test_h ;;
         i) test_i ;;
         j) test_j ;;
+        y) test_y ;;
         *) die "unknown test $t" ;;
     esac
 done

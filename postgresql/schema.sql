@@ -136,13 +136,15 @@ BEGIN
         ALTER TABLE events ADD CONSTRAINT events_type_single_line CHECK (type !~ '[\r\n]');
     END IF;
     -- Types a client would take for something else: empty (`event: ` is a plain message to
-    -- EventSource), the module's own `heartbeat`, and EventSource's own `error` and `open` (a
+    -- EventSource), the module's own `heartbeat`, `patch` and `history-gone`, and EventSource's
+    -- own `error` and `open` (a
     -- listener for them, onerror and onopen included, would take the event for the connection's).
     -- NOT VALID: refused for new and changed rows; rows already stored stay and are sent as they
     -- are (README "HTTP contract").
     IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_not_reserved') THEN
         ALTER TABLE events ADD CONSTRAINT events_type_not_reserved
-            CHECK (type NOT IN ('', 'heartbeat', 'error', 'open', 'patch')) NOT VALID;
+            CHECK (type NOT IN ('', 'heartbeat', 'error', 'open', 'patch', 'history-gone'))
+            NOT VALID;
     END IF;
     IF current_setting('event_piper.layout') = 'column' THEN
         INSERT INTO event_positions (position, event_id, subscriber, committed_at)
@@ -417,6 +419,143 @@ BEGIN
         SELECT folded, last_target INTO n, after
           FROM event_piper_compact_batch(upto, older_than, max_events, after);
         EXIT WHEN after = prev; -- no event left after the previous batch's last
+        COMMIT;
+    END LOOP;
+END;
+$$;
+
+-- Retention: removes old events with their positions. Positions at or below the sequence
+-- `event_piper_removed_upto` may have been removed; replay reads it with every first batch and
+-- tells a client that resumes from below it that part of what it asked for is gone (README
+-- "Retention"). A sequence, not a table: setval is visible at once and outside the transaction,
+-- so it is raised before any row goes (a replay that misses a removed row always sees the
+-- horizon above it; a run that fails half-way leaves the horizon ahead, which only tells a client
+-- too much), and the replay query reads it with pg_sequence_last_value(to_regclass(...)), which is
+-- NULL on a schema without it: the module's query runs on every schema version. Owned by
+-- event_positions.position: TRUNCATE ... RESTART IDENTITY resets it with the positions. Anyone
+-- may read it (a position, nothing else).
+CREATE SEQUENCE IF NOT EXISTS event_piper_removed_upto;
+ALTER SEQUENCE event_piper_removed_upto OWNED BY event_positions.position;
+GRANT SELECT ON SEQUENCE event_piper_removed_upto TO PUBLIC;
+
+-- The newest position committed before `older_than`, found from `after` on by a binary search of
+-- commit times over the position index (some 40 index probes, whatever the table's size).
+-- Commit times follow positions up to the few milliseconds between a commit's reservation and
+-- its row: events committed within those of `older_than` may fall on either side.
+CREATE OR REPLACE FUNCTION event_piper_position_before(older_than timestamptz, after bigint)
+RETURNS bigint LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    lo  bigint := after;
+    hi  bigint := (SELECT coalesce(max(position), after) FROM event_positions);
+    mid bigint;
+    pos bigint;
+    at  timestamptz;
+BEGIN
+    WHILE lo < hi LOOP
+        mid := lo + (hi - lo + 1) / 2;
+        SELECT position, committed_at INTO pos, at FROM event_positions
+         WHERE position >= mid ORDER BY position LIMIT 1;
+        IF pos IS NULL OR pos > hi OR at >= older_than THEN
+            hi := mid - 1;
+        ELSE
+            lo := pos;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END;
+$$;
+
+-- Removes the events of the families (an event, its patches, its stand-ins) rooted at the
+-- positions `roots` that lie wholly at or below `cut`, with their positions; returns how many
+-- events went. An event with a patch (or a compaction's stand-in) above `cut` stays with all of
+-- it: a client reading the family from the table must be able to fold it (docs/patching.md).
+-- Locks: the roots' event rows, FOR UPDATE SKIP LOCKED, taken before the families are looked at:
+-- a row a writer holds (its patch of it being committed) is skipped and stays; a patch committed
+-- after the lock finds its target gone and is refused like any patch of a deleted event.
+-- Nothing else that writers or streams wait for: no table lock beyond DELETE's, no advisory lock.
+CREATE OR REPLACE FUNCTION event_piper_retain_roots(roots bigint[], cut bigint) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    locked bigint[];
+    ids    bigint[];
+    n      int := 0;
+BEGIN
+    locked := ARRAY(SELECT p.position FROM event_positions p JOIN events e ON e.id = p.event_id
+                     WHERE p.position = ANY (roots) FOR UPDATE OF e SKIP LOCKED);
+    SELECT array_agg(DISTINCT m.event_id) INTO ids
+      FROM unnest(roots) AS r(root)
+      JOIN event_positions m ON m.position = r.root OR m.target = r.root
+     WHERE (r.root = ANY (locked)
+            -- no event at the root any more: its patches are orphans, they go
+            OR NOT EXISTS (SELECT 1 FROM event_positions rp JOIN events e ON e.id = rp.event_id
+                            WHERE rp.position = r.root))
+       AND NOT EXISTS (SELECT 1 FROM event_positions q
+                        WHERE q.target = r.root AND q.position > cut);
+    IF ids IS NOT NULL THEN
+        -- Positions first, explicitly: in wal mode the delete trigger is disabled and the
+        -- positioner would remove them only after its lag (it then finds nothing to do).
+        DELETE FROM event_positions WHERE event_id = ANY (ids);
+        DELETE FROM events WHERE id = ANY (ids);
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    RETURN n;
+END;
+$$;
+
+-- One batch: the events of the next `max_events` positions after `after`, up to `cut` (see
+-- event_piper_retain_roots). Returns how many events went and the last position looked at, the
+-- next batch's `after` (equal to `after`: nothing left).
+CREATE OR REPLACE FUNCTION event_piper_retain_batch(cut bigint, after bigint, max_events int,
+                                                    OUT removed int, OUT last bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    roots bigint[];
+BEGIN
+    SELECT max(position), array_agg(DISTINCT root) INTO last, roots
+      FROM (SELECT position, coalesce(target, position) AS root FROM event_positions
+             WHERE position > after AND position <= cut
+             ORDER BY position LIMIT max_events) AS batch;
+    last := coalesce(last, after);
+    removed := coalesce(event_piper_retain_roots(roots, cut), 0);
+END;
+$$;
+
+-- Retention: removes the events committed before `older_than` and at or below position `upto`
+-- (either may be NULL; not both), with their positions, `max_events` per transaction (CALL it
+-- outside a transaction block: each batch commits; pg_cron or cron with psql, README
+-- "Retention"). The horizon (event_piper_removed_upto) is raised first.
+CREATE OR REPLACE PROCEDURE event_piper_retain(older_than timestamptz DEFAULT NULL,
+                                               upto bigint DEFAULT NULL,
+                                               max_events int DEFAULT 1000)
+LANGUAGE plpgsql AS $$
+DECLARE
+    horizon bigint;
+    cut     bigint;
+    after   bigint;
+    prev    bigint;
+BEGIN
+    IF older_than IS NULL AND upto IS NULL THEN
+        RAISE EXCEPTION 'event_piper_retain: give older_than, upto or both';
+    END IF;
+    horizon := coalesce(pg_sequence_last_value('event_piper_removed_upto'), 0);
+    cut := least(upto, (SELECT max(position) FROM event_positions));
+    IF older_than IS NOT NULL THEN
+        cut := least(cut, event_piper_position_before(older_than, horizon));
+    END IF;
+    IF cut IS NULL OR cut < 1 THEN
+        RETURN;
+    END IF;
+    IF cut > horizon THEN
+        PERFORM setval('event_piper_removed_upto', cut);
+    END IF;
+    COMMIT;
+    -- From the start: events kept for their patches by earlier runs, and the rest of a run
+    -- that stopped half-way, are looked at again (removed rows are not).
+    after := 0;
+    LOOP
+        prev := after;
+        SELECT last INTO after FROM event_piper_retain_batch(cut, after, max_events);
+        EXIT WHEN after = prev;
         COMMIT;
     END LOOP;
 END;
@@ -846,14 +985,32 @@ END;
 $$;
 -- ---- end of event_piper_source wal ----------------------------------------------------------
 
+-- `history-gone` joined the reserved types with retention: a schema that has the constraint
+-- without it gets it replaced here, last, so that the short ACCESS EXCLUSIVE lock that ADD
+-- CONSTRAINT takes (NOT VALID: no scan) is held for the least time.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                    WHERE conname = 'events_type_not_reserved'
+                      AND pg_get_constraintdef(oid) LIKE '%history-gone%') THEN
+        ALTER TABLE events DROP CONSTRAINT events_type_not_reserved,
+            ADD CONSTRAINT events_type_not_reserved
+            CHECK (type NOT IN ('', 'heartbeat', 'error', 'open', 'patch', 'history-gone'))
+            NOT VALID;
+    END IF;
+END;
+$$;
+
 -- The schema's version, read by the module once per listening connection (README "Upgrades").
 --   1  the schema of c28232f, which has no such function;
 --   2  writers' rules: definer trigger functions, PREPARE TRANSACTION and id changes refused,
 --      reserved types (never released alone);
---   3  patches: events.patches, event_positions.target, the patch notification forms, folding.
+--   3  patches: events.patches, event_positions.target, the patch notification forms, folding;
+--   4  retention: event_piper_retain and the horizon event_piper_removed_upto (replay tells
+--      clients resuming below it), `history-gone` reserved.
 -- A change that a module must know of raises it; a module works against its own version and the
 -- earlier ones, and each version keeps what the earlier modules read working, so that module and
 -- schema can be upgraded in either order. Created last: a module that reads this version finds
 -- everything above in place, also when this file is applied statement by statement.
 CREATE OR REPLACE FUNCTION event_piper_schema_version() RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 3';
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 4';

@@ -17,7 +17,7 @@
 //
 // Options: --consumer ID (sends X-Consumer-Id), --header 'Name: value' (repeatable),
 // --last-event-id ID (resume point of the first request), --count N (exit after N events,
-// heartbeats not counted), --retry MS (delay before the server sends one; default 3000),
+// heartbeats and history-gone not counted), --retry MS (delay before the server sends one; default 3000),
 // --idle-timeout MS (default 30000, three heartbeats; 0: wait forever).
 // It prints one JSON object a line: {"kind":"open",...}, {"kind":"event","id":...,"type":...,
 // "data":...}, {"kind":"retry","ms":...}, {"kind":"error",...}, {"kind":"done"}.
@@ -377,7 +377,9 @@ public final class EventPiperClient {
 
             @Override
             public void onEvent(String id, String type, String data) {
-                if (!type.equals("heartbeat")) { // the module's keep-alive
+                // The module's keep-alive, and its notice that retention removed history: not
+                // events of the consumer.
+                if (!type.equals("heartbeat") && !type.equals("history-gone")) {
                     received++;
                 }
                 print("{\"kind\":\"event\",\"id\":" + json(id) + ",\"type\":" + json(type)

@@ -68,7 +68,7 @@ public:
     // earlier ones down to that; a newer schema is read as this one (each schema change keeps
     // what older modules read working).
     static constexpr int64_t schema_version_unversioned = 1;
-    static constexpr int64_t schema_version_current = 3;
+    static constexpr int64_t schema_version_current = 4;
 
     void start();
     void close(); // for good: nothing is reported after this

@@ -20,6 +20,9 @@ constexpr int fetched = 3; // rows found before the byte cap
 constexpr int newest = 4;  // the newest committed position
 constexpr int target = 5;  // a patch's or stand-in's target position (NULL: a plain event)
 constexpr int state = 6;   // "t": a whole state, not a merge patch
+// The retention horizon (positions at or below it may have been removed), NULL on a schema
+// without retention or a role that may not read it: the query runs on every schema.
+constexpr int removed = 7;
 } // namespace batch_col
 
 // The one column of folding_probe_sql().
@@ -27,6 +30,11 @@ constexpr int probe_has_folding = 0;
 // The columns of standby_probe_sql().
 constexpr int standby_in_recovery = 0;
 constexpr int standby_lag_col = 1; // milliseconds
+
+// Column batch_col::removed.
+constexpr const char *removed_sql =
+    "(SELECT CASE WHEN has_sequence_privilege(k.s, 'SELECT') THEN pg_sequence_last_value(k.s)"
+    " END FROM (SELECT to_regclass('event_piper_removed_upto') AS s) AS k)";
 
 } // namespace
 
@@ -41,8 +49,10 @@ std::string ReplayQueue::batch_sql(size_t ids) {
                     " ON e.id = p.event_id WHERE p.subscriber = $" +
                     std::to_string(i + 4) + " AND p.position > $1 ORDER BY p.position LIMIT $2)";
     }
-    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state"
-           " FROM (SELECT coalesce(max(position), 0) AS newest FROM event_positions) AS m"
+    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state, m.removed"
+           " FROM (SELECT coalesce(max(position), 0) AS newest, " +
+           std::string(removed_sql) +
+           " AS removed FROM event_positions) AS m"
            " LEFT JOIN LATERAL ("
            "  SELECT position, type, body, target, state, count(*) OVER () AS fetched,"
            "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
@@ -69,8 +79,10 @@ std::string ReplayQueue::folded_sql(size_t ids) {
                     " WHERE q.target = coalesce(p.target, p.position) AND q.position > p.position)"
                     " ORDER BY p.position LIMIT $2)";
     }
-    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state"
-           " FROM (SELECT coalesce(max(position), 0) AS newest FROM event_positions) AS m"
+    return "SELECT b.position, b.type, b.body, b.fetched, m.newest, b.target, b.state, m.removed"
+           " FROM (SELECT coalesce(max(position), 0) AS newest, " +
+           std::string(removed_sql) +
+           " AS removed FROM event_positions) AS m"
            " LEFT JOIN LATERAL ("
            "  SELECT position, type, body, target, state, fetched,"
            "   sum(octet_length(body)) OVER (ORDER BY position) - octet_length(body) AS before"
@@ -434,6 +446,18 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
         slot.newest = result.number(0, batch_col::newest);
         if (!slot.standby) {
             events_.note_position(slot.newest); // a standby's newest may lag: not news
+        }
+        // Retention: a stream resumed from below the horizon is told before anything else.
+        int64_t removed =
+            result.columns() > batch_col::removed && !result.is_null(0, batch_col::removed)
+                ? result.number(0, batch_col::removed)
+                : 0;
+        for (Stream *s : slot.streams) {
+            if (s != nullptr && s->history_gone(removed)) {
+                std::string frame;
+                append_history_gone_frame(frame, s->last_position(), removed);
+                s->append_raw(frame);
+            }
         }
         if (result.is_null(0, batch_col::position)) {
             return; // nothing after the streams' position

@@ -40,6 +40,8 @@ public:
     // Columns 5 and 6: a patch's target position (NULL for a plain event) and whether the row
     // is a whole state rather than a merge patch (a compaction's stand-in). The target is read
     // from the row as JSON, so the query also runs on a schema without patches (NULL then).
+    // Column 7: the retention horizon, `event_piper_removed_upto` (NULL without one), so that a
+    // stream resumed from below it is told that history is gone (Stream::history_gone).
     static std::string batch_sql(size_t ids);
     // The folded batch (same parameters and columns): per event touched after $1, one row at
     // the position of the newest row of its family (the event, its patches, a stand-in), ordered

@@ -146,6 +146,14 @@ std::string_view heartbeat_frame() {
     return "event: heartbeat\ndata: \n\n";
 }
 
+void append_history_gone_frame(std::string &out, int64_t resumed_after, int64_t removed_upto) {
+    out.append("event: history-gone\ndata: {\"last_event_id\":");
+    append_int(out, resumed_after);
+    out.append(",\"removed_upto\":");
+    append_int(out, removed_upto);
+    out.append("}\n\n");
+}
+
 void append_retry_frame(std::string &out, uint64_t milliseconds) {
     out.append("retry: ");
     append_int(out, milliseconds);

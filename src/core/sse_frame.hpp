@@ -29,6 +29,11 @@ void append_json_string(std::string &out, std::string_view text);
 // `event: heartbeat\ndata: \n\n`: no id, so it never moves the client's Last-Event-ID.
 std::string_view heartbeat_frame();
 
+// `event: history-gone\ndata: {"last_event_id":<resumed after>,"removed_upto":<position>}\n\n`:
+// retention removed events at or below `removed_upto`, above the client's resume point, so part
+// of what it asked for is gone; everything kept follows. No id: it never moves Last-Event-ID.
+void append_history_gone_frame(std::string &out, int64_t resumed_after, int64_t removed_upto);
+
 // `retry: <ms>\n\n`.
 void append_retry_frame(std::string &out, uint64_t milliseconds);
 

@@ -8,7 +8,8 @@ namespace event_piper {
 Stream::Stream(std::vector<std::string> consumers, int64_t last_position, Limits limits,
                StreamOwner *owner)
     : consumers_(std::move(consumers)), owner_(owner), last_(last_position),
-      handed_last_(last_position), limits_(limits), waiting_for_listener_(last_position < 0) {}
+      handed_last_(last_position), limits_(limits), waiting_for_listener_(last_position < 0),
+      resumed_(last_position >= 0) {}
 
 bool Stream::on_event(int64_t position, std::string_view frame) {
     if (mode_ != Mode::Live) {

@@ -104,6 +104,18 @@ public:
     // to it, so the stream goes live instead of waiting for positions to catch up with it.
     void on_newest(int64_t newest);
 
+    // The first replay result this stream sees tells it the retention horizon: positions at or
+    // below `removed_upto` may have been removed (0: none). True, once, when the client resumed
+    // (Last-Event-ID) from below it: the stream must say that history it asked for is gone.
+    // Later batches never do: a stream that was live meanwhile missed nothing.
+    bool history_gone(int64_t removed_upto) {
+        if (history_checked_) {
+            return false;
+        }
+        history_checked_ = true;
+        return resumed_ && removed_upto > last_;
+    }
+
     // True when the stream should ask for its next batch: catching up, positioned, no query out,
     // all bytes written (backpressure), and not parked waiting for the listener.
     bool wants_query(bool socket_drained) const;
@@ -142,6 +154,8 @@ private:
     bool waiting_for_listener_ = false;
     bool failed_ = false;
     bool folded_ = false;
+    bool resumed_ = false;         // the client gave its resume point
+    bool history_checked_ = false; // the first replay result was seen
 };
 
 } // namespace event_piper

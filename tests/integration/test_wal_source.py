@@ -457,6 +457,29 @@ def test_compaction_in_wal_mode_keeps_every_resume_right(db, nginx, clients):
     assert "event_piper positioner:" not in ngx.read_error_log()
 
 
+def test_retention_in_wal_mode_the_positioner_follows_the_deletes(db, nginx, clients):
+    """event_piper_retain deletes the positions itself (the delete trigger is disabled); the
+    positioner then decodes the deletes, finds nothing left to do, and goes on positioning."""
+    ngx = nginx.start(db)
+    for _ in range(6):
+        insert(db, "toto", '{"foo": "bar"}', type="insert")  # 1..6
+    positioned(db, 6)
+    db.sql("CALL event_piper_retain(upto => 4, max_events => 3)")
+    assert [p for p, _, _ in positions(db)] == [5, 6]
+    insert(db, "toto", '{"foo": "bar"}', type="insert")  # 7: after the deletes in commit order
+    wait_until(lambda: db.scalar("SELECT max(position) FROM event_positions") == 7, T(10),
+               what="the retention's deletes decoded and one more event positioned")
+    assert [p for p, _, _ in positions(db)] == [5, 6, 7]
+    c = clients.stream(ngx, "toto", last_event_id="1", settle=0)
+    c.wait_events(3, timeout=T(10))
+    insert(db, "toto", '{"foo": "bar"}', type="insert")  # 8: live
+    c.wait_events(4, timeout=T(10))
+    c.read_for(0.3)
+    assert body(c) == (b'event: history-gone\ndata: {"last_event_id":1,"removed_upto":4}\n\n'
+                       + frame(5) + frame(6) + frame(7) + frame(8))
+    assert "event_piper positioner:" not in ngx.read_error_log()
+
+
 def test_patches_from_concurrent_writers_all_get_their_targets(db, nginx, clients):
     """Writers insert events and patches of recent events (their own, just committed, or of the
     same transaction) in transactions of 1 to 4 rows: every patch's target is found, whether in

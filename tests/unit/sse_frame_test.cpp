@@ -96,3 +96,9 @@ TEST(SseFrame, TypeInsideThePatchDataIsAJsonString) {
     EXPECT_EQ(out,
               "id: 1\nevent: patch\ndata: {\"target\":1,\"type\":\"a\\u000ab\",\"patch\":{}}\n\n");
 }
+
+TEST(SseFrame, HistoryGoneHasNoIdAndNamesBothPositions) {
+    std::string out;
+    append_history_gone_frame(out, 5, 1200);
+    EXPECT_EQ(out, "event: history-gone\ndata: {\"last_event_id\":5,\"removed_upto\":1200}\n\n");
+}

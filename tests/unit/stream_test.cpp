@@ -189,3 +189,21 @@ TEST(Stream, ResumePointAtOrBelowTheNewestIsKept) {
     s.on_newest(8);
     EXPECT_EQ(s.last_position(), 5);
 }
+
+TEST(Stream, HistoryGoneOnlyOnceAndOnlyForAResumeBelowTheHorizon) {
+    Stream below("toto", 5, buffer(1 << 20));
+    EXPECT_TRUE(below.history_gone(6));
+    EXPECT_FALSE(below.history_gone(6)); // told once
+    EXPECT_FALSE(below.history_gone(9)); // later batches never: a live stream missed nothing
+
+    Stream at("toto", 6, buffer(1 << 20));
+    EXPECT_FALSE(at.history_gone(6)); // everything above 6 is kept
+    EXPECT_FALSE(at.history_gone(9)); // only the first result counts
+
+    Stream none("toto", 5, buffer(1 << 20));
+    EXPECT_FALSE(none.history_gone(0)); // no retention
+
+    Stream fresh("toto", -1, buffer(1 << 20)); // no Last-Event-ID: starts at the newest
+    fresh.start_at(3);
+    EXPECT_FALSE(fresh.history_gone(6));
+}
