@@ -677,34 +677,35 @@ TEST_F(StandbyTest, StreamsBoundForThePrimaryDoNotWaitBehindTheStandbyQueue) {
     a.connected(q);
     EXPECT_EQ(a.last_params[3], "alice");
     EXPECT_EQ(sb.last_params[3], "bob");
+}
 
-    TEST_F(ReplayQueueTest, AResumeBelowTheRetentionHorizonIsToldOnceBeforeWhatIsKept) {
-        auto s = stream("alice", 2, 2);
-        auto other = stream("bob", 2, 2); // same position, other consumer: a query of its own
-        queue.request(*s);
-        queue.request(*other);
-        a.connected(queue);
-        b.connected(queue);
-        answer(a, batch_removed({7, 8}, 2, 20, 6));
-        EXPECT_EQ(drain(*s), gone(2, 6) + frames({7, 8}));
-        queue.request(*s);
-        answer(a, batch_removed({9}, 1, 20, 6)); // the next batch: not again
-        EXPECT_EQ(drain(*s), frames({9}));
-        EXPECT_EQ(s->mode(), Stream::Mode::Live);
-        answer(b, batch_removed({}, 0, 20, 6)); // nothing kept: told all the same, then live
-        EXPECT_EQ(drain(*other), gone(2, 6));
-        EXPECT_EQ(other->mode(), Stream::Mode::Live);
-    }
+TEST_F(ReplayQueueTest, AResumeBelowTheRetentionHorizonIsToldOnceBeforeWhatIsKept) {
+    auto s = stream("alice", 2, 2);
+    auto other = stream("bob", 2, 2); // same position, other consumer: a query of its own
+    queue.request(*s);
+    queue.request(*other);
+    a.connected(queue);
+    b.connected(queue);
+    answer(a, batch_removed({7, 8}, 2, 20, 6));
+    EXPECT_EQ(drain(*s), gone(2, 6) + frames({7, 8}));
+    queue.request(*s);
+    answer(a, batch_removed({9}, 1, 20, 6)); // the next batch: not again
+    EXPECT_EQ(drain(*s), frames({9}));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+    answer(b, batch_removed({}, 0, 20, 6)); // nothing kept: told all the same, then live
+    EXPECT_EQ(drain(*other), gone(2, 6));
+    EXPECT_EQ(other->mode(), Stream::Mode::Live);
+}
 
-    TEST_F(ReplayQueueTest, NoHistoryGoneAtOrAboveTheHorizonOrWithoutOne) {
-        auto at = stream("alice", 6);
-        auto older = stream("bob", 2); // a schema without retention: NULL
-        queue.request(*at);
-        queue.request(*older);
-        a.connected(queue);
-        b.connected(queue);
-        answer(a, batch_removed({7}, 1, 20, 6));
-        EXPECT_EQ(drain(*at), frames({7}));
-        answer(b, batch({3}, 1, 20));
-        EXPECT_EQ(drain(*older), frames({3}));
-    }
+TEST_F(ReplayQueueTest, NoHistoryGoneAtOrAboveTheHorizonOrWithoutOne) {
+    auto at = stream("alice", 6);
+    auto older = stream("bob", 2); // a schema without retention: NULL
+    queue.request(*at);
+    queue.request(*older);
+    a.connected(queue);
+    b.connected(queue);
+    answer(a, batch_removed({7}, 1, 20, 6));
+    EXPECT_EQ(drain(*at), frames({7}));
+    answer(b, batch({3}, 1, 20));
+    EXPECT_EQ(drain(*older), frames({3}));
+}
