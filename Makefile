@@ -203,8 +203,9 @@ bench-stall: deps-bench
 	@scripts/build.sh
 	BENCH_TESTS=j BENCH_OUT=build/bench-stall BENCH_COMMAND="make bench-stall" bench/run.sh
 
-# Only the writer section (what an event costs the database; PostgreSQL only, no nginx).
+# Only the writer section (what an event costs the database; nginx only for its wal column).
 bench-writers: deps
+	@scripts/build.sh
 	BENCH_COMMAND="make bench-writers" bench/writers.sh
 
 # Only the patching section (folded replay of 100,000 events with 10 patches each against their
