@@ -233,8 +233,16 @@ def test_no_position_is_visible_before_its_event(db, nginx, clients):
     assert [r[1] for r in positions(db)] == [1, 2, 3]
 
 
-def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_wakes(
+def holder_pid(db):
+    return int((db.scalar("SELECT holder FROM event_piper_wal_progress") or "0").split()[-1])
+
+
+def test_two_instances_kill_9_then_a_frozen_positioner_lose_nothing_and_it_stands_down(
         db, nginx, clients):
+    """Two instances on one database, writers and readers running: the positioner's worker is
+    killed with -9, then the next positioner's worker is frozen (SIGSTOP) for longer than the
+    takeover bound (wal_sender_timeout 10 s + the 5 s retry). Nothing lost, duplicated or out of
+    order, live or in replay, on either instance; the frozen one steps down when it wakes."""
     instances = [nginx.start(db), nginx.start(db)]
     stop = threading.Event()
 
@@ -250,12 +258,19 @@ def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_w
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: db.scalar("SELECT holder FROM event_piper_wal_progress") is not None,
-                   T(10), what="a positioner")
-        frozen = int(db.scalar("SELECT holder FROM event_piper_wal_progress").split()[-1])
+        wait_until(lambda: holder_pid(db) != 0, T(10), what="a positioner")
+        killed = holder_pid(db)
+        for n in instances:
+            n.allowed_alerts.append("exited on signal 9")
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: holder_pid(db) not in (0, killed), T(20),
+                   what="another positioner after the kill")
+        frozen = holder_pid(db)
         owner = next(n for n in instances if frozen in n.worker_pids())
         other = next(n for n in instances if n is not owner)
+        # Readers on both instances, from the start (replay, then live through the freeze).
         reader = clients.stream(other, "toto", last_event_id="0")
+        near = clients.stream(owner, "titi", last_event_id="0")
         os.kill(frozen, signal.SIGSTOP)
         try:
             # The server ends the frozen one's stream after wal_sender_timeout (10 s); the other
@@ -269,6 +284,14 @@ def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_w
         finally:
             os.kill(frozen, signal.SIGCONT)
         time.sleep(3)  # the woken one finds its stream gone or its progress stale
+
+        # It stepped down: its instance's status no longer names it as the positioner.
+        def owner_positioner():
+            s = clients.client(owner).request("GET", "/status")
+            s.wait_complete()
+            return json.loads(bytes(s.body))["positioner_holder_pid"]
+
+        wait_until(lambda: owner_positioner() != frozen, T(10), what="the woken one to step down")
     finally:
         stop.set()
         for t in threads:
@@ -285,6 +308,85 @@ def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_w
     reader.wait_events(len(toto), timeout=T(20))
     got = [int(e.id) for e in reader.events]
     assert got == toto, "the reader on the other instance: lost, duplicated or out of order"
+    titi = [r[0] for r in rows if r[2] == "titi"]
+    near.wait_events(len(titi), timeout=T(20))
+    got = [int(e.id) for e in near.events]
+    assert got == titi, "the reader on the frozen one's instance: lost, duplicated or out of order"
+
+
+def test_a_dropped_slot_is_created_again_and_the_rows_committed_meanwhile_come_above(
+        db, nginx, clients):
+    """The slot is dropped while nginx runs and writers insert (an operator; an invalidated slot
+    takes the same path): the positioner creates it again and the rows committed while it was
+    missing get the next positions in id order, above every position handed out, logged. No
+    event lost or positioned twice; the live stream and a replay get each one once, in
+    position order."""
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    stop = threading.Event()
+    inserted = []
+
+    def writer():
+        conn = db.connect()
+        while not stop.is_set():
+            db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                         "values ('insert', now(), 'toto', '{}')")
+            inserted.append(1)
+            time.sleep(0.01)
+        conn.close()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active")
+                   == 1 and db.scalar("SELECT count(*) FROM event_positions") > 5, T(10),
+                   what="a positioner reading the slot")
+        # The advisory lock of the switches holds the re-creation back while rows commit without
+        # a slot; the slot's reader is ended, then the slot dropped.
+        su = db.connect(user="postgres", autocommit=False)
+        try:
+            db.run(su, "SELECT pg_advisory_xact_lock(7402652111030151174)")
+            for _ in range(50):
+                db.run(su, "SELECT pg_terminate_backend(active_pid, 5000) FROM "
+                           "pg_replication_slots WHERE slot_name = 'event_piper' AND active")
+                db.run(su, "SAVEPOINT s")
+                try:
+                    db.run(su, "SELECT pg_drop_replication_slot('event_piper')")
+                    break
+                except Exception:
+                    db.run(su, "ROLLBACK TO SAVEPOINT s")  # read again already: once more
+            else:
+                pytest.fail("could not drop the slot")
+            missed = db.scalar("SELECT count(*) FROM events")
+            time.sleep(1)  # rows commit, no slot decodes them
+            missed = db.scalar("SELECT count(*) FROM events") - missed
+            assert missed > 0
+            assert db.scalar("SELECT count(*) FROM pg_replication_slots") == 0
+        finally:
+            su.commit()
+            su.close()
+        wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active")
+                   == 1, T(10), what="the slot created again and read")
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join(10)
+    total = db.scalar("SELECT count(*) FROM events")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len(rows) == total == len(inserted)
+    assert len({r[1] for r in rows}) == total, "an event positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    log = ngx.read_error_log()
+    assert "replication slot \"event_piper\" was dropped: created it again; " in log
+    caught = int(log.split("created it again; ")[1].split()[0])
+    assert caught >= missed
+    live.wait_events(total, timeout=T(20))
+    assert [int(e.id) for e in live.events] == list(range(1, total + 1))
+    replay = clients.stream(ngx, "toto", last_event_id="0")
+    replay.wait_events(total, timeout=T(20))
+    assert [int(e.id) for e in replay.events] == list(range(1, total + 1))
 
 
 def test_a_transaction_of_200000_rows_arrives_whole_in_order_in_bounded_memory(
