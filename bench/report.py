@@ -446,7 +446,10 @@ def main():
         L.append("![latency percentiles](latency.png)\n")
         if "wal" in stats:
             L.append("The `event_piper_source wal` row: its own cluster, the same settings but "
-                     "`wal_level = logical`; the positioner decodes each commit from the slot, "
+                     "`wal_level = logical`, and the publisher's commits with "
+                     "`synchronous_commit = on` (logical decoding reads only flushed WAL: with it off, a commit would "
+                     "wait up to `wal_writer_delay`, 200 ms, to be decoded; fsync stays off); "
+                     "the positioner decodes each commit from the slot, "
                      "gives its position in a transaction of its own and notifies, so its "
                      "latency is the trigger's path plus the positioner's lag.\n")
             p50 = stats["wal"]["50"].med

@@ -411,7 +411,9 @@ test_b() {
 # LISTEN connection (the PostgreSQL floor); also the module with a single stream (its own added
 # latency, without fan-out) and nchan's 1,000 subscribers fed by POST, for context; and the
 # module with a single stream in event_piper_source wal (its own cluster, wal_level logical: the
-# positioner's lag is in the latency).
+# positioner's lag is in the latency). Logical decoding reads only flushed WAL: with
+# synchronous_commit off a commit waits for the WAL writer (wal_writer_delay, 200 ms) before the
+# positioner sees it, so that publisher's commits flush (fsync stays off, as for the other rows).
 test_c() {
     local rep sys n
     start_wal_cluster
@@ -423,6 +425,7 @@ test_c() {
             module_wal)
                 run_client "\"test\":\"c\",\"rep\":$rep,\"n\":1,\"rate\":$RATE" stream $(stream_args module_wal) \
                     $(pub_args module) --pub-conns 1 --pg-conninfo "$WAL_CONNINFO" --conns 1 \
+                    --pub-synchronous-commit on \
                     --consumer lat --pids "${WPIDS[module_wal]}" --duration-ms "$LAT_MS" --rate "$RATE" \
                     --payload-bytes "$PAYLOAD_BYTES" --drain-ms 10000 ;;
             module|nchan|module1)

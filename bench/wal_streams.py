@@ -71,6 +71,9 @@ def lag(conninfo, status_url, seconds, out):
     with open(out, "w") as f:
         for i in range(1, seconds + 1):
             time.sleep(max(0.0, t0 + i - time.monotonic()))
+            # The position first: the id read after it is never behind it.
+            cur.execute("SELECT last_position FROM event_piper_wal_progress")
+            positioned = cur.fetchone()[0]
             cur.execute("""
                 SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
                        (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_id_seq),
@@ -78,8 +81,6 @@ def lag(conninfo, status_url, seconds, out):
                            AND application_name = 'pgbench')
                   FROM pg_replication_slots s WHERE s.slot_name = 'event_piper'""")
             row = cur.fetchone() or (None, None, None)
-            cur.execute("SELECT last_position FROM event_piper_wal_progress")
-            positioned = cur.fetchone()[0]
             try:
                 with urllib.request.urlopen(status_url, timeout=2) as r:
                     st = json.loads(r.read())

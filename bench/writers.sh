@@ -289,10 +289,15 @@ for t in $TABLES; do
         autovacuum_count, pg_total_relation_size('events'), pg_relation_size('events')
         from pg_stat_user_tables where relname = 'events'"
 done >"$STATS"
-# The narrow side tables of ours, if any.
+# The narrow side tables of ours, if any (and of wal, named so).
 psql_db ours -At -F ' ' -c "select relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_dead_tup,
     autovacuum_count, pg_total_relation_size(relid), pg_relation_size(relid)
     from pg_stat_user_tables where relname <> 'events'" >>"$STATS"
+if [[ $WAL == 1 ]]; then
+    psql_db wal -At -F ' ' -c "select 'wal:' || relname, n_tup_ins, n_tup_upd, n_tup_hot_upd, n_dead_tup,
+    autovacuum_count, pg_total_relation_size(relid), pg_relation_size(relid)
+    from pg_stat_user_tables where relname <> 'events'" >>"$STATS"
+fi
 
 mkdir -p "$OUT"
 cp "$JSONL" "$OUT/results-writers.jsonl"
