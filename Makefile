@@ -63,8 +63,12 @@ unit: build/unit_tests
 	build/unit_tests
 
 ## Local servers: PostgreSQL + nginx in the foreground (see scripts/run.sh). Ctrl-C stops both.
+# SOURCE=wal: event_piper_source wal (wal_level = logical, the database switched; SOURCE=trigger,
+# the default, switches it back).
+SOURCE ?= trigger
+
 run: build
-	@scripts/run.sh start
+	@SOURCE='$(SOURCE)' scripts/run.sh start
 
 psql: deps
 	@scripts/run.sh psql

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -660,3 +661,74 @@ def test_health_is_up_while_the_positioner_follows_and_down_while_it_is_stalled(
     c = clients.stream(ngx, "toto", last_event_id="0")
     c.wait_events(total, timeout=T(20))
     assert [int(e.id) for e in c.events] == list(range(1, total + 1))
+
+
+def test_make_run_starts_in_wal_mode_with_source_wal_and_switches_back_without(clients):
+    """`make run SOURCE=wal` (scripts/run.sh start): PostgreSQL with wal_level = logical, the
+    database switched, nginx with event_piper_source wal: an event reaches a stream through the
+    positioner. The next `make run` without SOURCE switches the database back to the trigger."""
+    run = os.path.join(harness.make_tmp("make-run-wal"), "run")
+    port, pgport = harness.free_port(), harness.free_port()
+    run_sh = os.path.join(harness.REPO, "scripts", "run.sh")
+
+    class Ngx:
+        pass
+
+    ngx = Ngx()
+    ngx.port = port
+
+    def start(source):
+        env = dict(os.environ, EVENT_PIPER_RUN_DIR=run, PORT=str(port), PGPORT=str(pgport),
+                   SOURCE=source)
+        env.pop("EVENT_PIPER_PG_FAST", None)
+        log = open(os.path.join(os.path.dirname(run), "run-%s.log" % source), "w+")
+        proc = subprocess.Popen([run_sh, "start"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        def serving():
+            if proc.poll() is not None:
+                return True
+            try:
+                return http_get(port, "/manage/health").status == 200
+            except OSError:
+                return False
+
+        wait_until(serving, T(60), what="make run to serve")
+        assert proc.poll() is None, open(log.name).read()
+        return proc, log
+
+    def stop(proc, log):
+        proc.terminate()
+        assert proc.wait(T(30)) == 0, open(log.name).read()
+        text = open(log.name).read()
+        assert "[alert]" not in text and "[emerg]" not in text, text
+        return text
+
+    def psql(sql):
+        r = subprocess.run([run_sh, "psql", "-X", "-q", "-At", "-c", sql],
+                           env=dict(os.environ, EVENT_PIPER_RUN_DIR=run, PGPORT=str(pgport)),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert r.returncode == 0, r.stdout
+        return r.stdout.strip()
+
+    proc, log = start("wal")
+    try:
+        assert psql("SHOW wal_level") == "logical"
+        assert psql("SELECT source FROM event_piper_wal_progress") == "wal"
+        live = clients.stream(ngx, "toto")
+        psql("insert into events (type, timestamp, subscriber, payload) "
+             "values ('insert', now(), 'toto', '{\"foo\": \"bar\"}')")
+        live.wait_events(1, timeout=T(10))
+        assert live.events[0].raw == frame(1, "insert", '{"foo":"bar"}')
+        assert json.loads(bytes(http_get(port, "/status").body))["source"] == "wal"
+    finally:
+        stop(proc, log)
+    proc, log = start("trigger")
+    try:
+        assert psql("SELECT source FROM event_piper_wal_progress") == "trigger"
+        assert psql("SELECT count(*) FROM pg_replication_slots") == "0"
+        live = clients.stream(ngx, "toto", last_event_id="0")
+        psql("insert into events (type, timestamp, subscriber, payload) "
+             "values ('insert', now(), 'toto', '{\"n\": 2}')")
+        live.wait_events(2, timeout=T(10))
+        assert [int(e.id) for e in live.events] == [1, 2]
+    finally:
+        stop(proc, log)
