@@ -732,3 +732,51 @@ def test_make_run_starts_in_wal_mode_with_source_wal_and_switches_back_without(c
         assert [int(e.id) for e in live.events] == [1, 2]
     finally:
         stop(proc, log)
+
+
+def test_schema_upgrade_in_wal_mode_while_writers_insert_and_the_positioner_runs(
+        db, nginx, clients):
+    """The upgrade (schema.sql and wal.sql applied again, in one transaction, three times) on a
+    database in wal mode, while writers insert (one to three rows per transaction, one in five
+    rolled back) and nginx's positioner gives positions: the mode stays (the triggers disabled,
+    the slot read), every committed row gets one position, in commit order, and the streams get
+    each event once, live and in replay."""
+    from test_schema_upgrade import Writers
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "w0")
+    writers = Writers(db)
+    try:
+        wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") > 5, T(10),
+                   what="positions from the positioner")
+        for _ in range(3):
+            r = subprocess.run(
+                ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-h",
+                 db.datadir, "-p", str(db.port), "-U", "event_piper", "-d", "event_piper", "-c",
+                 "SET client_min_messages = warning", "-f",
+                 os.path.join(harness.REPO, "postgresql", "schema.sql"), "-f",
+                 os.path.join(harness.REPO, "postgresql", "wal.sql")],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert r.returncode == 0, r.stdout
+            time.sleep(0.3)
+    finally:
+        writers.stop()
+    assert writers.errors == []
+    total = db.scalar("SELECT count(*) FROM events")
+    assert total == writers.committed
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len({r[1] for r in rows}) == total == len(rows), "an event lost or positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    assert db.scalar("SELECT source FROM event_piper_wal_progress") == "wal"
+    assert {t for t, e in db.sql("SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = "
+                                 "'events'::regclass AND NOT tgisinternal")
+            if e != "D"} == {"events_id_unchanged"}
+    assert db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1
+    mine = [r[0] for r in rows if r[2] == "w0"]
+    live.wait_events(len(mine), timeout=T(20))
+    assert [int(e.id) for e in live.events] == mine
+    replay = clients.stream(ngx, "w1", last_event_id="0")
+    theirs = [r[0] for r in rows if r[2] == "w1"]
+    replay.wait_events(len(theirs), timeout=T(20))
+    assert [int(e.id) for e in replay.events] == theirs
