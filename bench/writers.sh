@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What an event costs its writer (issue 11): commits/s and rows/s of concurrent pgbench writers
-# against three `events` tables side by side, in one PostgreSQL 15 cluster with fsync on and
+# against four `events` tables side by side, in one PostgreSQL 15 cluster with fsync on and
 # default durability (synchronous_commit on, full_page_writes on) and wal_level logical (every
 # column; WRITERS_WAL=0: replica and no wal column):
 #
@@ -38,7 +38,7 @@ QUICK=0
 for arg in "$@"; do
     case $arg in
         --quick) QUICK=1 ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "bench/writers.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
 done

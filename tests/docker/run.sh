@@ -328,7 +328,8 @@ until status_json | grep -q '"source":"wal"' &&
 done
 open_stream wal 5
 insert_n 6
-wait_for_body wal "$(frame_n 6 6)" 15 || fail "event 6 did not come through the positioner exactly once"
+FRAME6=$(frame_n 6 6; echo x) # the x keeps the frame's final newlines
+wait_for_body wal "${FRAME6%x}" 15 || fail "event 6 did not come through the positioner exactly once"
 close_stream wal
 log "event_piper_source wal: the positioner reads the slot; a client resuming from 5 got event 6 exactly once"
 
