@@ -74,8 +74,12 @@ unit: build/unit_tests
 	build/unit_tests
 
 ## Local servers: PostgreSQL + nginx in the foreground (see scripts/run.sh). Ctrl-C stops both.
+# SOURCE=wal: event_piper_source wal (wal_level = logical, the database switched; SOURCE=trigger,
+# the default, switches it back).
+SOURCE ?= trigger
+
 run: build
-	@scripts/run.sh start
+	@SOURCE='$(SOURCE)' scripts/run.sh start
 
 psql: deps
 	@scripts/run.sh psql
@@ -214,7 +218,7 @@ bench-stall: deps-bench
 	@scripts/build.sh
 	BENCH_TESTS=j BENCH_OUT=build/bench-stall BENCH_COMMAND="make bench-stall" bench/run.sh
 
-# Only section (y), a year of events (issue 25): resume, live and writer figures on a small table
+# Only section (y), a year of events: resume, live and writer figures on a small table
 # and on BENCH_YEAR_ROWS events (default 20,000,000); results in build/bench-year/year.md.
 bench-year: deps-bench
 	$(BENCH_CHECK)
@@ -226,8 +230,9 @@ bench-year: deps-bench
 bench-retention: deps
 	bench/retention.sh
 
-# Only the writer section (what an event costs the database; PostgreSQL only, no nginx).
+# Only the writer section (what an event costs the database; nginx only for its wal column).
 bench-writers: deps
+	@scripts/build.sh
 	BENCH_COMMAND="make bench-writers" bench/writers.sh
 
 # Only the patching section (folded replay of 100,000 events with 10 patches each against their

@@ -256,6 +256,9 @@ struct Options {
     uint64_t expect_events = 0;            // replay: stop once this many events were received
     int64_t run_ms = 0;                    // replay: hard time limit
     bool latency = true;
+    // The pg publisher's synchronous_commit: off (no wait for the WAL flush, as the throughput
+    // tests want); on for event_piper_source wal, which decodes only flushed WAL.
+    std::string pub_synchronous_commit = "off";
     std::string tags;                      // raw JSON fragment copied into the output
 };
 
@@ -318,6 +321,7 @@ Options parse_args(int argc, char **argv) {
         else if (k == "--expect-events") o.expect_events = strtoull(val().c_str(), nullptr, 10);
         else if (k == "--run-ms") o.run_ms = atoll(val().c_str());
         else if (k == "--no-latency") o.latency = false;
+        else if (k == "--pub-synchronous-commit") o.pub_synchronous_commit = val();
         else if (k == "--tags") o.tags = val();
         else die("unknown option %s", k.c_str());
     }
@@ -422,7 +426,10 @@ void pg_publisher(const Options &o, Shared &sh, Pacer pacer) {
     if (PQstatus(c) != CONNECTION_OK) {
         return fail(std::string("publisher connect: ") + PQerrorMessage(c));
     }
-    PGresult *r = PQexec(c, "SET synchronous_commit = off");
+    if (o.pub_synchronous_commit != "on" && o.pub_synchronous_commit != "off") {
+        return fail("--pub-synchronous-commit is on or off");
+    }
+    PGresult *r = PQexec(c, ("SET synchronous_commit = " + o.pub_synchronous_commit).c_str());
     PQclear(r);
     r = PQprepare(c, "ins",
                   "insert into events (type, timestamp, subscriber, payload) "

@@ -143,9 +143,11 @@ cleanup() {
     if [[ -n $CLIENT_PID ]]; then kill -TERM "$CLIENT_PID" 2>/dev/null || true; fi
     stop_nginx module || true
     stop_nginx module_pw || true
+    stop_nginx module_wal || true
     stop_nginx nchan || true
     if [[ -n ${IDLE_PID:-} ]]; then kill -TERM "$IDLE_PID" 2>/dev/null || true; fi
     "$ROOT/scripts/pgctl.sh" stop "$PGDATA_DIR" >/dev/null 2>&1 || true
+    "$ROOT/scripts/pgctl.sh" stop "$WAL_PGDATA" >/dev/null 2>&1 || true
     if [[ ${BENCH_KEEP:-0} == 1 ]]; then
         log "kept $TMP"
     else
@@ -172,6 +174,22 @@ log "starting PostgreSQL on 127.0.0.1:$PGPORT"
 EVENT_PIPER_PG_FAST=1 "$ROOT/scripts/pgctl.sh" start "$PGDATA_DIR" "$PGPORT"
 CONNINFO="host=127.0.0.1 port=$PGPORT dbname=event_piper user=event_piper password=event_piper"
 psql_su() { psql -X -q -v ON_ERROR_STOP=1 -h "$PGDATA_DIR" -p "$PGPORT" -U postgres -d event_piper "$@"; }
+
+# The wal row of (c) (event_piper_source wal, docs/wal-source.md): a second cluster, the same
+# settings but wal_level = logical, switched to wal, started when first needed.
+WAL_PGDATA=$TMP/pg-wal
+WAL_PGPORT=""
+WAL_CONNINFO=""
+psql_wal() { psql -X -q -v ON_ERROR_STOP=1 -h "$WAL_PGDATA" -p "$WAL_PGPORT" -U postgres -d event_piper "$@"; }
+start_wal_cluster() {
+    [[ -n $WAL_PGPORT ]] && return 0
+    WAL_PGPORT=$(free_port)
+    log "starting PostgreSQL (wal_level logical) on 127.0.0.1:$WAL_PGPORT"
+    EVENT_PIPER_PG_FAST=1 EVENT_PIPER_PG_LOGICAL=1 "$ROOT/scripts/pgctl.sh" start "$WAL_PGDATA" "$WAL_PGPORT"
+    [[ $(psql_wal -At -c "SELECT event_piper_set_source('wal')") == wal ]] \
+        || die "the wal cluster did not switch to event_piper_source wal"
+    WAL_CONNINFO="host=127.0.0.1 port=$WAL_PGPORT dbname=event_piper user=event_piper password=event_piper"
+}
 
 # --- nginx ----------------------------------------------------------------------------------
 write_conf() { # system prefix port
@@ -207,8 +225,13 @@ EOF
         if [[ $sys == module* ]]; then
             # module: the default shared listener; module_pw: one listener per worker (issue 12).
             [[ $sys == module_pw ]] && echo "    event_piper_listener per_worker;"
+            local conninfo=$CONNINFO
+            if [[ $sys == module_wal ]]; then
+                echo "    event_piper_source wal;"
+                conninfo=$WAL_CONNINFO
+            fi
             cat <<EOF
-    event_piper_postgres "$CONNINFO";
+    event_piper_postgres "$conninfo";
     server {
         listen 127.0.0.1:$port backlog=4096;
         location = /events {
@@ -269,7 +292,12 @@ start_nginx() { # system
         [[ $sys == module_pw ]] && want=$WORKERS
         for i in $(seq 1 200); do
             local n
-            n=$(psql_su -At -c "select count(*) from pg_stat_activity where application_name = 'event_piper_listener'")
+            if [[ $sys == module_wal ]]; then
+                # and its positioner reads the slot
+                n=$(psql_wal -At -c "select count(*) from pg_stat_activity where application_name = 'event_piper_listener' and exists (select 1 from pg_replication_slots where active)")
+            else
+                n=$(psql_su -At -c "select count(*) from pg_stat_activity where application_name = 'event_piper_listener'")
+            fi
             (( n >= want )) && break
             sleep 0.05
         done
@@ -320,7 +348,9 @@ order_for_rep() { # rep a b -> "a b" or "b a", alternating who goes first
 }
 
 stream_args() { # system
-    if [[ $1 == module* ]]; then
+    if [[ $1 == module_wal ]]; then
+        echo "--system module_wal --port ${PORTS[$1]} --path /events"
+    elif [[ $1 == module* ]]; then
         echo "--system module --port ${PORTS[$1]} --path /events"
     else
         echo "--system nchan --port ${PORTS[nchan]} --sub-path /sub/%s"
@@ -386,13 +416,25 @@ test_b() {
 
 # (c) commit-to-receipt latency at a fixed rate (open loop): 1,000 streams of the module vs one raw
 # LISTEN connection (the PostgreSQL floor); also the module with a single stream (its own added
-# latency, without fan-out) and nchan's 1,000 subscribers fed by POST, for context.
+# latency, without fan-out) and nchan's 1,000 subscribers fed by POST, for context; and the
+# module with a single stream in event_piper_source wal (its own cluster, wal_level logical: the
+# positioner's lag is in the latency). Logical decoding reads only flushed WAL: with
+# synchronous_commit off a commit waits for the WAL writer (wal_writer_delay, 200 ms) before the
+# positioner sees it, so that publisher's commits flush (fsync stays off, as for the other rows).
 test_c() {
     local rep sys n
+    start_wal_cluster
+    start_nginx module_wal
     for rep in $(seq 1 "$REPS"); do
-        for sys in $(order_for_rep "$rep" module pg_listen) module1 nchan; do
+        for sys in $(order_for_rep "$rep" module pg_listen) module1 nchan module_wal; do
             log "(c) latency: $sys at $RATE events/s, rep $rep"
             case $sys in
+            module_wal)
+                run_client "\"test\":\"c\",\"rep\":$rep,\"n\":1,\"rate\":$RATE" stream $(stream_args module_wal) \
+                    $(pub_args module) --pub-conns 1 --pg-conninfo "$WAL_CONNINFO" --conns 1 \
+                    --pub-synchronous-commit on \
+                    --consumer lat --pids "${WPIDS[module_wal]}" --duration-ms "$LAT_MS" --rate "$RATE" \
+                    --payload-bytes "$PAYLOAD_BYTES" --drain-ms 10000 ;;
             module|nchan|module1)
                 n=$LAT_STREAMS; [[ $sys == module1 ]] && n=1
                 run_client "\"test\":\"c\",\"rep\":$rep,\"n\":$n,\"rate\":$RATE" stream $(stream_args "${sys%1}") \
@@ -406,6 +448,7 @@ test_c() {
             esac
         done
     done
+    stop_nginx module_wal
 }
 
 # (d) sustained events/s to one stream, publisher as fast as PostgreSQL commits.
@@ -783,7 +826,7 @@ for t in $TESTS; do
 done
 ELAPSED=$(( $(date +%s) - STARTED ))
 
-for sys in module module_pw nchan; do
+for sys in module module_pw module_wal nchan; do
     [[ -f $TMP/nginx-$sys/logs/error.log ]] || continue
     if grep -E '\[(alert|emerg)\]' "$TMP/nginx-$sys/logs/error.log" >&2; then
         log "warning: nginx ($sys) logged alerts (above)"

@@ -145,6 +145,52 @@ BEGIN
 END;
 $$;
 
+-- The slot is gone (dropped by an operator, or invalidated by max_slot_wal_keep_size) while the
+-- database is in wal mode: the positioner calls this on its positions connection. It creates the
+-- slot again, then, as the switch to wal does, cuts the commit order with the lock: the rows
+-- committed until then without a position (while no slot decoded them, and those the new slot
+-- decodes before the marker, which the positioner skips) get the next positions in id order,
+-- above every position handed out, so no client misses one; the progress says to skip up to the
+-- marker. Answers 'recreated' (with how many rows, above which position), 'exists' (another
+-- positioner did it, or the slot is readable) or 'trigger' (the database switched meanwhile).
+CREATE OR REPLACE FUNCTION event_piper_wal_recreate_slot(holder_name text, channel text,
+    OUT outcome text, OUT caught_up bigint, OUT above bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    slot record;
+BEGIN
+    caught_up := 0;
+    above := 0;
+    -- Not while a switch creates or drops the slot, nor another positioner re-creates it.
+    PERFORM pg_advisory_xact_lock(7402652111030151174);
+    IF (SELECT source FROM event_piper_wal_progress WHERE id = 1) IS DISTINCT FROM 'wal' THEN
+        outcome := 'trigger';
+        RETURN;
+    END IF;
+    SELECT active, wal_status INTO slot FROM pg_replication_slots
+     WHERE slot_name = 'event_piper';
+    IF FOUND AND (slot.active OR slot.wal_status IS DISTINCT FROM 'lost') THEN
+        outcome := 'exists';
+        RETURN;
+    END IF;
+    -- Before this transaction writes anything (PostgreSQL refuses a slot otherwise).
+    IF FOUND THEN
+        PERFORM pg_drop_replication_slot('event_piper');
+    END IF;
+    PERFORM pg_create_logical_replication_slot('event_piper', 'pgoutput');
+    LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE;
+    SELECT greatest(p.last_position, (SELECT coalesce(max(position), 0) FROM event_positions))
+      INTO above FROM event_piper_wal_progress p WHERE p.id = 1 FOR UPDATE;
+    caught_up := event_piper_wal_catch_up(above, channel);
+    UPDATE event_piper_wal_progress
+       SET lsn = NULL, last_position = above + caught_up, holder = holder_name,
+           updated_at = clock_timestamp()
+     WHERE id = 1;
+    PERFORM pg_logical_emit_message(true, 'event_piper', 'source wal');
+    outcome := 'recreated';
+END;
+$$;
+
 -- The triggers schema.sql creates, which wal mode disables (a disabled trigger runs nothing, not
 -- even its WHEN clause) and trigger mode enables again.
 CREATE OR REPLACE FUNCTION event_piper_set_triggers(enabled boolean) RETURNS void

@@ -8,13 +8,16 @@
 #   scripts/run.sh conf    only writes the run folder's nginx.conf and prints its path (the page
 #                          test, tests/integration/test_watch_page.py, runs nginx with it)
 # Environment: PORT (HTTP, default 4000), PGPORT (PostgreSQL, default 5433), EVENT_PIPER_RUN_DIR
-# (the run folder, default below).
+# (the run folder, default below), SOURCE (trigger or wal, default trigger: where positions come
+# from, README "Positions from the write-ahead log"; wal starts PostgreSQL with wal_level = logical
+# and switches the database, trigger switches it back).
 # Everything lives in the run folder: .run/ in the repo when the `postgres` user can reach it,
 # else /tmp/event_piper-run.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PORT=${PORT:-4000}
+SOURCE=${SOURCE:-trigger}
 PGCTL=${PGCTL:-$ROOT/scripts/pgctl.sh}
 NGINX=${NGINX:-/usr/sbin/nginx}
 MODULE=$ROOT/build/ngx_event_piper_module.so
@@ -99,13 +102,13 @@ write_nginx_conf() {
         -e "s#^([[:space:]]*listen[[:space:]]+)([0-9.]+:)?4000([[:space:];])#\1127.0.0.1:$PORT\3#" \
         -e "/^[[:space:]]*event_piper_postgres[[:space:]]/s#port=[0-9]+#port=$PG_PORT#" \
         -e "s#^([[:space:]]*root[[:space:]]+)/usr/share/libnginx-mod-http-event-piper/www;#\1$WWW;#" \
-        -e "s#^([[:space:]]*)http[[:space:]]*\{#&\n\1    client_body_temp_path $RUN/tmp/body;\n\1    proxy_temp_path $RUN/tmp/proxy;\n\1    fastcgi_temp_path $RUN/tmp/fastcgi;\n\1    uwsgi_temp_path $RUN/tmp/uwsgi;\n\1    scgi_temp_path $RUN/tmp/scgi;#" \
+        -e "s#^([[:space:]]*)http[[:space:]]*\{#&\n\1    event_piper_source $SOURCE;\n\1    client_body_temp_path $RUN/tmp/body;\n\1    proxy_temp_path $RUN/tmp/proxy;\n\1    fastcgi_temp_path $RUN/tmp/fastcgi;\n\1    uwsgi_temp_path $RUN/tmp/uwsgi;\n\1    scgi_temp_path $RUN/tmp/scgi;#" \
         "$EXAMPLE" >"$tmp"
     # Fail loudly if the example changed shape and a substitution silently did nothing.
     local expect
     for expect in "load_module $MODULE;" "pid $RUN/nginx.pid;" "error_log stderr info;" \
         "listen 127.0.0.1:$PORT" "port=$PG_PORT" "client_body_temp_path $RUN/tmp/body;" \
-        "root $WWW;"; do
+        "root $WWW;" "event_piper_source $SOURCE;"; do
         grep -qF -- "$expect" "$tmp" || die "could not set '$expect' in $conf (check $EXAMPLE)"
     done
     mv -f "$tmp" "$conf"
@@ -113,6 +116,7 @@ write_nginx_conf() {
 
 cmd_start() {
     [[ -f $MODULE ]] || die "$MODULE is missing: run make build"
+    [[ $SOURCE == trigger || $SOURCE == wal ]] || die "SOURCE is trigger or wal, not '$SOURCE'"
     require_pgctl
     mkdir -p "$RUN"
     chmod 755 "$RUN"
@@ -151,12 +155,20 @@ cmd_start() {
     # A requested stop (Ctrl-C, SIGTERM, hangup) is a success once both servers are down.
     trap 'shutdown 0' INT TERM HUP
 
-    say "starting PostgreSQL on 127.0.0.1:$PG_PORT (data: $RUN/pgdata)"
-    if ! "$PGCTL" start "$RUN/pgdata" "$PG_PORT"; then
+    # wal_level = logical while the database is in wal mode, and for the run that switches it
+    # back (PostgreSQL refuses to start below logical while a logical slot exists).
+    local logical=0
+    [[ $SOURCE == wal || $(cat "$RUN/source" 2>/dev/null) == wal ]] && logical=1
+    say "starting PostgreSQL on 127.0.0.1:$PG_PORT (data: $RUN/pgdata, source $SOURCE)"
+    if ! EVENT_PIPER_PG_LOGICAL=$logical "$PGCTL" start "$RUN/pgdata" "$PG_PORT"; then
         "$PGCTL" stop "$RUN/pgdata" || true
         die "PostgreSQL did not start (see the messages above)"
     fi
     echo "$PG_PORT" >"$RUN/pgport"
+    if ! switch_source; then
+        "$PGCTL" stop "$RUN/pgdata" || true
+        die "could not switch the database to event_piper_source $SOURCE"
+    fi
 
     say "starting nginx on http://127.0.0.1:$PORT (config: $RUN/nginx.conf); Ctrl-C stops"
     "$NGINX" -p "$RUN" -c "$RUN/nginx.conf" -g 'daemon off;' &
@@ -167,6 +179,21 @@ cmd_start() {
     NGINX_PID=
     say "nginx exited (status $status)"
     shutdown "$status"
+}
+
+# The database to SOURCE (postgresql/wal.sql's event_piper_set_source; pgctl.sh applied wal.sql
+# and gave the role REPLICATION when it started the cluster with wal_level = logical).
+switch_source() {
+    if [[ $SOURCE == wal ]]; then
+        "$PGCTL" psql "$RUN/pgdata" "$PG_PORT" -X -q -v ON_ERROR_STOP=1 \
+            -c "SELECT event_piper_set_source('wal')" >/dev/null || return 1
+    elif [[ -f $RUN/source && $(<"$RUN/source") == wal ]]; then
+        # No positioner runs yet (nginx starts after): the rows committed since the last one
+        # stopped get their positions from the switch at once.
+        "$PGCTL" psql "$RUN/pgdata" "$PG_PORT" -X -q -v ON_ERROR_STOP=1 \
+            -c "SELECT event_piper_set_source('trigger', 0)" >/dev/null || return 1
+    fi
+    echo "$SOURCE" >"$RUN/source"
 }
 
 # The run's marker goes when this run ends, however it ends (not another run's).

@@ -144,6 +144,13 @@ const char *Positioner::drop_idle_slot_sql() {
     return "SELECT event_piper_wal_drop_idle_slot()";
 }
 
+const char *Positioner::recreate_slot_sql() {
+    // Arguments: the holder, the channel. Answers the outcome ('recreated', 'exists': another
+    // positioner did it, 'trigger': the database switched meanwhile), how many rows got
+    // positions, above which position.
+    return "SELECT outcome, caught_up, above FROM event_piper_wal_recreate_slot($1, $2)";
+}
+
 const char *Positioner::apply_sql() {
     // Arguments: the progress this positioner expects (fencing; '' = NULL), the new one ('' =
     // a part: progress unchanged), the last position given, the rows, the notifications, later
@@ -230,7 +237,7 @@ void Positioner::lose(std::string_view why, bool quiet) {
     replication_.close();
     status_.cancel();
     apply_ready_ = replication_ready_ = false;
-    dropping_slot_ = trigger_mode_ = false;
+    dropping_slot_ = trigger_mode_ = recreating_slot_ = false;
     // Whatever was not committed is read again from the slot.
     in_txn_ = skip_txn_ = txn_spilled_ = false;
     txn_switch_wal_ = txn_switch_trigger_ = false;
@@ -288,6 +295,23 @@ void Positioner::on_replication_lost(std::string_view why) {
 }
 
 void Positioner::on_link_result(DbLink &, const QueryResult &result) {
+    if (recreating_slot_) {
+        if (!result.ok()) {
+            lose("replication slot \"" + settings_.slot + "\" was " + slot_gone_ +
+                 " and cannot be created again (" + result.error() +
+                 "): run SELECT event_piper_set_source('trigger'), then SELECT "
+                 "event_piper_set_source('wal')");
+        } else if (result.rows() == 1 && result.value(0, 0) == "recreated") {
+            note_error(LogLevel::Warn,
+                       "event_piper positioner: replication slot \"" + settings_.slot + "\" was " +
+                           slot_gone_ + ": created it again; " + std::string(result.value(0, 1)) +
+                           " events committed while it was missing got the positions after " +
+                           std::string(result.value(0, 2)) +
+                           ", in id order (out of commit order, above every position handed "
+                           "out: no client misses one)");
+        }
+        return;
+    }
     if (phase_ == Phase::ReadingProgress && dropping_slot_) {
         if (!result.ok()) {
             note_error(LogLevel::Warn, "event_piper positioner: cannot drop the idle replication "
@@ -342,6 +366,13 @@ void Positioner::on_link_result(DbLink &, const QueryResult &result) {
 }
 
 void Positioner::on_link_idle(DbLink &) {
+    if (recreating_slot_ && phase_ == Phase::Starting) {
+        // Start afresh: the progress row now says to skip up to the re-creation's marker.
+        recreating_slot_ = false;
+        backoff_.reset();
+        lose("", true);
+        return;
+    }
     if (phase_ != Phase::ReadingProgress && phase_ != Phase::Streaming) {
         return; // lost meanwhile
     }
@@ -412,6 +443,20 @@ void Positioner::on_replication_result(const QueryResult &result) {
                    "event_piper positioner: " + slot + " is read by another positioner; retrying");
         return;
     }
+    bool dropped = error.find(slot + " does not exist") != std::string::npos;
+    bool invalidated = error.find("can no longer get changes") != std::string::npos ||
+                       error.find("invalidated") != std::string::npos;
+    if (dropped || invalidated) {
+        // Created again on the positions connection, which also positions the rows committed
+        // while no slot decoded them (docs/wal-source.md, section 7).
+        slot_gone_ = dropped ? "dropped" : "invalidated";
+        note_error(LogLevel::Warn, "event_piper positioner: cannot read " + slot + " (" + error +
+                                       "): creating it again");
+        recreating_slot_ = true;
+        const char *params[] = {settings_.holder.c_str(), settings_.channel.c_str()};
+        apply_.send(recreate_slot_sql(), 2, params);
+        return;
+    }
     std::string hint;
     if (error.find("does not exist") != std::string::npos) {
         hint = ": run SELECT event_piper_set_source('wal')";
@@ -424,10 +469,6 @@ void Positioner::on_replication_result(const QueryResult &result) {
                "managed services the replication role)";
     } else if (error.find("publication") != std::string::npos) {
         hint = ": run SELECT event_piper_set_source('wal'), which creates it";
-    } else if (error.find("can no longer get changes") != std::string::npos ||
-               error.find("invalidated") != std::string::npos) {
-        hint = ": the slot was invalidated (max_slot_wal_keep_size): run SELECT "
-               "event_piper_set_source('trigger'), then SELECT event_piper_set_source('wal')";
     }
     lose("cannot read " + slot + " (" + error + ")" + hint);
     if (!hint.empty() && error.find("does not exist") != std::string::npos) {

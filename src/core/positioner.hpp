@@ -129,6 +129,9 @@ public:
     static const char *progress_sql();
     static const char *apply_sql();
     static const char *drop_idle_slot_sql();
+    // A dropped or invalidated slot: created again, with the rows committed meanwhile
+    // positioned (event_piper_wal_recreate_slot in wal.sql).
+    static const char *recreate_slot_sql();
     // The patched events not in memory: their subscriber, whether they are patches, position.
     static const char *targets_sql();
 
@@ -203,6 +206,8 @@ private:
     bool awaiting_switch_ = false; // skipping until the "source wal" message
     bool trigger_mode_ = false;    // the progress row says trigger
     bool dropping_slot_ = false;   // event_piper_wal_drop_idle_slot() in flight
+    bool recreating_slot_ = false; // event_piper_wal_recreate_slot() in flight
+    std::string slot_gone_;        // why: "dropped" or "invalidated"
 
     // The relation id of events and its columns' indexes.
     uint32_t events_relid_ = 0;

@@ -2,7 +2,10 @@
 # Entry point of tests/docker/postgres.Dockerfile: on an empty data directory, initdb with
 # POSTGRES_USER as superuser and POSTGRES_PASSWORD, create POSTGRES_DB, run
 # /docker-entrypoint-initdb.d/*.sql on a socket-only server; then run PostgreSQL on all addresses.
+# Arguments as the official image takes them: `postgres -c name=value ...` (compose's command),
+# given to both servers.
 set -euo pipefail
+[[ ${1:-} == postgres ]] && shift
 : "${POSTGRES_USER:=postgres}" "${POSTGRES_DB:=$POSTGRES_USER}"
 : "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}"
 
@@ -17,7 +20,7 @@ if [[ ! -s $PGDATA/PG_VERSION ]]; then
     initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile=<(printf '%s\n' "$POSTGRES_PASSWORD") \
         --auth-local=trust --auth-host=scram-sha-256
     echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
-    pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start
+    pg_ctl -D "$PGDATA" -o "-c listen_addresses='' $*" -w start
     psql=(psql -v ON_ERROR_STOP=1 -X -q -U "$POSTGRES_USER")
     if [[ $POSTGRES_DB != postgres ]]; then
         "${psql[@]}" -d postgres -v db="$POSTGRES_DB" <<<'CREATE DATABASE :"db";'
@@ -31,4 +34,4 @@ if [[ ! -s $PGDATA/PG_VERSION ]]; then
     echo "postgres-entrypoint: initialized"
 fi
 
-exec postgres -D "$PGDATA" -c listen_addresses='*'
+exec postgres -D "$PGDATA" -c listen_addresses='*' "$@"

@@ -9,7 +9,12 @@
 #   3. a replay with Last-Event-ID;
 #   4. a database restart: inserts while and after it, the client resumes with Last-Event-ID and
 #      gets every event exactly once;
-#   5. nginx logged no [alert] or [emerg].
+#   5. event_piper_source wal: the database switched in place (compose runs PostgreSQL with
+#      wal_level = logical), nginx reloaded with the directive set by its entry point
+#      (docker/nginx-entrypoint.sh); a client resuming with its last id gets the next event once,
+#      through the positioner. EVENT_PIPER_SOURCE=wal make test-docker starts the stack in wal
+#      mode instead (the database switched when its volume is created), steps 2-4 included;
+#   6. nginx logged no [alert] or [emerg].
 # Everything it starts (containers, pod, network, volume) is removed at the end, also on failure;
 # the images stay, so a rerun builds nothing. Ends with "docker test: passed" or exits non-zero.
 set -euo pipefail
@@ -301,10 +306,34 @@ check_exactly_once() { # NAME FIRST: the stream (and its resumption) carried FIR
 check_exactly_once kept 2
 check_exactly_once down 3
 
-# --- 5. logs ------------------------------------------------------------------------------------
+# --- 5. event_piper_source wal -------------------------------------------------------------------
 nginx_container=$(engine ps -a --format '{{.Names}}' \
     --filter "label=com.docker.compose.project=$PROJECT" --filter "label=com.docker.compose.service=nginx")
 [[ -n $nginx_container ]] || fail "no nginx container found by its compose labels"
+status_json() { engine exec "$nginx_container" curl -sS http://127.0.0.1:4000/status; }
+if [[ ${EVENT_PIPER_SOURCE:-trigger} != wal ]]; then
+    [[ $(psql_in_db -At -c "SELECT event_piper_set_source('wal')") == wal ]] ||
+        fail "the database did not switch to wal"
+    engine exec -e EVENT_PIPER_SOURCE=wal "$nginx_container" nginx-entrypoint.sh nginx -s reload ||
+        fail "nginx-entrypoint.sh with EVENT_PIPER_SOURCE=wal, then nginx -s reload, failed"
+    log "database switched with event_piper_set_source('wal'); nginx reloaded with event_piper_source wal"
+fi
+[[ $(psql_in_db -At -c "SELECT source FROM event_piper_wal_progress") == wal ]] ||
+    fail "the database is not in wal mode"
+deadline=$((SECONDS + 60))
+until status_json | grep -q '"source":"wal"' &&
+    [[ $(psql_in_db -At -c "SELECT count(*) FROM pg_replication_slots WHERE active") == 1 ]]; do
+    [[ $SECONDS -lt $deadline ]] || fail "no positioner reads the slot 60 s after the switch: $(status_json)"
+    sleep 0.5
+done
+open_stream wal 5
+insert_n 6
+FRAME6=$(frame_n 6 6; echo x) # the x keeps the frame's final newlines
+wait_for_body wal "${FRAME6%x}" 15 || fail "event 6 did not come through the positioner exactly once"
+close_stream wal
+log "event_piper_source wal: the positioner reads the slot; a client resuming from 5 got event 6 exactly once"
+
+# --- 6. logs ------------------------------------------------------------------------------------
 # Through a pipe: podman logs may still be writing when it exits; cat waits for the end.
 engine logs "$nginx_container" 2>&1 | cat >"$TMP/nginx.log"
 grep -q 'listening for notifications' "$TMP/nginx.log" || fail "nginx's log is not complete"

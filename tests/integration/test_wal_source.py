@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -233,8 +234,16 @@ def test_no_position_is_visible_before_its_event(db, nginx, clients):
     assert [r[1] for r in positions(db)] == [1, 2, 3]
 
 
-def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_wakes(
+def holder_pid(db):
+    return int((db.scalar("SELECT holder FROM event_piper_wal_progress") or "0").split()[-1])
+
+
+def test_two_instances_kill_9_then_a_frozen_positioner_lose_nothing_and_it_stands_down(
         db, nginx, clients):
+    """Two instances on one database, writers and readers running: the positioner's worker is
+    killed with -9, then the next positioner's worker is frozen (SIGSTOP) for longer than the
+    takeover bound (wal_sender_timeout 10 s + the 5 s retry). Nothing lost, duplicated or out of
+    order, live or in replay, on either instance; the frozen one steps down when it wakes."""
     instances = [nginx.start(db), nginx.start(db)]
     stop = threading.Event()
 
@@ -250,12 +259,19 @@ def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_w
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: db.scalar("SELECT holder FROM event_piper_wal_progress") is not None,
-                   T(10), what="a positioner")
-        frozen = int(db.scalar("SELECT holder FROM event_piper_wal_progress").split()[-1])
+        wait_until(lambda: holder_pid(db) != 0, T(10), what="a positioner")
+        killed = holder_pid(db)
+        for n in instances:
+            n.allowed_alerts.append("exited on signal 9")
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: holder_pid(db) not in (0, killed), T(20),
+                   what="another positioner after the kill")
+        frozen = holder_pid(db)
         owner = next(n for n in instances if frozen in n.worker_pids())
         other = next(n for n in instances if n is not owner)
+        # Readers on both instances, from the start (replay, then live through the freeze).
         reader = clients.stream(other, "toto", last_event_id="0")
+        near = clients.stream(owner, "titi", last_event_id="0")
         os.kill(frozen, signal.SIGSTOP)
         try:
             # The server ends the frozen one's stream after wal_sender_timeout (10 s); the other
@@ -269,6 +285,14 @@ def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_w
         finally:
             os.kill(frozen, signal.SIGCONT)
         time.sleep(3)  # the woken one finds its stream gone or its progress stale
+
+        # It stepped down: its instance's status no longer names it as the positioner.
+        def owner_positioner():
+            s = clients.client(owner).request("GET", "/status")
+            s.wait_complete()
+            return json.loads(bytes(s.body))["positioner_holder_pid"]
+
+        wait_until(lambda: owner_positioner() != frozen, T(10), what="the woken one to step down")
     finally:
         stop.set()
         for t in threads:
@@ -285,6 +309,85 @@ def test_two_instances_a_frozen_positioner_is_replaced_and_stands_down_when_it_w
     reader.wait_events(len(toto), timeout=T(20))
     got = [int(e.id) for e in reader.events]
     assert got == toto, "the reader on the other instance: lost, duplicated or out of order"
+    titi = [r[0] for r in rows if r[2] == "titi"]
+    near.wait_events(len(titi), timeout=T(20))
+    got = [int(e.id) for e in near.events]
+    assert got == titi, "the reader on the frozen one's instance: lost, duplicated or out of order"
+
+
+def test_a_dropped_slot_is_created_again_and_the_rows_committed_meanwhile_come_above(
+        db, nginx, clients):
+    """The slot is dropped while nginx runs and writers insert (an operator; an invalidated slot
+    takes the same path): the positioner creates it again and the rows committed while it was
+    missing get the next positions in id order, above every position handed out, logged. No
+    event lost or positioned twice; the live stream and a replay get each one once, in
+    position order."""
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "toto")
+    stop = threading.Event()
+    inserted = []
+
+    def writer():
+        conn = db.connect()
+        while not stop.is_set():
+            db.run(conn, "insert into events (type, timestamp, subscriber, payload) "
+                         "values ('insert', now(), 'toto', '{}')")
+            inserted.append(1)
+            time.sleep(0.01)
+        conn.close()
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active")
+                   == 1 and db.scalar("SELECT count(*) FROM event_positions") > 5, T(10),
+                   what="a positioner reading the slot")
+        # The advisory lock of the switches holds the re-creation back while rows commit without
+        # a slot; the slot's reader is ended, then the slot dropped.
+        su = db.connect(user="postgres", autocommit=False)
+        try:
+            db.run(su, "SELECT pg_advisory_xact_lock(7402652111030151174)")
+            for _ in range(50):
+                db.run(su, "SELECT pg_terminate_backend(active_pid, 5000) FROM "
+                           "pg_replication_slots WHERE slot_name = 'event_piper' AND active")
+                db.run(su, "SAVEPOINT s")
+                try:
+                    db.run(su, "SELECT pg_drop_replication_slot('event_piper')")
+                    break
+                except Exception:
+                    db.run(su, "ROLLBACK TO SAVEPOINT s")  # read again already: once more
+            else:
+                pytest.fail("could not drop the slot")
+            missed = db.scalar("SELECT count(*) FROM events")
+            time.sleep(1)  # rows commit, no slot decodes them
+            missed = db.scalar("SELECT count(*) FROM events") - missed
+            assert missed > 0
+            assert db.scalar("SELECT count(*) FROM pg_replication_slots") == 0
+        finally:
+            su.commit()
+            su.close()
+        wait_until(lambda: db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active")
+                   == 1, T(10), what="the slot created again and read")
+        time.sleep(1)
+    finally:
+        stop.set()
+        t.join(10)
+    total = db.scalar("SELECT count(*) FROM events")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len(rows) == total == len(inserted)
+    assert len({r[1] for r in rows}) == total, "an event positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    log = ngx.read_error_log()
+    assert "replication slot \"event_piper\" was dropped: created it again; " in log
+    caught = int(log.split("created it again; ")[1].split()[0])
+    assert caught >= missed
+    live.wait_events(total, timeout=T(20))
+    assert [int(e.id) for e in live.events] == list(range(1, total + 1))
+    replay = clients.stream(ngx, "toto", last_event_id="0")
+    replay.wait_events(total, timeout=T(20))
+    assert [int(e.id) for e in replay.events] == list(range(1, total + 1))
 
 
 def test_a_transaction_of_200000_rows_arrives_whole_in_order_in_bounded_memory(
@@ -581,3 +684,122 @@ def test_health_is_up_while_the_positioner_follows_and_down_while_it_is_stalled(
     c = clients.stream(ngx, "toto", last_event_id="0")
     c.wait_events(total, timeout=T(20))
     assert [int(e.id) for e in c.events] == list(range(1, total + 1))
+
+
+def test_make_run_starts_in_wal_mode_with_source_wal_and_switches_back_without(clients):
+    """`make run SOURCE=wal` (scripts/run.sh start): PostgreSQL with wal_level = logical, the
+    database switched, nginx with event_piper_source wal: an event reaches a stream through the
+    positioner. The next `make run` without SOURCE switches the database back to the trigger."""
+    run = os.path.join(harness.make_tmp("make-run-wal"), "run")
+    port, pgport = harness.free_port(), harness.free_port()
+    run_sh = os.path.join(harness.REPO, "scripts", "run.sh")
+
+    class Ngx:
+        pass
+
+    ngx = Ngx()
+    ngx.port = port
+
+    def start(source):
+        env = dict(os.environ, EVENT_PIPER_RUN_DIR=run, PORT=str(port), PGPORT=str(pgport),
+                   SOURCE=source)
+        env.pop("EVENT_PIPER_PG_FAST", None)
+        log = open(os.path.join(os.path.dirname(run), "run-%s.log" % source), "w+")
+        proc = subprocess.Popen([run_sh, "start"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        def serving():
+            if proc.poll() is not None:
+                return True
+            try:
+                return http_get(port, "/manage/health").status == 200
+            except OSError:
+                return False
+
+        wait_until(serving, T(60), what="make run to serve")
+        assert proc.poll() is None, open(log.name).read()
+        return proc, log
+
+    def stop(proc, log):
+        proc.terminate()
+        assert proc.wait(T(30)) == 0, open(log.name).read()
+        text = open(log.name).read()
+        assert "[alert]" not in text and "[emerg]" not in text, text
+        return text
+
+    def psql(sql):
+        r = subprocess.run([run_sh, "psql", "-X", "-q", "-At", "-c", sql],
+                           env=dict(os.environ, EVENT_PIPER_RUN_DIR=run, PGPORT=str(pgport)),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert r.returncode == 0, r.stdout
+        return r.stdout.strip()
+
+    proc, log = start("wal")
+    try:
+        assert psql("SHOW wal_level") == "logical"
+        assert psql("SELECT source FROM event_piper_wal_progress") == "wal"
+        live = clients.stream(ngx, "toto")
+        psql("insert into events (type, timestamp, subscriber, payload) "
+             "values ('insert', now(), 'toto', '{\"foo\": \"bar\"}')")
+        live.wait_events(1, timeout=T(10))
+        assert live.events[0].raw == frame(1, "insert", '{"foo":"bar"}')
+        assert json.loads(bytes(http_get(port, "/status").body))["source"] == "wal"
+    finally:
+        stop(proc, log)
+    proc, log = start("trigger")
+    try:
+        assert psql("SELECT source FROM event_piper_wal_progress") == "trigger"
+        assert psql("SELECT count(*) FROM pg_replication_slots") == "0"
+        live = clients.stream(ngx, "toto", last_event_id="0")
+        psql("insert into events (type, timestamp, subscriber, payload) "
+             "values ('insert', now(), 'toto', '{\"n\": 2}')")
+        live.wait_events(2, timeout=T(10))
+        assert [int(e.id) for e in live.events] == [1, 2]
+    finally:
+        stop(proc, log)
+
+
+def test_schema_upgrade_in_wal_mode_while_writers_insert_and_the_positioner_runs(
+        db, nginx, clients):
+    """The upgrade (schema.sql and wal.sql applied again, in one transaction, three times) on a
+    database in wal mode, while writers insert (one to three rows per transaction, one in five
+    rolled back) and nginx's positioner gives positions: the mode stays (the triggers disabled,
+    the slot read), every committed row gets one position, in commit order, and the streams get
+    each event once, live and in replay."""
+    from test_schema_upgrade import Writers
+    ngx = nginx.start(db)
+    live = clients.stream(ngx, "w0")
+    writers = Writers(db)
+    try:
+        wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") > 5, T(10),
+                   what="positions from the positioner")
+        for _ in range(3):
+            r = subprocess.run(
+                ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-h",
+                 db.datadir, "-p", str(db.port), "-U", "event_piper", "-d", "event_piper", "-c",
+                 "SET client_min_messages = warning", "-f",
+                 os.path.join(harness.REPO, "postgresql", "schema.sql"), "-f",
+                 os.path.join(harness.REPO, "postgresql", "wal.sql")],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert r.returncode == 0, r.stdout
+            time.sleep(0.3)
+    finally:
+        writers.stop()
+    assert writers.errors == []
+    total = db.scalar("SELECT count(*) FROM events")
+    assert total == writers.committed
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len({r[1] for r in rows}) == total == len(rows), "an event lost or positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    assert db.scalar("SELECT source FROM event_piper_wal_progress") == "wal"
+    assert {t for t, e in db.sql("SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = "
+                                 "'events'::regclass AND NOT tgisinternal")
+            if e != "D"} == {"events_id_unchanged"}
+    assert db.scalar("SELECT count(*) FROM pg_replication_slots WHERE active") == 1
+    mine = [r[0] for r in rows if r[2] == "w0"]
+    live.wait_events(len(mine), timeout=T(20))
+    assert [int(e.id) for e in live.events] == mine
+    replay = clients.stream(ngx, "w1", last_event_id="0")
+    theirs = [r[0] for r in rows if r[2] == "w1"]
+    replay.wait_events(len(theirs), timeout=T(20))
+    assert [int(e.id) for e in replay.events] == theirs

@@ -630,12 +630,8 @@ TEST_F(PositionerTest, WhyTheSlotCannotBeReadIsLoggedWithTheFix) {
          {Case{"ERROR:  logical decoding requires wal_level >= logical", "set wal_level = logical"},
           Case{"ERROR:  must be superuser or replication role to start walsender",
                "REPLICATION attribute"},
-          Case{"ERROR:  replication slot \"event_piper\" does not exist",
-               "event_piper_set_source('wal')"},
           Case{"ERROR:  publication \"event_piper_events\" does not exist",
-               "event_piper_set_source('wal')"},
-          Case{"ERROR:  can no longer get changes from replication slot",
-               "max_slot_wal_keep_size"}}) {
+               "event_piper_set_source('wal')"}}) {
         p.stop();
         p.start();
         apply.connected(p);
@@ -647,6 +643,77 @@ TEST_F(PositionerTest, WhyTheSlotCannotBeReadIsLoggedWithTheFix) {
         EXPECT_EQ(p.phase(), Positioner::Phase::Waiting) << c.error;
         EXPECT_NE(log.lines.back().second.find(c.fix), std::string::npos) << c.error;
     }
+}
+
+TEST_F(PositionerTest, ADroppedOrInvalidatedSlotIsCreatedAgainAndTheMissedRowsPositioned) {
+    for (const char *error :
+         {"ERROR:  replication slot \"event_piper\" does not exist",
+          "ERROR:  can no longer get changes from replication slot \"event_piper\""}) {
+        p.stop();
+        log.lines.clear();
+        p.start();
+        apply.connected(p);
+        repl.connected(p);
+        p.on_link_result(
+            apply, FakeResult({{std::string("wal"), std::string("0/100"), std::string("10")}}));
+        apply.idle(p);
+        p.on_replication_result(FakeResult::failure(error));
+        // On the positions connection, with the holder and the channel for the catch-up's hint.
+        EXPECT_EQ(apply.sent.back(), Positioner::recreate_slot_sql()) << error;
+        EXPECT_EQ(params(), (std::vector<std::string>{"host 42", "new_events"}));
+        EXPECT_EQ(p.phase(), Positioner::Phase::Starting);
+        p.on_link_result(
+            apply, FakeResult({{std::string("recreated"), std::string("3"), std::string("10")}}));
+        apply.idle(p);
+        // Logged, with what happened to the rows committed meanwhile; then a quick restart, which
+        // reads the progress again (lsn NULL: skip up to the re-creation's marker).
+        EXPECT_EQ(log.count("created it again; 3 events committed while it was missing got the "
+                            "positions after 10, in id order"),
+                  1u)
+            << error;
+        EXPECT_EQ(log.count(std::string(error).find("exist") != std::string::npos
+                                ? "was dropped"
+                                : "was invalidated"),
+                  1u);
+        EXPECT_EQ(log.count("creating it again"), 1u);
+        EXPECT_EQ(p.phase(), Positioner::Phase::Waiting);
+        EXPECT_EQ(retry.armed_ms, 100u);
+        p.on_retry_timer();
+        apply.connected(p);
+        repl.connected(p);
+        EXPECT_EQ(apply.sent.back(), Positioner::progress_sql());
+        p.on_link_result(apply,
+                         FakeResult({{std::string("wal"), std::nullopt, std::string("13")}}));
+        apply.idle(p);
+        repl.streaming(p);
+        EXPECT_TRUE(p.awaiting_switch());
+        relation();
+        txn(0x200, 0x230, {{7, "toto"}}); // positioned by the re-creation's catch-up
+        data(wal::begin(0x300, kTime, 3));
+        data(wal::logical("event_piper", "source wal", 0x310));
+        data(wal::commit(0x300, 0x330, kTime));
+        txn(0x400, 0x430, {{8, "toto"}});
+        p.on_replication_drained();
+        EXPECT_EQ(params()[3], "{14}");
+        EXPECT_EQ(params()[4], "{8}");
+        applied();
+    }
+    // A failed re-creation is logged with the fix by hand, and retried.
+    p.stop();
+    p.start();
+    apply.connected(p);
+    repl.connected(p);
+    p.on_link_result(apply,
+                     FakeResult({{std::string("wal"), std::string("0/100"), std::string("10")}}));
+    apply.idle(p);
+    p.on_replication_result(
+        FakeResult::failure("ERROR:  replication slot \"event_piper\" does not exist"));
+    p.on_link_result(apply, FakeResult::failure("ERROR:  all replication slots are in use"));
+    EXPECT_EQ(p.phase(), Positioner::Phase::Waiting);
+    EXPECT_EQ(log.count("cannot be created again (ERROR:  all replication slots are in use): run "
+                        "SELECT event_piper_set_source('trigger')"),
+              1u);
+    EXPECT_TRUE(retry.armed());
 }
 
 TEST_F(PositionerTest, StopClosesEverythingAndStartsAfresh) {
