@@ -17,9 +17,10 @@ size_t consumer_bit(std::string_view consumer) {
 
 void InterestMap::add(std::string_view consumer) {
     size_t bit = consumer_bit(consumer);
-    if (counts_[bit]++ == 0) {
+    if (counts_[bit] == 0) {
         bits_.set(bit, true);
     }
+    ++counts_[bit]; // after: a set() that throws leaves the count as it was
 }
 
 void InterestMap::remove(std::string_view consumer) {
