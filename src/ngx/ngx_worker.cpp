@@ -179,7 +179,7 @@ void Worker::publish() {
     stats.positioned_transactions = positioner_.transactions();
     stats.positioned_rows = positioner_.rows();
     if (slot_ != nullptr) {
-        slot_->stats = stats;
+        slot_->stats.store(stats);
     }
     if (!shutting_down_) {
         publish_timer_.arm(1000);
