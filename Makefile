@@ -9,7 +9,7 @@ SHELL := /bin/bash
 
 .PHONY: all deps deps-package deps-test deps-bench build build-asan unit unit-build run psql stop \
         test test-asan test-deb deb format clean bench bench-quick bench-writers bench-stall \
-        bench-patching soak clients docker-build docker-run test-docker nginx-versions \
+        bench-patching bench-standby soak clients docker-build docker-run test-docker nginx-versions \
         test-nginx-versions
 
 all: build
@@ -56,6 +56,16 @@ build/unit_tests: $(UNIT_OBJS) $(UNIT_LIST)
 	$(UNIT_CXX) $(UNIT_CXXFLAGS) $(UNIT_OBJS) -o $@ $(UNIT_LDLIBS)
 
 -include $(UNIT_OBJS:.o=.d)
+
+## build/grammar_check: the parser and the positioner's notifications on stdin/stdout, for
+# tests/integration/test_grammar.py (docs/notification-grammar.md).
+GRAMMAR_CHECK_OBJS := $(patsubst %.cpp,build/unit/%.o,$(wildcard src/core/*.cpp) \
+                      tests/grammar/grammar_check.cpp)
+
+build/grammar_check: $(GRAMMAR_CHECK_OBJS)
+	$(UNIT_CXX) $(UNIT_CXXFLAGS) $(GRAMMAR_CHECK_OBJS) -o $@ -lcjson -pthread
+
+-include build/unit/tests/grammar/grammar_check.d
 
 unit-build: build/unit_tests
 
@@ -109,7 +119,7 @@ endef
 
 # make test runs make test-deb first (the Debian package, below), so that pytest's summary stays
 # the last line; a failure of either fails the target.
-test: build $(UNIT_BIN) clients
+test: build $(UNIT_BIN) build/grammar_check clients
 	@deb=0; $(MAKE) --no-print-directory test-deb || deb=1; \
 	$(RUN_TESTS); status=$$?; \
 	if [ $$deb != 0 ]; then echo "make test-deb FAILED (see above)"; fi; \
@@ -124,7 +134,7 @@ test-asan: export EVENT_PIPER_MODULE = $(CURDIR)/build/asan/ngx_event_piper_modu
 test-asan: export EVENT_PIPER_NGINX_PRELOAD = $(ASAN_PRELOAD)
 test-asan: export ASAN_OPTIONS = detect_leaks=0:abort_on_error=1
 test-asan: export UBSAN_OPTIONS = print_stacktrace=1:halt_on_error=1:abort_on_error=1
-test-asan: build-asan $(UNIT_BIN) clients
+test-asan: build-asan $(UNIT_BIN) build/grammar_check clients
 	@$(RUN_TESTS)
 
 ## nginx version matrix: nginx and the module built from each source in NGINX_SRC_DIR
@@ -212,6 +222,13 @@ bench-writers: deps
 bench-patching: deps-bench
 	@scripts/build.sh
 	bench/patching.py
+
+# Only the standby section (100 clients resuming 100,000 events each with a hot standby named by
+# event_piper_replay_postgres: the primary's share of the replayed rows; bench/standby.py, results
+# in bench/standby.json).
+bench-standby: deps-bench
+	@scripts/build.sh
+	bench/standby.py
 
 ## The soak (tests/integration/soak_chaos.py, not part of `make test`): the chaos test's mix for
 # SOAK_MINUTES; fails on loss, duplication or growth of worker RSS, fds or PostgreSQL connections.

@@ -34,10 +34,11 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Directives
 
-// `event_piper_postgres "<conninfo>";`: checked by libpq's own parser at `nginx -t`.
+// `event_piper_postgres "<conninfo>";` and `event_piper_replay_postgres "<conninfo>";`:
+// checked by libpq's own parser at `nginx -t`.
 char *set_postgres(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
-    auto *mcf = static_cast<MainConf *>(conf);
-    if (mcf->conninfo.data != nullptr) {
+    auto *field = reinterpret_cast<ngx_str_t *>(static_cast<char *>(conf) + cmd->offset);
+    if (field->data != nullptr) {
         return const_cast<char *>("is duplicate");
     }
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
@@ -65,7 +66,7 @@ char *set_postgres(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
         }
         return const_cast<char *>("failed: out of memory");
     }
-    mcf->conninfo = args[1];
+    *field = args[1];
     return NGX_CONF_OK;
 }
 
@@ -308,7 +309,9 @@ char *set_time(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
 
 ngx_command_t commands[] = {
     {ngx_string("event_piper_postgres"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_postgres,
-     NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, conninfo), nullptr},
+    {ngx_string("event_piper_replay_postgres"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_postgres,
+     NGX_HTTP_MAIN_CONF_OFFSET, offsetof(MainConf, replay_conninfo), nullptr},
     {ngx_string("event_piper_channel"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_channel,
      NGX_HTTP_MAIN_CONF_OFFSET, 0, nullptr},
     {ngx_string("event_piper_replay_connections"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, set_number,

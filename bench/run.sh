@@ -7,6 +7,8 @@
 #                           database, issue 11); the full run ends with it, the quick run skips it
 #   Both runs end with the patching section (bench/patching.py, also alone: make bench-patching):
 #   folded replay against the full history; BENCH_PATCHING=0 skips it
+#   and the standby section (bench/standby.py, also alone: make bench-standby): 100 clients
+#   resuming 100,000 events each from a hot standby; BENCH_STANDBY=0 skips it
 #
 # Starts its own PostgreSQL (scripts/pgctl.sh, temp folder), nginx with this module and a second
 # nginx with Debian's nchan (same /usr/sbin/nginx binary, same worker settings), each on a free
@@ -711,5 +713,18 @@ if [[ ${BENCH_PATCHING:-1} == 1 ]]; then
             python3 "$BENCH/patching.py"
     else
         BENCH_OUT="$OUT" python3 "$BENCH/patching.py"
+    fi
+fi
+
+# The standby section (bench/standby.py: C clients resuming N events each at once with a hot
+# standby named by event_piper_replay_postgres: the primary's share of the replayed rows; its
+# own primary, standby and nginx). Quick: 10 clients x 10,000 events.
+if [[ ${BENCH_STANDBY:-1} == 1 ]]; then
+    if [[ $QUICK == 1 ]]; then
+        BENCH_STANDBY_CLIENTS=${BENCH_STANDBY_CLIENTS:-10} \
+            BENCH_STANDBY_EVENTS=${BENCH_STANDBY_EVENTS:-10000} BENCH_OUT="$OUT" \
+            python3 "$BENCH/standby.py"
+    else
+        BENCH_OUT="$OUT" python3 "$BENCH/standby.py"
     fi
 fi

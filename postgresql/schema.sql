@@ -8,7 +8,7 @@
 -- constraint trigger, such that positions become visible strictly in increasing order: once a
 -- reader sees position p, no position below p can appear later.
 --
--- Where positions live (issue 11). Not in the event row: writing them there is an UPDATE of an
+-- Where positions live. Not in the event row: writing them there is an UPDATE of an
 -- indexed column, which writes the whole row a second time with all its index entries and leaves
 -- a dead row version per event for autovacuum. They live in `event_positions`, a narrow
 -- insert-only table (position, event id, subscriber, commit time) whose index on
@@ -34,7 +34,7 @@
 -- id; the original service's rows keep position = id (see the migration below).
 
 -- What this database has before this script: nothing, the original service's table (no
--- positions), a schema that kept positions in events.position (before issue 11's side table), or
+-- positions), a schema that kept positions in events.position (before event_positions), or
 -- this one. Decided before anything is created.
 SELECT set_config('event_piper.layout',
                   CASE WHEN to_regclass('events') IS NULL THEN 'new'
@@ -111,6 +111,14 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT ((pos % 4294967296) - 2147483648)::int
 $$;
 
+-- The k-th position (from 1) of a range that starts at `first_pos`: a transaction's rows take
+-- positions in id order, the notifications list them in that order (docs/notification-grammar.md).
+-- A SQL function, IMMUTABLE: inlined, it costs nothing at run time.
+CREATE OR REPLACE FUNCTION event_piper_nth_position(first_pos bigint, k bigint) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT first_pos + k - 1
+$$;
+
 -- Existing rows. The original service's rows get position = id, and new positions continue above
 -- every id it ever handed out, so its clients resume with the Last-Event-ID they hold. A schema
 -- that kept positions in events.position moves them here unchanged (and the column goes, so
@@ -172,13 +180,15 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM event_positions p WHERE p.event_id = e.id);
     IF n > 0 THEN
         pos0 := nextval('events_position_seq');
-        PERFORM setval('events_position_seq', pos0 + n - 1);
+        PERFORM setval('events_position_seq', event_piper_nth_position(pos0, n));
         INSERT INTO event_positions (position, event_id, subscriber)
-            SELECT pos0 + row_number() OVER (ORDER BY e.id) - 1, e.id, e.subscriber
+            SELECT event_piper_nth_position(pos0, row_number() OVER (ORDER BY e.id)), e.id,
+                   e.subscriber
               FROM events e
              WHERE NOT EXISTS (SELECT 1 FROM event_positions p WHERE p.event_id = e.id);
-        -- A bare position: every open stream reads the table for what it has not sent.
-        PERFORM pg_notify(chan, 'p ' || (pos0 + n - 1));
+        -- A bare position ("p", docs/notification-grammar.md): every open stream reads the
+        -- table for what it has not sent.
+        PERFORM pg_notify(chan, 'p ' || event_piper_nth_position(pos0, n));
     END IF;
 END;
 $$;
@@ -412,7 +422,24 @@ BEGIN
 END;
 $$;
 
--- Notification payload (one line of header, then raw bytes), parsed by src/core/notification.cpp:
+-- The notification grammar's limits (docs/notification-grammar.md; the same constants in
+-- src/core/grammar.hpp, checked against these by tests/integration/test_grammar.py). SQL
+-- functions, IMMUTABLE: inlined where they are used, so they cost what a literal costs.
+-- An "e" notification is shorter than this many bytes (NOTIFY refuses 8000 or more).
+CREATE OR REPLACE FUNCTION event_piper_grammar_event_below() RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 7999';
+-- The records of a "b" notification ("b\n" before them) hold at most this many bytes.
+CREATE OR REPLACE FUNCTION event_piper_grammar_batch_records_max() RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 7997';
+-- An event whose subscriber, type and payload hold more bytes than this goes alone, not in a "b".
+CREATE OR REPLACE FUNCTION event_piper_grammar_batch_event_max() RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 7900';
+-- A subscriber of this many bytes or more is never notified (see below).
+CREATE OR REPLACE FUNCTION event_piper_grammar_subscriber_below() RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT 7900';
+
+-- Notification payload (one line of header, then raw bytes), parsed by src/core/notification.cpp
+-- (the grammar in full: docs/notification-grammar.md):
 --   "e <position> <subscriber bytes> <type bytes>\n<subscriber><type><payload as jsonb text>"
 --     the whole event, when it fits in NOTIFY's 8000-byte limit;
 --   "r <position> <subscriber bytes>\n<subscriber>"
@@ -421,9 +448,9 @@ $$;
 --     a bare position (rows given positions by this script). A row whose subscriber is too long
 --     to name in a notification (7,900 bytes or more) is not notified at all: no request can
 --     name such a consumer (ids are at most 256 bytes), and a bare position would send every
---     stream to the table for nothing (issue 9, item 8);
+--     stream to the table for nothing;
 --   "b\n" then "<position> <subscriber bytes> <type bytes> <payload bytes>\n<subscriber><type>
---   <payload>" per event (since issue 11; modules before it ignore these)
+--   <payload>" per event (modules older than this form ignore these)
 --     several events of one transaction, in position order, as many as fit in 7,999 bytes.
 --   A patch (events.patches set) carries its target's position after the lengths:
 --   "e <position> <subscriber bytes> <type bytes> <target position>\n..." and, in a batch,
@@ -440,10 +467,11 @@ RETURNS text LANGUAGE sql STABLE AS $$
     SELECT CASE
         WHEN octet_length(sub) + octet_length(typ) + octet_length(body) + length(pos::text)
              + length(octet_length(sub)::text) + length(octet_length(typ)::text)
-             + coalesce(length(tgt::text) + 1, 0) + 5 < 7999
+             + coalesce(length(tgt::text) + 1, 0) + 5 < event_piper_grammar_event_below()
             THEN 'e ' || pos || ' ' || octet_length(sub) || ' ' || octet_length(typ)
                  || coalesce(' ' || tgt, '') || E'\n' || sub || typ || body
-        WHEN octet_length(sub) < 7900 THEN 'r ' || pos || ' ' || octet_length(sub) || E'\n' || sub
+        WHEN octet_length(sub) < event_piper_grammar_subscriber_below()
+            THEN 'r ' || pos || ' ' || octet_length(sub) || E'\n' || sub
         ELSE 'p ' || pos
     END
 $$;
@@ -516,7 +544,8 @@ RETURNS text LANGUAGE sql STABLE AS $$
            || octet_length(body) || coalesce(' ' || tgt, '') || E'\n' || sub || typ || body
 $$;
 
--- Runs at COMMIT (deferred), once per transaction (see event_piper_note_insert).
+-- Runs at COMMIT (deferred), once per transaction (see event_piper_note_insert). Its
+-- notifications: docs/notification-grammar.md.
 CREATE OR REPLACE FUNCTION events_commit_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -580,7 +609,7 @@ BEGIN
         t := pg_advisory_lock(7402652111030151173)::text;
         held := true;
         pos_first := nextval('events_position_seq');
-        pos_last := pos_first + n - 1;
+        pos_last := event_piper_nth_position(pos_first, n);
         IF pos_last > pos_first THEN
             t := setval('events_position_seq', pos_last)::text;
         END IF;
@@ -612,7 +641,7 @@ BEGIN
         IF sub1 IS NOT NULL THEN
             INSERT INTO event_positions (position, event_id, subscriber, target)
                 VALUES (pos_first, NEW.id, sub1, tgt1);
-            IF octet_length(sub1) < 7900 THEN
+            IF octet_length(sub1) < event_piper_grammar_subscriber_below() THEN
                 t := pg_notify(chan, event_piper_message(pos_first, sub1, typ1, body1,
                                                          tgt1))::text;
             END IF;
@@ -629,7 +658,9 @@ BEGIN
                  SELECT position, id, sub, typ, body,
                         CASE WHEN patches IS NOT NULL THEN event_piper_patch_target(
                             id, patches, sub, position, ids, pos_first) END AS tgt
-                   FROM (SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position, id,
+                   FROM (SELECT event_piper_nth_position(pos_first,
+                                                         row_number() OVER (ORDER BY id))
+                                    AS position, id,
                                 subscriber::text AS sub, type::text AS typ,
                                 payload::text AS body, patches
                            FROM events WHERE id = ANY (ids)) AS ordered),
@@ -643,12 +674,14 @@ BEGIN
                min(octet_length(sub))
           INTO n, size, buf, shortest
           FROM mine;
-        IF n > 1 AND size <= 7900 AND octet_length(buf) <= 7997 THEN
+        IF n > 1 AND size <= event_piper_grammar_batch_event_max()
+           AND octet_length(buf) <= event_piper_grammar_batch_records_max() THEN
             t := pg_notify(chan, E'b\n' || buf)::text;
         ELSIF n > 0 THEN
             -- Several notifications (or a lone event): as few as fit, in position order.
             buf := '';
-            FOR r IN SELECT pos_first + row_number() OVER (ORDER BY id) - 1 AS position,
+            FOR r IN SELECT event_piper_nth_position(pos_first, row_number() OVER (ORDER BY id))
+                                AS position,
                             subscriber::text AS sub, type::text AS typ, payload::text AS body,
                             -- (by event_id alone: a cached plan chose a position range
                             -- scan per row for a BETWEEN here, quadratic in large inserts)
@@ -656,18 +689,19 @@ BEGIN
                               WHERE p.event_id = events.id LIMIT 1) AS tgt
                        FROM events WHERE id = ANY (ids) ORDER BY id LOOP
                 size := octet_length(r.sub) + octet_length(r.typ) + octet_length(r.body);
-                IF size <= 7900 THEN
+                IF size <= event_piper_grammar_batch_event_max() THEN
                     rec := event_piper_batch_record(r.position, r.sub, r.typ, r.body, r.tgt);
                 END IF;
                 -- Flush the batch when this event does not fit in it (or goes alone).
-                IF buf <> '' AND (size > 7900 OR octet_length(buf) + octet_length(rec) > 7997)
-                THEN
+                IF buf <> '' AND (size > event_piper_grammar_batch_event_max()
+                                  OR octet_length(buf) + octet_length(rec)
+                                     > event_piper_grammar_batch_records_max()) THEN
                     t := pg_notify(chan, CASE WHEN lone IS NOT NULL THEN lone
                                               ELSE E'b\n' || buf END)::text;
                     buf := '';
                 END IF;
-                IF size > 7900 THEN
-                    IF octet_length(r.sub) < 7900 THEN
+                IF size > event_piper_grammar_batch_event_max() THEN
+                    IF octet_length(r.sub) < event_piper_grammar_subscriber_below() THEN
                         t := pg_notify(chan, event_piper_message(r.position, r.sub, r.typ,
                                                                  r.body, r.tgt))::text;
                     END IF;
@@ -688,7 +722,8 @@ BEGIN
     -- name): NOTIFY anyway, on a channel nobody listens to, so that PREPARE TRANSACTION refuses
     -- this transaction like every other that reserved positions (PostgreSQL cannot prepare a
     -- transaction that notified).
-    IF coalesce(octet_length(sub1), shortest, 7900) >= 7900 THEN
+    IF coalesce(octet_length(sub1), shortest, event_piper_grammar_subscriber_below())
+       >= event_piper_grammar_subscriber_below() THEN
         t := pg_notify('event_piper_unprepared', '')::text;
     END IF;
     -- 3. Wait until every smaller position is visible or rolled back: the transaction that

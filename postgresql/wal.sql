@@ -114,6 +114,7 @@ BEGIN
         SELECT r.pos, r.id, r.sub, r.tgt
           FROM unnest(positions, ids, subscribers, targets) AS r(pos, id, sub, tgt);
     END IF;
+    -- Built by the positioner (docs/notification-grammar.md), sent as they are.
     FOREACH n IN ARRAY notifications LOOP
         t := pg_notify(channel, n)::text;
     END LOOP;
@@ -138,7 +139,7 @@ BEGIN
          WHERE NOT EXISTS (SELECT 1 FROM event_positions p WHERE p.event_id = e.id);
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
-        PERFORM pg_notify(channel, 'p ' || (above + n));
+        PERFORM pg_notify(channel, 'p ' || (above + n)); -- docs/notification-grammar.md
     END IF;
     RETURN n;
 END;

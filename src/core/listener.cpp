@@ -1,6 +1,8 @@
 // The listener's state machine (see listener.hpp).
 #include "listener.hpp"
 
+#include "grammar.hpp"
+
 #include <algorithm>
 #include <charconv>
 
@@ -105,13 +107,15 @@ void Listener::read_newest() {
 }
 
 // The check's round trip on the LISTEN connection, which must stay trivial (notifications wait
-// behind it): the newest committed position that the trigger notifies (a subscriber of 7,900
-// bytes or more is never notified: see schema.sql), for note_committed(), among the newest 100
-// positions, so that its cost is bounded whatever the rows hold.
-const char *const round_trip_sql =
+// behind it): the newest committed position that the trigger notifies (a subscriber of
+// grammar::subscriber_below bytes or more is never notified: docs/notification-grammar.md), for
+// note_committed(), among the newest 100 positions, so that its cost is bounded whatever the
+// rows hold.
+const std::string round_trip_sql =
     "SELECT (SELECT position FROM (SELECT position, subscriber FROM event_positions"
     "   ORDER BY position DESC LIMIT 100) AS newest"
-    " WHERE octet_length(subscriber) < 7900 ORDER BY position DESC LIMIT 1)";
+    " WHERE octet_length(subscriber) < " +
+    std::to_string(grammar::subscriber_below) + " ORDER BY position DESC LIMIT 1)";
 namespace {
 namespace round_trip_column {
 enum : int { newest_notified };
@@ -321,7 +325,7 @@ void Listener::on_check_timer() {
     if (phase_ == Phase::Live) {
         phase_ = Phase::Checking;
         check_.arm(settings_.timeout_ms);
-        if (link_.send(round_trip_sql, 0, nullptr)) { // failure: on_link_lost has run
+        if (link_.send(round_trip_sql.c_str(), 0, nullptr)) { // failure: on_link_lost has run
             start_table_check();
         }
         return;
@@ -396,7 +400,9 @@ void Listener::note_committed(int64_t newest_committed) {
         }
         ++unnotified_hints_;
         announced_floor_ = checked_newest_;
-        events_.on_notification("p " + to_text(static_cast<uint64_t>(checked_newest_)));
+        // A bare position hint (docs/notification-grammar.md, form "p").
+        events_.on_notification(std::string{grammar::form_position, grammar::field_separator} +
+                                to_text(static_cast<uint64_t>(checked_newest_)));
         events_.on_notifications_done();
     }
     checked_newest_ = newest_committed;

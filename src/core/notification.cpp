@@ -1,12 +1,18 @@
 // Notification parsing: a one-line ASCII header with byte lengths, then raw bytes, so that
-// subscriber, type and payload need no escaping and no JSON parse on the hot path.
+// subscriber, type and payload need no escaping and no JSON parse on the hot path. The grammar:
+// docs/notification-grammar.md; its constants: grammar.hpp.
 #include "notification.hpp"
+
+#include "grammar.hpp"
 
 #include <charconv>
 
 namespace event_piper {
 
 namespace {
+
+using grammar::field_separator;
+using grammar::header_end;
 
 // Reads a decimal number followed by `sep`; advances `p`.
 template <typename T> bool read_number(const char *&p, const char *end, char sep, T &value) {
@@ -28,23 +34,24 @@ bool read_last_number(const char *&p, const char *end, T &value, int64_t positio
         return false;
     }
     p = res.ptr + 1;
-    if (*res.ptr == '\n') {
+    if (*res.ptr == header_end) {
         return true;
     }
-    return *res.ptr == ' ' && read_number(p, end, '\n', target) && target > 0 && target < position;
+    return *res.ptr == field_separator && read_number(p, end, header_end, target) && target > 0 &&
+           target < position;
 }
 
 } // namespace
 
 bool parse_notification(std::string_view text, Notification &out) {
-    if (text.size() < 3 || text[1] != ' ') {
+    if (text.size() < 3 || text[1] != field_separator) {
         return false;
     }
     const char *p = text.data() + 2;
     const char *end = text.data() + text.size();
     out = Notification{};
     switch (text[0]) {
-    case 'p': {
+    case grammar::form_position: {
         auto res = std::from_chars(p, end, out.position);
         if (res.ec != std::errc() || res.ptr != end || out.position <= 0) {
             return false;
@@ -52,21 +59,23 @@ bool parse_notification(std::string_view text, Notification &out) {
         out.kind = Notification::Kind::Position;
         return true;
     }
-    case 'r': {
+    case grammar::form_reference: {
         size_t sublen = 0;
-        if (!read_number(p, end, ' ', out.position) || !read_number(p, end, '\n', sublen) ||
-            out.position <= 0 || static_cast<size_t>(end - p) != sublen) {
+        if (!read_number(p, end, field_separator, out.position) ||
+            !read_number(p, end, header_end, sublen) || out.position <= 0 ||
+            static_cast<size_t>(end - p) != sublen) {
             return false;
         }
         out.kind = Notification::Kind::Reference;
         out.subscriber = std::string_view(p, sublen);
         return true;
     }
-    case 'e': {
+    case grammar::form_event: {
         size_t sublen = 0;
         size_t typelen = 0;
-        if (!read_number(p, end, ' ', out.position) || !read_number(p, end, ' ', sublen) ||
-            out.position <= 0 || !read_last_number(p, end, typelen, out.position, out.target)) {
+        if (!read_number(p, end, field_separator, out.position) ||
+            !read_number(p, end, field_separator, sublen) || out.position <= 0 ||
+            !read_last_number(p, end, typelen, out.position, out.target)) {
             return false;
         }
         size_t rest = static_cast<size_t>(end - p);
@@ -86,7 +95,7 @@ bool parse_notification(std::string_view text, Notification &out) {
 
 bool parse_notifications(std::string_view text, std::vector<Notification> &out) {
     out.clear();
-    if (text.size() < 2 || text[0] != 'b' || text[1] != '\n') {
+    if (text.size() < 2 || text[0] != grammar::form_batch || text[1] != header_end) {
         Notification n;
         if (!parse_notification(text, n)) {
             return false;
@@ -101,8 +110,9 @@ bool parse_notifications(std::string_view text, std::vector<Notification> &out) 
         size_t sublen = 0;
         size_t typelen = 0;
         size_t paylen = 0;
-        if (!read_number(p, end, ' ', n.position) || !read_number(p, end, ' ', sublen) ||
-            !read_number(p, end, ' ', typelen) || n.position <= 0 ||
+        if (!read_number(p, end, field_separator, n.position) ||
+            !read_number(p, end, field_separator, sublen) ||
+            !read_number(p, end, field_separator, typelen) || n.position <= 0 ||
             !read_last_number(p, end, paylen, n.position, n.target) ||
             (!out.empty() && n.position <= out.back().position) || paylen == 0) {
             out.clear();

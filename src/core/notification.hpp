@@ -1,5 +1,6 @@
 // Parses the payload of a `new_events` notification, as written by the trigger in
-// postgresql/schema.sql. A notification is a hint, never the only carrier of an event.
+// postgresql/schema.sql, the positioner and the listener (the grammar:
+// docs/notification-grammar.md). A notification is a hint, never the only carrier of an event.
 #pragma once
 
 #include <cstdint>
@@ -27,8 +28,8 @@ struct Notification {
 // Returns false for anything malformed (the caller logs it and treats it as a bare hint).
 bool parse_notification(std::string_view text, Notification &out);
 
-// A notification holds one event ("e", "r" or "p" above) or, since issue 11, several: the events
-// of one transaction that fit in one notification, in increasing positions,
+// A notification holds one event ("e", "r" or "p" above) or several: the events of one
+// transaction that fit in one notification, in increasing positions,
 //   "b\n" then, per event, "<pos> <sublen> <typelen> <paylen>\n<subscriber><type><payload>",
 // a patch with " <target>" after <paylen>.
 // Fills `out` (cleared first) with every event, in order; returns false, with `out` empty, if

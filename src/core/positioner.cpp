@@ -1,6 +1,8 @@
 // The positioner (see positioner.hpp and docs/wal-source.md).
 #include "positioner.hpp"
 
+#include "grammar.hpp"
+
 #include <algorithm>
 #include <charconv>
 
@@ -10,13 +12,23 @@ using pgoutput::Lsn;
 
 namespace {
 
+namespace g = grammar;
+
 std::string num(int64_t v) {
     return std::to_string(v);
 }
 
+// The notifications below follow docs/notification-grammar.md, byte for byte as the trigger
+// builds them.
+
 // A patch's target after the lengths (" <position>"); nothing for a plain event.
 std::string target_field(const WalRow &r) {
-    return r.target != 0 ? " " + num(r.target) : std::string();
+    return r.target != 0 ? g::field_separator + num(r.target) : std::string();
+}
+
+// A form's letter and separator: "e ", "r ", "p ".
+std::string form(char letter) {
+    return std::string{letter, g::field_separator};
 }
 
 // event_piper_message in schema.sql.
@@ -24,20 +36,24 @@ std::string one_message(int64_t pos, const WalRow &r) {
     const std::string p = num(pos);
     const std::string tgt = target_field(r);
     const size_t sub = r.subscriber.size(), typ = r.type.size(), body = r.payload.size();
-    if (sub + typ + body + p.size() + num(sub).size() + num(typ).size() + tgt.size() + 5 < 7999) {
-        return "e " + p + " " + num(sub) + " " + num(typ) + tgt + "\n" + r.subscriber + r.type +
-               r.payload;
+    // The header's fixed bytes: the letter and 3 separators, and the header's end.
+    if (sub + typ + body + p.size() + num(sub).size() + num(typ).size() + tgt.size() + 5 <
+        g::event_below) {
+        return form(g::form_event) + p + g::field_separator + num(sub) + g::field_separator +
+               num(typ) + tgt + g::header_end + r.subscriber + r.type + r.payload;
     }
-    if (sub < 7900) {
-        return "r " + p + " " + num(sub) + "\n" + r.subscriber;
+    if (sub < g::subscriber_below) {
+        return form(g::form_reference) + p + g::field_separator + num(sub) + g::header_end +
+               r.subscriber;
     }
-    return "p " + p;
+    return form(g::form_position) + p;
 }
 
 // event_piper_batch_record in schema.sql.
 std::string batch_record(const WalRow &r) {
-    return num(r.position) + " " + num(r.subscriber.size()) + " " + num(r.type.size()) + " " +
-           num(r.payload.size()) + target_field(r) + "\n" + r.subscriber + r.type + r.payload;
+    return num(r.position) + g::field_separator + num(r.subscriber.size()) + g::field_separator +
+           num(r.type.size()) + g::field_separator + num(r.payload.size()) + target_field(r) +
+           g::header_end + r.subscriber + r.type + r.payload;
 }
 
 void quote_into(std::string &out, const std::string &item) {
@@ -56,18 +72,20 @@ void quote_into(std::string &out, const std::string &item) {
 std::vector<std::string> wal_notifications(const std::vector<const WalRow *> &rows) {
     // The loop of events_commit_notify: a batch is flushed when the next event does not fit in
     // it or must go alone; a batch of one event goes in the "e" form.
+    const std::string batch_head{g::form_batch, g::header_end};
     std::vector<std::string> out;
     std::string buf;
     std::string lone;
     for (const WalRow *r : rows) {
         size_t size = r->subscriber.size() + r->type.size() + r->payload.size();
-        std::string rec = size <= 7900 ? batch_record(*r) : std::string();
-        if (!buf.empty() && (size > 7900 || buf.size() + rec.size() > 7997)) {
-            out.push_back(!lone.empty() ? lone : "b\n" + buf);
+        std::string rec = size <= g::batch_event_max ? batch_record(*r) : std::string();
+        if (!buf.empty() &&
+            (size > g::batch_event_max || buf.size() + rec.size() > g::batch_records_max)) {
+            out.push_back(!lone.empty() ? lone : batch_head + buf);
             buf.clear();
         }
-        if (size > 7900) {
-            if (r->subscriber.size() < 7900) {
+        if (size > g::batch_event_max) {
+            if (r->subscriber.size() < g::subscriber_below) {
                 out.push_back(one_message(r->position, *r));
             }
             continue;
@@ -76,7 +94,7 @@ std::vector<std::string> wal_notifications(const std::vector<const WalRow *> &ro
         buf += rec;
     }
     if (!buf.empty()) {
-        out.push_back(!lone.empty() ? lone : "b\n" + buf);
+        out.push_back(!lone.empty() ? lone : batch_head + buf);
     }
     return out;
 }
@@ -743,7 +761,7 @@ void Positioner::on_commit(const pgoutput::Message &m) {
         }
     } else if (txn_last_position_ > 0) {
         // Too large to hold: a bare position sends the streams to the table.
-        notifications_.push_back("p " + num(txn_last_position_));
+        notifications_.push_back(form(g::form_position) + num(txn_last_position_));
     }
     if (oldest_pending_ms_ == 0) {
         oldest_pending_ms_ =

@@ -70,7 +70,7 @@ struct WalRow {
 // The notifications the trigger would send for one transaction's rows, in position order, built
 // the same way (events_commit_notify in schema.sql): one "b" batch of as many as fit in 7,999
 // bytes, "e" for a lone event, "r" for an event too large to notify. A patch's records carry
-// its target's position after the lengths.
+// its target's position after the lengths (docs/notification-grammar.md).
 std::vector<std::string> wal_notifications(const std::vector<const WalRow *> &rows);
 
 // A PostgreSQL array literal of text elements, each quoted.

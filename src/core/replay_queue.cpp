@@ -9,6 +9,27 @@
 
 namespace event_piper {
 
+namespace {
+
+// The columns of batch_sql() and folded_sql(), in the order of their SELECT lists below.
+namespace batch_col {
+constexpr int position = 0;
+constexpr int type = 1;
+constexpr int body = 2;
+constexpr int fetched = 3; // rows found before the byte cap
+constexpr int newest = 4;  // the newest committed position
+constexpr int target = 5;  // a patch's or stand-in's target position (NULL: a plain event)
+constexpr int state = 6;   // "t": a whole state, not a merge patch
+} // namespace batch_col
+
+// The one column of folding_probe_sql().
+constexpr int probe_has_folding = 0;
+// The columns of standby_probe_sql().
+constexpr int standby_in_recovery = 0;
+constexpr int standby_lag_col = 1; // milliseconds
+
+} // namespace
+
 std::string ReplayQueue::batch_sql(size_t ids) {
     std::string branches;
     for (size_t i = 0; i < ids; ++i) {
@@ -73,6 +94,15 @@ std::string ReplayQueue::folded_sql(size_t ids) {
            " ORDER BY b.position";
 }
 
+const char *ReplayQueue::standby_probe_sql() {
+    // The lag: how old the last replayed commit is while WAL received waits to be replayed
+    // (0 when the standby has replayed all it received).
+    return "SELECT pg_is_in_recovery(), CASE WHEN pg_last_wal_receive_lsn() IS NULL"
+           " OR pg_last_wal_receive_lsn() <= pg_last_wal_replay_lsn() THEN 0 ELSE"
+           " coalesce((extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)"
+           "::bigint, 0) END";
+}
+
 const char *ReplayQueue::folding_probe_sql() {
     return "SELECT to_regprocedure('event_piper_state(bigint)') IS NOT NULL";
 }
@@ -100,11 +130,13 @@ ReplayQueue::Slot &ReplayQueue::slot_of(DbLink &link) {
 }
 
 void ReplayQueue::reset(Slot &slot) {
-    DbLink *link = slot.link;
-    Folding folding = slot.folding;
+    Slot kept = std::move(slot);
     slot = Slot{};
-    slot.link = link;
-    slot.folding = folding;
+    slot.link = kept.link;
+    slot.folding = kept.folding;
+    slot.standby = kept.standby;
+    slot.probed_ms = kept.probed_ms;
+    slot.checked = kept.checked;
 }
 
 void ReplayQueue::close_all() {
@@ -119,22 +151,26 @@ void ReplayQueue::close_all() {
         reset(slot);
     }
     queue_.clear();
+    primary_queue_.clear();
     queued_.clear();
+    on_primary_.clear();
     held_ = 0; // the streams' shares are forgotten with them (shutdown)
 }
 
 void ReplayQueue::request(Stream &s) {
-    if (s.query_in_flight() || !queued_.insert(&s).second) {
+    if (s.query_in_flight() || queued_.count(&s) != 0) {
         return;
     }
-    queue_.push_back(&s);
+    enqueue(s, false);
     dispatch();
 }
 
 void ReplayQueue::cancel(Stream &s) {
     if (queued_.erase(&s) != 0) {
-        queue_.erase(std::find(queue_.begin(), queue_.end(), &s));
+        std::deque<Stream *> &q = on_primary_.count(&s) != 0 ? primary_queue_ : queue_;
+        q.erase(std::find(q.begin(), q.end(), &s));
     }
+    on_primary_.erase(&s);
     for (Slot &slot : slots_) {
         std::replace(slot.streams.begin(), slot.streams.end(), &s, static_cast<Stream *>(nullptr));
         slot.deferred.erase(std::remove(slot.deferred.begin(), slot.deferred.end(), &s),
@@ -149,98 +185,206 @@ void ReplayQueue::release(Stream &s) {
     }
     held_ -= std::min(held_, s.replay_held());
     s.set_replay_held(0);
-    if (!queue_.empty()) {
+    if (!queue_.empty() || !primary_queue_.empty()) {
         dispatch();
     }
 }
 
+bool ReplayQueue::standby_up() const {
+    if (!has_standby_ || standby_down_) {
+        return false;
+    }
+    for (const Slot &slot : slots_) {
+        DbLink::State st = slot.link->state();
+        if (slot.standby && slot.checked &&
+            (st == DbLink::State::Ready || st == DbLink::State::Busy)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void ReplayQueue::enqueue(Stream &s, bool front) {
+    queued_.insert(&s);
+    std::deque<Stream *> &q = on_primary_.count(&s) != 0 ? primary_queue_ : queue_;
+    if (front) {
+        q.push_front(&s);
+    } else {
+        q.push_back(&s);
+    }
+}
+
 void ReplayQueue::dispatch() {
-    while (!queue_.empty()) {
+    // A send or connect that fails at once reports on_link_lost from inside this loop, which
+    // dispatches again: the loop that is running goes on with what is left.
+    if (dispatching_) {
+        return;
+    }
+    dispatching_ = true;
+    struct Done {
+        bool &flag;
+        ~Done() { flag = false; }
+    } done{dispatching_};
+    retry_standby();
+    while (!queue_.empty() || !primary_queue_.empty()) {
         if (budget_ != 0 && held_ >= budget_) {
             return; // clients have not taken what was read for them: wait for release()
         }
-        Slot *idle = nullptr;
-        size_t connecting = 0;
-        for (Slot &slot : slots_) {
-            DbLink::State st = slot.link->state();
-            if (st == DbLink::State::Ready && idle == nullptr) {
-                idle = &slot;
-            } else if (st == DbLink::State::Connecting) {
-                ++connecting;
-            }
-        }
-        if (idle == nullptr) {
-            if (retry_.armed()) {
-                return; // backing off after a failure
-            }
-            // Open links on demand: no more than there are streams waiting.
-            for (Slot &slot : slots_) {
-                if (connecting >= queue_.size()) {
-                    break;
-                }
-                if (slot.link->state() == DbLink::State::Down) {
-                    ++connecting;
-                    slot.link->connect(); // may fail at once: on_link_lost arms the retry timer
-                    if (retry_.armed()) {
-                        return;
-                    }
-                }
-            }
-            return;
-        }
-        Stream *s = queue_.front();
-        reset(*idle);
-        if (s->folded() && idle->folding == Folding::Unknown) {
-            // First ask this connection's schema; the stream stays first in line.
-            idle->probing = true;
-            idle->link->send(folding_probe_sql(), 0, nullptr);
+        if (!primary_queue_.empty() && serve(primary_queue_, false)) {
             continue;
         }
-        bool folded = s->folded() && idle->folding == Folding::Yes;
-        queue_.pop_front();
-        queued_.erase(s);
-        idle->streams.push_back(s);
-        // Every stream waiting for exactly the same rows rides along.
-        for (auto it = queue_.begin(); it != queue_.end();) {
-            Stream *o = *it;
-            if (o->consumers() == s->consumers() && o->last_position() == s->last_position() &&
-                o->folded() == s->folded() && o->batch_rows() == s->batch_rows() &&
-                o->batch_bytes() == s->batch_bytes()) {
-                idle->streams.push_back(o);
-                queued_.erase(o);
-                it = queue_.erase(it);
-            } else {
-                ++it;
+        if (!queue_.empty()) {
+            bool standby = has_standby_ && !standby_down_;
+            if (serve(queue_, standby)) {
+                continue;
+            }
+            if (standby && standby_down_) {
+                continue; // the standby failed at once: the primary serves them
             }
         }
-        Number last(s->last_position());
-        Number rows(static_cast<int64_t>(s->batch_rows()));
-        Number bytes(static_cast<int64_t>(s->batch_bytes()));
-        const std::vector<std::string> &ids = s->consumers();
-        params_.assign({last.text, rows.text, bytes.text});
-        for (const std::string &id : ids) {
-            params_.push_back(id.c_str());
+        return;
+    }
+}
+
+// Sends the next query of `q` on an idle link of the standby or the primary pool; false if
+// none is idle (links of the pool are then opened on demand).
+bool ReplayQueue::serve(std::deque<Stream *> &q, bool standby) {
+    Slot *idle = nullptr;
+    size_t connecting = 0;
+    for (Slot &slot : slots_) {
+        if (slot.standby != standby) {
+            continue;
         }
-        std::vector<std::string> &cache = folded ? folded_sql_ : sql_;
-        if (cache.size() < ids.size()) {
-            cache.resize(ids.size());
+        DbLink::State st = slot.link->state();
+        if (st == DbLink::State::Ready && idle == nullptr) {
+            idle = &slot;
+        } else if (st == DbLink::State::Connecting) {
+            ++connecting;
         }
-        if (cache[ids.size() - 1].empty()) {
-            cache[ids.size() - 1] = folded ? folded_sql(ids.size()) : batch_sql(ids.size());
+    }
+    if (idle == nullptr) {
+        if (!standby && retry_.armed()) {
+            return false; // backing off after a failure
         }
-        uint64_t epoch = events_.listener_epoch();
-        for (Stream *o : idle->streams) {
-            o->begin_query(epoch);
+        // Streams the primary serves: its own queue, and the other one while no standby does.
+        size_t waiting =
+            standby ? queue_.size()
+                    : primary_queue_.size() + (has_standby_ && !standby_down_ ? 0 : queue_.size());
+        // Open links on demand: no more than there are streams waiting.
+        for (Slot &slot : slots_) {
+            if (connecting >= waiting) {
+                break;
+            }
+            if (slot.standby == standby && slot.link->state() == DbLink::State::Down) {
+                ++connecting;
+                // May fail at once: on_link_lost arms the retry timer (or marks the standby down).
+                slot.link->connect();
+                if (standby ? standby_down_ : retry_.armed()) {
+                    return false;
+                }
+            }
         }
-        ++queries_;
-        // Failure: on_link_lost has re-queued them.
-        idle->link->send(cache[ids.size() - 1].c_str(), static_cast<int>(params_.size()),
-                         params_.data());
+        return false;
+    }
+    Stream *s = q.front();
+    reset(*idle);
+    if (standby && clock_ != nullptr &&
+        clock_->now_ms() - idle->probed_ms >= standby_probe_period_ms) {
+        // Still a standby (not promoted), and how far behind: now and then, between batches.
+        idle->probe = Probe::Standby;
+        idle->link->send(standby_probe_sql(), 0, nullptr);
+        return true;
+    }
+    if (s->folded() && idle->folding == Folding::Unknown) {
+        // First ask this connection's schema; the stream stays first in line.
+        idle->probe = Probe::Folding;
+        idle->link->send(folding_probe_sql(), 0, nullptr);
+        return true;
+    }
+    bool folded = s->folded() && idle->folding == Folding::Yes;
+    q.pop_front();
+    queued_.erase(s);
+    idle->streams.push_back(s);
+    // Every stream waiting for exactly the same rows rides along.
+    for (auto it = q.begin(); it != q.end();) {
+        Stream *o = *it;
+        if (o->consumers() == s->consumers() && o->last_position() == s->last_position() &&
+            o->folded() == s->folded() && o->batch_rows() == s->batch_rows() &&
+            o->batch_bytes() == s->batch_bytes()) {
+            idle->streams.push_back(o);
+            queued_.erase(o);
+            it = q.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    Number last(s->last_position());
+    Number rows(static_cast<int64_t>(s->batch_rows()));
+    Number bytes(static_cast<int64_t>(s->batch_bytes()));
+    const std::vector<std::string> &ids = s->consumers();
+    params_.assign({last.text, rows.text, bytes.text});
+    for (const std::string &id : ids) {
+        params_.push_back(id.c_str());
+    }
+    std::vector<std::string> &cache = folded ? folded_sql_ : sql_;
+    if (cache.size() < ids.size()) {
+        cache.resize(ids.size());
+    }
+    if (cache[ids.size() - 1].empty()) {
+        cache[ids.size() - 1] = folded ? folded_sql(ids.size()) : batch_sql(ids.size());
+    }
+    uint64_t epoch = events_.listener_epoch();
+    for (Stream *o : idle->streams) {
+        o->begin_query(epoch);
+    }
+    ++queries_;
+    ++(standby ? standby_ : primary_).queries;
+    // Failure: on_link_lost has re-queued them.
+    idle->link->send(cache[ids.size() - 1].c_str(), static_cast<int>(params_.size()),
+                     params_.data());
+    return true;
+}
+
+// While the standby pool is down, one of its links tries again after its backoff (dispatch
+// runs often enough while streams catch up; nobody needs the standby otherwise).
+void ReplayQueue::retry_standby() {
+    if (!standby_down_ || clock_ == nullptr || clock_->now_ms() < standby_retry_at_ms_) {
+        return;
+    }
+    Slot *down = nullptr;
+    for (Slot &slot : slots_) {
+        if (!slot.standby) {
+            continue;
+        }
+        DbLink::State st = slot.link->state();
+        if (st == DbLink::State::Connecting || st == DbLink::State::Busy) {
+            return; // an attempt or a probe is under way
+        }
+        if (st == DbLink::State::Ready) {
+            reset(slot);
+            slot.probe = Probe::Standby;
+            slot.link->send(standby_probe_sql(), 0, nullptr);
+            return;
+        }
+        down = down == nullptr ? &slot : down;
+    }
+    if (down != nullptr) {
+        standby_retry_at_ms_ = clock_->now_ms() + standby_backoff_.next();
+        down->link->connect();
     }
 }
 
 void ReplayQueue::on_link_ready(DbLink &link) {
-    slot_of(link).folding = Folding::Unknown; // a new connection
+    Slot &slot = slot_of(link);
+    slot.folding = Folding::Unknown; // a new connection
+    slot.checked = false;
+    if (slot.standby) {
+        // Before its first batch: is it a standby at all, and how far behind.
+        reset(slot);
+        slot.probe = Probe::Standby;
+        link.send(standby_probe_sql(), 0, nullptr);
+        return;
+    }
     if (reported_down_) {
         log_.write(LogLevel::Notice, "event_piper: replay connection is back");
         reported_down_ = false;
@@ -251,8 +395,8 @@ void ReplayQueue::on_link_ready(DbLink &link) {
 
 void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
     Slot &slot = slot_of(link);
-    if (slot.probing) {
-        bool yes = result.ok() && result.rows() == 1 && result.value(0, 0) == "t";
+    if (slot.probe == Probe::Folding) {
+        bool yes = result.ok() && result.rows() == 1 && result.value(0, probe_has_folding) == "t";
         slot.folding = yes ? Folding::Yes : Folding::No;
         if (!yes && !warned_no_folding_) {
             log_.write(LogLevel::Warn,
@@ -263,41 +407,60 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
         }
         return;
     }
+    if (slot.probe == Probe::Standby) {
+        slot.probed_ms = clock_ != nullptr ? clock_->now_ms() : 1;
+        if (!result.ok()) {
+            slot.not_standby = "the standby check failed: " + result.error();
+        } else if (result.rows() != 1 || result.value(0, standby_in_recovery) != "t") {
+            slot.not_standby = "the server is not a standby (pg_is_in_recovery() is false)";
+        } else {
+            standby_lag_ms_ =
+                static_cast<uint64_t>(std::max<int64_t>(0, result.number(0, standby_lag_col)));
+        }
+        return;
+    }
     if (!result.ok()) {
         std::string why = result.error();
         while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
             why.pop_back();
         }
         ++failures_;
-        log_failure(why);
+        log_failure(slot.standby ? "on a standby (read again from the primary): " + why : why);
         slot.failed = true;
         return;
     }
     int n = result.rows();
     if (n > 0) {
-        slot.newest = result.number(0, 4);
-        events_.note_position(slot.newest);
-        if (result.is_null(0, 0)) {
+        slot.newest = result.number(0, batch_col::newest);
+        if (!slot.standby) {
+            events_.note_position(slot.newest); // a standby's newest may lag: not news
+        }
+        if (result.is_null(0, batch_col::position)) {
             return; // nothing after the streams' position
         }
-        slot.fetched = static_cast<size_t>(result.number(0, 3));
+        slot.fetched = static_cast<size_t>(result.number(0, batch_col::fetched));
     }
     frames_.clear();
     ends_.clear();
     for (int row = 0; row < n; ++row) {
-        int64_t pos = result.number(row, 0);
-        if (result.columns() > 6 && !result.is_null(row, 5)) {
-            append_target_frame(frames_, pos, result.number(row, 5),
-                                result.value(row, 6) == "t" ? TargetMember::State
-                                                            : TargetMember::Patch,
-                                result.value(row, 1), result.value(row, 2));
+        int64_t pos = result.number(row, batch_col::position);
+        if (result.columns() > batch_col::state && !result.is_null(row, batch_col::target)) {
+            append_target_frame(frames_, pos, result.number(row, batch_col::target),
+                                result.value(row, batch_col::state) == "t" ? TargetMember::State
+                                                                           : TargetMember::Patch,
+                                result.value(row, batch_col::type),
+                                result.value(row, batch_col::body));
         } else {
-            append_event_frame(frames_, pos, result.value(row, 1), result.value(row, 2));
+            append_event_frame(frames_, pos, result.value(row, batch_col::type),
+                               result.value(row, batch_col::body));
         }
         ends_.emplace_back(pos, frames_.size());
-        events_.note_position(pos);
+        if (!slot.standby) {
+            events_.note_position(pos);
+        }
     }
     slot.rows += static_cast<size_t>(n);
+    (slot.standby ? standby_ : primary_).rows += static_cast<uint64_t>(n);
     slot.bytes += frames_.size();
     // Every stream of the query gets its own copy: as many as the budget allows (at least one)
     // take the batch now; the others are asked again, first, once clients have taken theirs.
@@ -327,8 +490,26 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
 
 void ReplayQueue::on_link_idle(DbLink &link) {
     Slot &slot = slot_of(link);
-    if (slot.probing) {
+    if (slot.probe == Probe::Folding) {
         reset(slot);
+        dispatch();
+        return;
+    }
+    if (slot.probe == Probe::Standby) {
+        std::string why = std::move(slot.not_standby);
+        reset(slot);
+        slot.checked = why.empty();
+        if (!why.empty()) {
+            link.close();
+            standby_lost(why);
+        } else if (standby_down_ || standby_reported_down_) {
+            standby_down_ = false;
+            standby_backoff_.reset();
+            if (standby_reported_down_) {
+                log_.write(LogLevel::Notice, "event_piper: replay standby is back");
+                standby_reported_down_ = false;
+            }
+        }
         dispatch();
         return;
     }
@@ -336,12 +517,18 @@ void ReplayQueue::on_link_idle(DbLink &link) {
     reset(slot);
     for (auto it = done.deferred.rbegin(); it != done.deferred.rend(); ++it) {
         (*it)->query_lost();
-        queued_.insert(*it);
-        queue_.push_front(*it);
+        enqueue(**it, true);
     }
     for (Stream *s : done.streams) {
         if (s == nullptr) {
             continue; // the client went away meanwhile
+        }
+        if (done.failed && done.standby) {
+            // A standby may cancel a query (a conflict with recovery): the primary reads it.
+            s->query_lost();
+            on_primary_.insert(s);
+            enqueue(*s, true);
+            continue;
         }
         if (done.failed) {
             s->fail();
@@ -349,10 +536,19 @@ void ReplayQueue::on_link_idle(DbLink &link) {
             // More rows follow when the batch was full, or cut short by the byte cap.
             bool more =
                 done.rows > 0 && (done.fetched >= s->batch_rows() || done.rows < done.fetched);
-            if (done.rows == 0) {
+            if (done.standby && !more) {
+                // The standby's end of the history is not the tail: the primary's next batch
+                // decides whether the stream is at the tail and may go live.
+                on_primary_.insert(s);
+                more = true;
+            }
+            if (done.rows == 0 && !done.standby) {
                 s->on_newest(done.newest);
             }
             s->end_query(more, events_.listener_epoch());
+            if (s->mode() == Stream::Mode::Live) {
+                on_primary_.erase(s); // its next catch-up starts on a standby again
+            }
             s->set_replay_held(s->replay_held() + done.bytes);
             held_ += done.bytes;
         }
@@ -364,23 +560,47 @@ void ReplayQueue::on_link_idle(DbLink &link) {
 void ReplayQueue::on_link_lost(DbLink &link, std::string_view why) {
     Slot &slot = slot_of(link);
     slot.folding = Folding::Unknown; // the next connection may see another schema
+    slot.checked = false;
     std::vector<Stream *> streams = std::move(slot.streams);
     streams.insert(streams.end(), slot.deferred.begin(), slot.deferred.end());
+    bool standby = slot.standby;
     reset(slot);
     // Asked again first, in their order: they have waited longest.
     for (auto it = streams.rbegin(); it != streams.rend(); ++it) {
         if (Stream *s = *it) {
             s->query_lost();
-            queued_.insert(s);
-            queue_.push_front(s);
+            enqueue(*s, true);
         }
     }
-    if (!reported_down_) {
-        log_.write(LogLevel::Error, "event_piper: replay connection failed: " + std::string(why));
-        reported_down_ = true;
+    if (standby) {
+        standby_lost(why);
+    } else {
+        if (!reported_down_) {
+            log_.write(LogLevel::Error,
+                       "event_piper: replay connection failed: " + std::string(why));
+            reported_down_ = true;
+        }
+        if (!retry_.armed()) {
+            retry_.arm(backoff_.next());
+        }
     }
-    if (!retry_.armed()) {
-        retry_.arm(backoff_.next());
+    // Another link may be idle now: it serves them without waiting out the backoff (which only
+    // holds back opening links).
+    dispatch();
+}
+
+// The standby pool is down until one of its links answers the standby check again; meanwhile
+// the primary serves every stream.
+void ReplayQueue::standby_lost(std::string_view why) {
+    standby_down_ = true;
+    standby_lag_ms_ = 0;
+    uint64_t now = clock_ != nullptr ? clock_->now_ms() : 0;
+    standby_retry_at_ms_ = now + standby_backoff_.next();
+    if (!standby_reported_down_) {
+        log_.write(LogLevel::Warn, "event_piper: replay standby unavailable, replay reads the "
+                                   "primary: " +
+                                       std::string(why));
+        standby_reported_down_ = true;
     }
 }
 

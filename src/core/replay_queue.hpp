@@ -48,6 +48,10 @@ public:
     static std::string folded_sql(size_t ids);
     // Does the schema have them? Asked once per connection, when a folded stream first needs it.
     static const char *folding_probe_sql();
+    // Asked of a standby link when it connects and now and then between batches: whether the
+    // server is in recovery (a standby), and its replay lag in milliseconds.
+    static const char *standby_probe_sql();
+    static constexpr uint64_t standby_probe_period_ms = 2000;
 
     // `retry` fires on_retry_timer. `memory_budget`: bytes of served batches that clients have
     // not taken yet, beyond which no batch is sent (0: no limit). `clock` spaces out the log
@@ -64,6 +68,16 @@ public:
         slot.link = &link;
         slots_.push_back(slot);
     }
+    // A connection to a hot standby (event_piper_replay_postgres). Standbys read history; the
+    // primary confirms the tail: a batch from a standby is trusted up to its last row only, so a
+    // short one (the standby's end of the history, maybe behind the primary's) sends the
+    // stream's next batch to the primary, whose short batch alone may turn it live. A server
+    // that is not in recovery is not used. While no standby answers, the primary serves all.
+    void add_standby_link(DbLink &link) {
+        add_link(link);
+        slots_.back().standby = true;
+        has_standby_ = true;
+    }
 
     // Queues the stream for its next batch (no-op if queued or in flight).
     void request(Stream &s);
@@ -78,7 +92,18 @@ public:
 
     uint64_t queries() const { return queries_; }
     uint64_t failures() const { return failures_; } // queries the server refused
-    size_t queued() const { return queue_.size(); }
+    size_t queued() const { return queue_.size() + primary_queue_.size(); }
+    // Per kind of server: batch queries sent and rows received.
+    struct Served {
+        uint64_t queries = 0;
+        uint64_t rows = 0;
+    };
+    const Served &primary_served() const { return primary_; }
+    const Served &standby_served() const { return standby_; }
+    // A standby link is connected and answered the standby check.
+    bool standby_up() const;
+    // The replay lag a standby reported at its last check (0 while none is up).
+    uint64_t standby_lag_ms() const { return standby_up() ? standby_lag_ms_ : 0; }
 
     void on_link_ready(DbLink &link) override;
     void on_link_result(DbLink &link, const QueryResult &result) override;
@@ -86,11 +111,16 @@ public:
     void on_link_lost(DbLink &link, std::string_view why) override;
 
 private:
-    enum class Folding { Unknown, Yes, No }; // the link's schema has the patch functions
+    enum class Folding { Unknown, Yes, No };     // the link's schema has the patch functions
+    enum class Probe { None, Folding, Standby }; // a check in flight instead of a batch
     struct Slot {
         DbLink *link = nullptr;
         Folding folding = Folding::Unknown; // kept by reset(): a property of the connection
-        bool probing = false;               // the query in flight is folding_probe_sql()
+        bool standby = false;               // kept by reset(): of the standby pool
+        uint64_t probed_ms = 0;             // kept by reset(): its last standby check
+        bool checked = false;               // kept by reset(): passed it on this connection
+        Probe probe = Probe::None;          // the query in flight is a check
+        std::string not_standby;            // the standby check's refusal, if any
         std::vector<Stream *> streams;      // whose batch is in flight (nullptr: gone meanwhile)
         std::vector<Stream *> deferred;     // beyond the budget: asked again, first
         size_t rows = 0;                    // rows received
@@ -100,6 +130,10 @@ private:
         bool failed = false;                // the server refused the query
     };
     void dispatch();
+    bool serve(std::deque<Stream *> &q, bool standby);
+    void enqueue(Stream &s, bool front);
+    void retry_standby();
+    void standby_lost(std::string_view why);
     Slot &slot_of(DbLink &link);
     static void reset(Slot &slot);
     void log_failure(const std::string &why);
@@ -108,7 +142,9 @@ private:
     Timer &retry_;
     ReplayEvents &events_;
     Log &log_;
-    std::deque<Stream *> queue_;
+    std::deque<Stream *> queue_;              // served by a standby if one is up, else the primary
+    std::deque<Stream *> primary_queue_;      // streams whose next batch must come from the primary
+    std::unordered_set<Stream *> on_primary_; // until they go live
     std::unordered_set<Stream *> queued_;
     std::vector<std::string> sql_;        // batch_sql(n) at [n - 1], built when first needed
     std::vector<std::string> folded_sql_; // folded_sql(n) likewise
@@ -129,6 +165,15 @@ private:
     };
     std::vector<FailureLine> failure_lines_; // a few reasons (bounded)
     bool reported_down_ = false;
+    bool dispatching_ = false;
+    bool has_standby_ = false;
+    bool standby_down_ = false; // until a standby link answers the standby check again
+    bool standby_reported_down_ = false;
+    uint64_t standby_retry_at_ms_ = 0;
+    Backoff standby_backoff_;
+    uint64_t standby_lag_ms_ = 0;
+    Served primary_;
+    Served standby_;
 };
 
 } // namespace event_piper

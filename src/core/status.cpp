@@ -69,6 +69,7 @@ struct Field {
     const char *type;
     const char *help;
     uint64_t WorkerStats::*member;
+    bool maximum = false; // the instance's figure is the largest of the workers', not the sum
 };
 
 const Field fields[] = {
@@ -130,6 +131,24 @@ const Field fields[] = {
     {"replay_failures", "event_piper_replay_failures_total", "counter",
      "Replay queries that failed (the server refused them or cancelled them).",
      &WorkerStats::replay_failures},
+    {"replay_primary_queries", "event_piper_replay_primary_queries_total", "counter",
+     "Replay batch queries sent to the primary (event_piper_postgres).",
+     &WorkerStats::replay_primary_queries},
+    {"replay_primary_rows", "event_piper_replay_primary_rows_total", "counter",
+     "Rows of replay batches read from the primary.", &WorkerStats::replay_primary_rows},
+    {"replay_standby_queries", "event_piper_replay_standby_queries_total", "counter",
+     "Replay batch queries sent to a standby (event_piper_replay_postgres).",
+     &WorkerStats::replay_standby_queries},
+    {"replay_standby_rows", "event_piper_replay_standby_rows_total", "counter",
+     "Rows of replay batches read from a standby.", &WorkerStats::replay_standby_rows},
+    {"replay_standby_up", "event_piper_replay_standby_up", "gauge",
+     "1 while a standby link of the worker is connected and answered its standby check.",
+     &WorkerStats::replay_standby_up},
+    {"replay_standby_lag_ms", "event_piper_replay_standby_lag_milliseconds", "gauge",
+     "The standby's replay lag at the worker's last check: the age of its last replayed commit "
+     "while it has WAL left to replay (0: caught up, or no standby up). The instance's figure "
+     "is the largest.",
+     &WorkerStats::replay_standby_lag_ms, true},
     {nullptr, "event_piper_source_wal", "gauge",
      "1 when positions come from the write-ahead log (event_piper_source wal).",
      &WorkerStats::source_wal},
@@ -256,7 +275,8 @@ std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t
     WorkerStats total;
     for (const auto &w : workers) {
         for (const Field &f : fields) {
-            total.*f.member += w.*f.member;
+            total.*f.member =
+                f.maximum ? std::max(total.*f.member, w.*f.member) : total.*f.member + w.*f.member;
         }
     }
     total.last_notification_ms = newest_notification(workers);

@@ -43,6 +43,14 @@ struct WorkerStats {
     uint64_t listener_takeovers = 0; // roles this worker took from a holder gone or frozen
     uint64_t writers_waiting = 0;    // event writers held back in COMMIT over 1 s (listener's)
     uint64_t replay_failures = 0;    // replay queries the server refused
+    // Replay batches by the kind of server that answered them (event_piper_replay_postgres),
+    // and the standby as this worker last checked it.
+    uint64_t replay_primary_queries = 0;
+    uint64_t replay_primary_rows = 0;
+    uint64_t replay_standby_queries = 0;
+    uint64_t replay_standby_rows = 0;
+    uint64_t replay_standby_up = 0;     // 1: a standby link is connected and checked
+    uint64_t replay_standby_lag_ms = 0; // its replay lag at the last check
     // event_piper_source wal: the positioner (docs/wal-source.md), in the worker that reads the
     // slot; the lag is what it has not committed yet.
     uint64_t source_wal = 0;           // 1: event_piper_source wal

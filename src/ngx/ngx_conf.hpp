@@ -15,6 +15,7 @@ namespace event_piper {
 struct MainConf {
     ngx_shm_zone_t *status_zone; // one status slot per worker, for event_piper_status
     ngx_str_t conninfo;
+    ngx_str_t replay_conninfo; // event_piper_replay_postgres: hot standbys for history ("": none)
     ngx_str_t channel;
     ngx_uint_t replay_connections;
     size_t replay_memory;        // bytes read for catching-up streams and not yet sent

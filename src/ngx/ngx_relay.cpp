@@ -5,6 +5,8 @@
 // net.unix.max_dgram_qlen (10 by default), and refuses datagrams from anyone else.
 #include "ngx_relay.hpp"
 
+#include "core/grammar.hpp"
+
 #include <cerrno>
 #include <cstddef>
 #include <cstdio>
@@ -17,7 +19,12 @@ namespace event_piper {
 namespace {
 
 constexpr ngx_msec_t tick_ms = 500;
-constexpr size_t max_datagram = 65536; // NOTIFY payloads are under 8000 bytes
+// The receive buffer. A datagram holds at most relay_batch_bytes, or one notification, which is
+// shorter than grammar::notify_payload_limit (docs/notification-grammar.md).
+constexpr size_t max_datagram = 65536;
+static_assert(relay_batch_bytes <= max_datagram &&
+                  relay_header + 4 + grammar::notify_payload_limit <= max_datagram,
+              "every datagram fits in the receive buffer");
 
 // The holder word: pid and status slot together, so that one compare-and-swap claims both and
 // a follower never pairs a new holder with the previous holder's socket.

@@ -81,6 +81,12 @@ void Worker::wire(const MainConf &conf) {
                                                          "event_piper_replay"));
         hub_->replay().add_link(*replay_links_.back());
     }
+    // As many standby links, which read history while a standby answers.
+    for (ngx_uint_t i = 0; conf.replay_conninfo.len != 0 && i < conf.replay_connections; ++i) {
+        replay_links_.push_back(std::make_unique<PgLink>(
+            hub_->replay(), log_, text(conf.replay_conninfo), "event_piper_replay"));
+        hub_->replay().add_standby_link(*replay_links_.back());
+    }
     slot_ = claim_status_slot(conf.status_zone, log_);
     if (conf.listener_shared) {
         relay_ = NgxRelay::create(log_, conf.status_zone, slot_, conf.relay_buffer, *hub_, epochs_,
@@ -184,6 +190,12 @@ void Worker::publish() {
     stats.replay_failures = hub_->replay().failures();
     stats.replay_queries = hub_->replay().queries();
     stats.replay_queued = hub_->replay().queued();
+    stats.replay_primary_queries = hub_->replay().primary_served().queries;
+    stats.replay_primary_rows = hub_->replay().primary_served().rows;
+    stats.replay_standby_queries = hub_->replay().standby_served().queries;
+    stats.replay_standby_rows = hub_->replay().standby_served().rows;
+    stats.replay_standby_up = hub_->replay().standby_up() ? 1 : 0;
+    stats.replay_standby_lag_ms = hub_->replay().standby_lag_ms();
     if (relay_ != nullptr) {
         relay_->fill_stats(stats);
     }

@@ -1,5 +1,5 @@
--- The schema of ngx_event_piper 5baac6e (issue 11, first step: positions in events.position, one
--- commit-time firing per transaction), kept to test the upgrade to postgresql/schema.sql.
+-- The schema of ngx_event_piper 5baac6e (positions in events.position, one commit-time firing
+-- per transaction), kept verbatim below this header to test the upgrade to postgresql/schema.sql.
 -- ngx_event_piper schema: the events table (the log), its indexes and the commit-ordered
 -- notification trigger. Safe to apply more than once, also while writers insert, provided it is
 -- applied in one transaction:  psql --single-transaction -f postgresql/schema.sql

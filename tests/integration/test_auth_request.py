@@ -1,4 +1,4 @@
-"""Issue 5: identity from nginx's auth_request, the setup for production (docs/setups.md).
+"""Identity from nginx's auth_request, the setup for production (docs/setups.md).
 
 A client-sent X-Consumer-Id is a claim, not a proof. With
 

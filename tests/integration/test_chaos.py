@@ -1,4 +1,4 @@
-"""Issue 4, point 6: the chaos test.
+"""The chaos test.
 
 Eight C++ writers (tests/chaos/writer.cpp, one libpq connection each) insert events in
 transactions of random length with pauses inside (so that they commit out of id order), roll some
@@ -7,11 +7,11 @@ transaction whose COMMIT answer is lost is looked up by its marker). Sixty SSE c
 consumers disconnect at random moments (FIN or RST, often in the middle of a frame) and resume
 with the Last-Event-ID of the last complete frame they got, as EventSource does. Meanwhile
 PostgreSQL is restarted twice (pg_ctl stop -m fast, then pg_ctl start on the same port), nginx
-is reloaded once, and the worker holding the instance's one LISTEN connection (issue 12,
-`event_piper_listener shared`, the default) is killed with -9 twice: the master respawns it and
+is reloaded once, and the worker holding the instance's one LISTEN connection
+(`event_piper_listener shared`, the default) is killed with -9 twice: the master respawns it and
 another worker takes the listener.
 
-Twelve more clients carry several ids each (issue 13: `X-Consumer-Groups`, overlapping sets of the
+Twelve more clients carry several ids each (`X-Consumer-Groups`, overlapping sets of the
 same consumers), and must hold the events of all their ids merged in position order.
 
 At the end every client must hold exactly the committed events of its ids, as the table has
@@ -69,7 +69,7 @@ http {
 CONSUMERS = ["c%02d" % i for i in range(10)] + ["o'neil; --", "caf\u00e9 \u2603"]
 NOBODY = "nobody-listens"          # events nobody subscribes to
 CLIENTS_PER_CONSUMER = 5
-# Multiplexed clients (issue 13): a consumer plus groups, overlapping one another.
+# Multiplexed clients: a consumer plus groups, overlapping one another.
 MULTIPLEXED = [("c00", ["c01", "c02"]), ("c02", ["c03", "o'neil; --"]),
                ("c05", ["c06", "c07", "c00"]), ("caf\u00e9 \u2603", ["c09", "c08", "c01"])]
 CLIENTS_PER_MULTIPLEXED = 3

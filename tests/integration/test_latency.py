@@ -1,4 +1,4 @@
-"""Issue 20: nothing holds notifications back.
+"""Nothing holds notifications back.
 
 A backend sends notifications only between queries: whatever the LISTEN connection runs holds
 back every notification until it answers. The listener's periodic check once read table events

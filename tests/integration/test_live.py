@@ -1,4 +1,4 @@
-"""Issue 2: live event streaming, told as the user stories of the original service.
+"""Live event streaming, told as the user stories of the original service.
 
 Each test starts its own nginx (2 workers, NGINX_CONF) with the module against the run's PostgreSQL
 (fixtures `db`, `nginx`, `clients` of conftest.py), speaks raw HTTP/1.1 over sockets and asserts on

@@ -1,4 +1,4 @@
-"""Issue 13: several consumer ids in one stream (a user, their groups, a broadcast id).
+"""Several consumer ids in one stream (a user, their groups, a broadcast id).
 
     location = /events {
         auth_request /_auth;

@@ -1,4 +1,4 @@
-"""Issue 5: what an operator sees. `nginx -t` refuses bad configurations with a message naming the
+"""What an operator sees. `nginx -t` refuses bad configurations with a message naming the
 directive and the value; the example configuration passes; /status reports the whole instance
 (JSON and Prometheus); /manage/health follows the listener.
 """

@@ -1,4 +1,4 @@
-"""Issue 5: real SSE clients against the module, with nothing hand-rolled on the client side.
+"""Real SSE clients against the module, with nothing hand-rolled on the client side.
 
 * Node: the npm `eventsource` package (WhatWG EventSource, tests/clients/eventsource_client.mjs)
   sends X-Consumer-Id through its `fetch` option, receives live events, and when nginx reloads
@@ -500,7 +500,7 @@ class BrowserEventSource(RealClientTestCase):
         self.assert_requests(ngx, ngx.port, expected)
 
     def test_page_with_a_user_and_a_broadcast_id_in_query_arguments(self):
-        """Issue 13: `new EventSource('/events?consumer=' + user + '&groups=everyone')` with
+        """`new EventSource('/events?consumer=' + user + '&groups=everyone')` with
         `event_piper_consumer $arg_consumer urldecode; event_piper_consumer_groups $arg_groups
         urldecode;` receives the user's events and the broadcasts, merged in order."""
         ngx = self.start_nginx(

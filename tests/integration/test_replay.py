@@ -1,4 +1,4 @@
-"""Issue 3: history replay with Last-Event-ID, bounded and gap-free into live.
+"""History replay with Last-Event-ID, bounded and gap-free into live.
 
 A client that was away resumes with `Last-Event-ID: N` and gets every event of its consumer after
 N, in order, then live events: no gap, no duplicate, whatever the size of the history and however
@@ -128,7 +128,7 @@ def test_last_event_id_zero_replays_everything(db, nginx, clients):
 
 
 def test_last_event_id_beyond_the_newest_is_just_live(db, nginx, clients):
-    """design/issue 3: "N beyond the newest event: just live"; the stream opens, replays
+    """N beyond the newest event: just live. The stream opens, replays
     nothing, and the next event inserted for the consumer is delivered."""
     for _ in range(8):
         db.insert("toto")

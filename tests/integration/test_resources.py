@@ -1,4 +1,4 @@
-"""Issue 4, point 7: resource safety.
+"""Resource safety.
 
 10,000 connect/disconnect cycles of /events streams (open, read the response headers, close; a
 mix of live streams, replays that are cut before they finish, polite closes and resets, each with a

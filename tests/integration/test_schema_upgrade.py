@@ -1,9 +1,9 @@
-"""Issue 11, points 3 and 4: moving a database to postgresql/schema.sql keeps every position;
-and the once-per-transaction trigger with transactions larger than one id list.
+"""Moving a database to postgresql/schema.sql keeps every position; and the once-per-transaction
+trigger with transactions larger than one id list.
 
-- A database with the schema before issue 11 (tests/integration/schema_before_issue11.sql: one
-  advisory lock and one UPDATE per row), or with the first step of issue 11
-  (schema_positions_in_events.sql: positions still in events.position), rows whose positions
+- A database with the schema before event_positions (tests/integration/schema_update_per_row.sql:
+  one advisory lock and one UPDATE per row), or with positions still in events.position
+  (schema_positions_in_events.sql), rows whose positions
   differ from their ids, gets
   schema.sql applied in one transaction while writers insert: no existing position changes, and
   every row committed meanwhile gets a new, larger one.
@@ -48,7 +48,7 @@ http {
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA = os.path.join(HERE, "..", "..", "postgresql", "schema.sql")
-SCHEMA_BEFORE = os.path.join(HERE, "schema_before_issue11.sql")
+SCHEMA_BEFORE = os.path.join(HERE, "schema_update_per_row.sql")
 SCHEMA_POSITIONS_IN_EVENTS = os.path.join(HERE, "schema_positions_in_events.sql")
 
 ORIGINAL_SCHEMA = """
@@ -160,7 +160,7 @@ class Writers:
 
 
 @pytest.mark.parametrize("name,before_schema", [
-    ("upgrade_from_before_issue11", SCHEMA_BEFORE),
+    ("upgrade_from_update_per_row", SCHEMA_BEFORE),
     ("upgrade_from_positions_in_events", SCHEMA_POSITIONS_IN_EVENTS)])
 def test_todays_schema_upgraded_while_writers_insert_keeps_every_position(
         database, name, before_schema):

@@ -1,4 +1,4 @@
-"""Issue 12: one LISTEN connection per nginx instance (`event_piper_listener shared`, the
+"""One LISTEN connection per nginx instance (`event_piper_listener shared`, the
 default), forwarded to the workers that have streams for the notified consumer.
 
 The stories: an instance holds exactly one listening backend (two with `per_worker` and two

@@ -169,7 +169,7 @@ class _Lines:
 # --------------------------------------------------------------------------------------------
 
 def test_a_transaction_that_reserved_positions_cannot_be_prepared(db, nginx, clients):
-    """The issue's reproduction: inserted then deleted, nothing notified, so PostgreSQL let it
+    """Inserted then deleted, nothing notified, so PostgreSQL let it
     be prepared, and every later event writer waited in COMMIT until ROLLBACK PREPARED."""
     ngx = nginx.start(db)
     c = clients.stream(ngx, "after", settle=0)

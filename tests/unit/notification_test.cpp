@@ -1,6 +1,8 @@
 // Parsing the trigger's notification payloads (postgresql/schema.sql).
 #include "notification.hpp"
 
+#include "grammar.hpp"
+
 #include <gtest/gtest.h>
 
 using namespace event_piper;
@@ -145,4 +147,69 @@ TEST(Notifications, BatchWithPatches) {
     EXPECT_FALSE(parse_notifications("b\n4 4 2 8 4\ntotoxp{\"z\": 2}", v));
     EXPECT_FALSE(parse_notifications("b\n4 4 2 8 x\ntotoxp{\"z\": 2}", v));
     EXPECT_TRUE(v.empty());
+}
+
+// The grammar at its limits (docs/notification-grammar.md, grammar.hpp): the largest notification
+// of each form parses whole; test_grammar.py checks that the trigger builds exactly these.
+namespace {
+
+std::string repeat(size_t n, char c) {
+    return std::string(n, c);
+}
+
+} // namespace
+
+TEST(NotificationGrammar, TheFormsLettersAndSeparators) {
+    std::vector<Notification> v;
+    std::string e{grammar::form_event, grammar::field_separator};
+    e += "3 1 1";
+    e += grammar::header_end;
+    e += "st{}";
+    ASSERT_TRUE(parse_notifications(e, v));
+    EXPECT_EQ(v[0].kind, Notification::Kind::Event);
+    std::string b{grammar::form_batch, grammar::header_end};
+    ASSERT_TRUE(parse_notifications(b + "3 1 1 2\nst{}", v));
+    ASSERT_TRUE(parse_notifications(std::string{grammar::form_reference, ' '} + "3 1\ns", v));
+    EXPECT_EQ(v[0].kind, Notification::Kind::Reference);
+    ASSERT_TRUE(parse_notifications(std::string{grammar::form_position, ' '} + "3", v));
+    EXPECT_EQ(v[0].kind, Notification::Kind::Position);
+}
+
+TEST(NotificationGrammar, TheLargestOfEachFormParses) {
+    std::vector<Notification> v;
+    // "e": event_below - 1 bytes, with a target.
+    std::string head = "e 12 4 6 7\n";
+    std::string e = head + "totoinsert" +
+                    repeat(grammar::event_below - 1 - head.size() - 10, '1'); // a JSON number
+    ASSERT_EQ(e.size(), grammar::event_below - 1);
+    ASSERT_TRUE(parse_notifications(e, v));
+    EXPECT_EQ(v[0].target, 7);
+    EXPECT_EQ(v[0].payload.size(), e.size() - head.size() - 10);
+    // "r": the longest subscriber that is notified.
+    std::string sub = repeat(grammar::subscriber_below - 1, 's');
+    std::string r = "r 9223372036854775807 " + std::to_string(sub.size()) + "\n" + sub;
+    EXPECT_LT(r.size(), grammar::notify_payload_limit);
+    ASSERT_TRUE(parse_notifications(r, v));
+    EXPECT_EQ(v[0].subscriber.size(), grammar::subscriber_below - 1);
+    // "b": batch_max bytes, two records, the second of batch_event_max bytes.
+    std::string first = "1 1 1 2\nst{}";
+    std::string second_head = "2 1 1 " + std::to_string(grammar::batch_event_max - 2) + "\n";
+    std::string second = second_head + "st" + repeat(grammar::batch_event_max - 2, '2');
+    std::string pad = "3 1 1 ";
+    std::string records = first + second;
+    size_t room = grammar::batch_records_max - records.size();
+    // A third record that fills the batch to the byte: "3 1 1 <n>\nst<n bytes>".
+    size_t n = 1;
+    while (pad.size() + std::to_string(n).size() + 3 + n < room) {
+        ++n;
+    }
+    records += pad + std::to_string(n) + "\nst" + repeat(n, '3');
+    ASSERT_EQ(records.size(), grammar::batch_records_max);
+    std::string batch = "b\n" + records;
+    ASSERT_EQ(batch.size(), grammar::batch_max);
+    ASSERT_TRUE(parse_notifications(batch, v));
+    ASSERT_EQ(v.size(), 3u);
+    EXPECT_EQ(v[1].subscriber.size() + v[1].type.size() + v[1].payload.size(),
+              grammar::batch_event_max);
+    EXPECT_EQ(v[2].payload.size(), n);
 }

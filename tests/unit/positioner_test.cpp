@@ -5,6 +5,7 @@
 #include "positioner.hpp"
 
 #include "fakes.hpp"
+#include "grammar.hpp"
 #include "notification.hpp"
 #include "wal_bytes.hpp"
 
@@ -826,4 +827,33 @@ TEST_F(PositionerTest, PatchesInTheWrittenPartsOfALargeTransactionGetTheirTarget
     EXPECT_EQ(patches, 26u);
     EXPECT_EQ(repl.last_flush(), 0x1030u);
     EXPECT_EQ(log.count("patches event"), 0u);
+}
+
+TEST(WalNotifications, AtTheGrammarsLimits) {
+    // docs/notification-grammar.md: "e" while shorter than event_below bytes, then "r"; nothing
+    // for a subscriber of subscriber_below bytes; an event of batch_event_max bytes may share a
+    // batch, one byte more goes alone.
+    const std::string head = "e 5 4 6\n";
+    for (size_t size : {grammar::event_below - 1, grammar::event_below}) {
+        WalRow a{5, 1, "toto", "insert", std::string(size - head.size() - 10, '1'), 0, true};
+        auto out = wal_notifications({&a});
+        ASSERT_EQ(out.size(), 1u);
+        if (size < grammar::event_below) {
+            EXPECT_EQ(out[0].size(), size);
+            EXPECT_EQ(out[0].substr(0, head.size()), head);
+        } else {
+            EXPECT_EQ(out[0], "r 5 4\ntoto");
+        }
+    }
+    for (size_t sub : {grammar::subscriber_below - 1, grammar::subscriber_below}) {
+        WalRow a{5, 1, std::string(sub, 's'), "t", std::string(200, '1'), 0, true};
+        auto out = wal_notifications({&a});
+        EXPECT_EQ(out.size(), sub < grammar::subscriber_below ? 1u : 0u) << sub;
+    }
+    for (size_t size : {grammar::batch_event_max, grammar::batch_event_max + 1}) {
+        WalRow a{5, 1, "s", "t", std::string(size - 2, '1'), 0, true};
+        WalRow b{6, 2, "s", "t", "{}", 0, true};
+        auto out = wal_notifications({&a, &b});
+        EXPECT_EQ(out.size(), size <= grammar::batch_event_max ? 1u : 2u) << size;
+    }
 }

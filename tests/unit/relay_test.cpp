@@ -237,7 +237,7 @@ TEST(InterestMapTest, TheHubPublishesItsConsumersBeforeTheFirstQuery) {
     EXPECT_EQ(bits.bits.count(consumer_bit("alice")), 1u);
     w.hub.close(*s);
     EXPECT_TRUE(bits.bits.empty());
-    // A stream of several ids (issue 13) wants each of them.
+    // A stream of several ids wants each of them.
     Stream multi(std::vector<std::string>{"alice", "bob"}, 0, Stream::Limits{}, &w.owner);
     w.hub.open(multi);
     EXPECT_EQ(bits.bits, (std::set<size_t>{consumer_bit("alice"), consumer_bit("bob")}));
@@ -278,7 +278,7 @@ TEST(RelaySenderTest, ForwardsOnlyToWorkersThatWantTheConsumerAndNumbersPerWorke
 }
 
 TEST(RelaySenderTest, ATransactionsBatchGoesToEveryWorkerThatWantsAnyOfItsEvents) {
-    // Issue 11's "b" notifications carry the events of one transaction, for several consumers.
+    // A "b" notification carries the events of one transaction, for several consumers.
     Worker holder;
     FakePeers peers(3);
     RelaySender sender(holder.hub, peers, holder.epochs);

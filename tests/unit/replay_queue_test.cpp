@@ -153,6 +153,20 @@ TEST_F(ReplayQueueTest, ALinkLostMidBatchRequeuesTheStreamFirstAndBacksOff) {
     EXPECT_EQ(log.count("replay connection is back"), 1u);
 }
 
+TEST_F(ReplayQueueTest, ALinkLostMidBatchHandsTheStreamToAnIdleLinkAtOnce) {
+    auto s1 = stream("alice", 0), s2 = stream("bob", 0);
+    queue.request(*s1);
+    queue.request(*s2);
+    a.connected(queue);
+    b.connected(queue);
+    answer(b, batch({}, 0, 9)); // bob is live: b is idle
+    a.lost(queue, "server closed the connection");
+    // Not after the backoff: b is there now.
+    EXPECT_EQ(b.last_params[3], "alice");
+    EXPECT_TRUE(s1->query_in_flight());
+    EXPECT_EQ(queue.queued(), 0u);
+}
+
 TEST_F(ReplayQueueTest, ConnectFailuresBackOffAndDoubling) {
     auto s = stream("alice", 0);
     queue.request(*s);
@@ -473,4 +487,171 @@ TEST_F(ReplayQueueTest, PatchesAndStandInsOfTheFullHistoryNameTheirTarget) {
     append_target_frame(expected, 2, 1, TargetMember::Patch, "p", "{\"x\":null}");
     append_target_frame(expected, 3, 1, TargetMember::State, "t", "{}");
     EXPECT_EQ(drain(*s), expected);
+}
+
+namespace {
+
+// One primary link and one standby link (event_piper_replay_postgres).
+struct StandbyTest : ReplayQueueTest {
+    FakeLink sb;
+    FakeClock clock;
+    ReplayQueue q{retry, events, log, 0, &clock};
+
+    void SetUp() override {
+        q.add_link(a);
+        q.add_standby_link(sb);
+    }
+    void answer(FakeLink &link, const FakeResult &result) {
+        q.on_link_result(link, result);
+        link.idle(q);
+    }
+    static FakeResult standby(const char *in_recovery, const char *lag_ms) {
+        return FakeResult({{std::string(in_recovery), std::string(lag_ms)}});
+    }
+    // The standby connects and answers its check.
+    void standby_up(const char *lag_ms = "0") {
+        sb.connected(q);
+        ASSERT_EQ(sb.sent.back(), ReplayQueue::standby_probe_sql());
+        answer(sb, standby("t", lag_ms));
+    }
+};
+
+} // namespace
+
+TEST_F(StandbyTest, TheStandbyServesHistoryAndThePrimaryConfirmsTheTail) {
+    auto s = stream("alice", 0, 3);
+    q.request(*s);
+    EXPECT_EQ(sb.connects, 1);
+    EXPECT_EQ(a.connects, 0);
+    standby_up("250");
+    EXPECT_EQ(sb.last_params, (std::vector<std::string>{"0", "3", "262144", "alice"}));
+    EXPECT_TRUE(q.standby_up());
+    EXPECT_EQ(q.standby_lag_ms(), 250u);
+    answer(sb, batch({1, 2, 3}, 3, 7)); // full: more rows follow
+    EXPECT_EQ(drain(*s), frames({1, 2, 3}));
+    q.request(*s);
+    EXPECT_EQ(sb.last_params[0], "3");
+    // Short: the standby's end of the history, not necessarily the tail.
+    answer(sb, batch({4}, 1, 4));
+    EXPECT_EQ(drain(*s), frames({4}));
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
+    EXPECT_TRUE(s->wants_query(true));
+    EXPECT_EQ(events.newest, 0); // a standby's positions are no news of the tail
+    q.request(*s);
+    EXPECT_EQ(a.connects, 1); // the primary confirms the tail
+    a.connected(q);
+    EXPECT_EQ(a.last_params[0], "4");
+    answer(a, batch({5}, 1, 9));
+    EXPECT_EQ(drain(*s), frames({5}));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+    EXPECT_EQ(q.standby_served().queries, 2u);
+    EXPECT_EQ(q.standby_served().rows, 4u);
+    EXPECT_EQ(q.primary_served().queries, 1u);
+    EXPECT_EQ(q.primary_served().rows, 1u);
+    EXPECT_EQ(q.queries(), 3u);
+}
+
+TEST_F(StandbyTest, ALaggingStandbyOnlyMovesWorkToThePrimary) {
+    auto s = stream("alice", 10, 3);
+    q.request(*s);
+    standby_up();
+    // The standby has replayed up to 5 only: nothing after 10 there.
+    answer(sb, batch({}, 0, 5));
+    EXPECT_EQ(s->last_position(), 10); // not brought back to the standby's newest
+    EXPECT_EQ(s->mode(), Stream::Mode::CatchingUp);
+    q.request(*s);
+    a.connected(q);
+    EXPECT_EQ(a.last_params[0], "10");
+    answer(a, batch({11, 12, 13}, 3, 20)); // full: still on the primary until live
+    q.request(*s);
+    EXPECT_EQ(a.last_params[0], "13");
+    EXPECT_EQ(sb.sent.size(), 2u); // the check and one batch
+    answer(a, batch({}, 0, 13));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+    // Its next catch-up (a slow client, say) starts on the standby again.
+    s->on_event(14, std::string(300 * 1024, 'x'));
+    ASSERT_EQ(s->mode(), Stream::Mode::CatchingUp);
+    q.request(*s);
+    EXPECT_EQ(sb.sent.size(), 3u);
+}
+
+TEST_F(StandbyTest, AStandbyLostMidBatchSendsItsStreamsToThePrimaryAndComesBackLater) {
+    auto s1 = stream("alice", 0), s2 = stream("bob", 0);
+    q.request(*s1);
+    standby_up();
+    q.request(*s2); // waits for the standby link (busy)
+    EXPECT_EQ(a.connects, 0);
+    sb.lost(q, "server closed the connection");
+    EXPECT_FALSE(q.standby_up());
+    EXPECT_EQ(log.count("replay standby unavailable, replay reads the primary: server closed"), 1u);
+    EXPECT_EQ(a.connects, 1);
+    a.connected(q);
+    EXPECT_EQ(a.last_params[3], "alice"); // first in line still
+    answer(a, batch({1}, 1, 1));
+    EXPECT_EQ(a.last_params[3], "bob");
+    EXPECT_EQ(s1->mode(), Stream::Mode::Live);
+    // After its backoff, a dispatch tries the standby again; it is used once it answers.
+    clock.now += 100;
+    auto s3 = stream("carol", 0);
+    q.request(*s3);
+    EXPECT_EQ(sb.connects, 2);
+    standby_up();
+    answer(a, batch({}, 0, 1));
+    EXPECT_EQ(log.count("replay standby is back"), 1u);
+    EXPECT_EQ(sb.last_params[3], "carol");
+}
+
+TEST_F(StandbyTest, AServerThatIsNotInRecoveryIsNotUsed) {
+    auto s = stream("alice", 0);
+    q.request(*s);
+    sb.connected(q);
+    EXPECT_FALSE(q.standby_up());  // not before it passed the check
+    answer(sb, standby("f", "0")); // a primary (prefer-standby found none), or promoted
+    EXPECT_EQ(sb.state(), DbLink::State::Down);
+    EXPECT_EQ(log.count("the server is not a standby"), 1u);
+    a.connected(q);
+    EXPECT_EQ(a.last_params[3], "alice");
+    answer(a, batch({1}, 1, 1));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+}
+
+TEST_F(StandbyTest, APromotedStandbyIsNoticedBetweenBatches) {
+    auto s = stream("alice", 0, 3);
+    q.request(*s);
+    standby_up();
+    answer(sb, batch({1, 2, 3}, 3, 7));
+    clock.now += ReplayQueue::standby_probe_period_ms;
+    q.request(*s);
+    EXPECT_EQ(sb.sent.back(), ReplayQueue::standby_probe_sql()); // checked again first
+    answer(sb, standby("f", "0"));
+    EXPECT_EQ(sb.state(), DbLink::State::Down);
+    a.connected(q);
+    EXPECT_EQ(a.last_params[0], "3");
+}
+
+TEST_F(StandbyTest, AQueryTheStandbyCancelsIsReadFromThePrimary) {
+    auto s = stream("alice", 0);
+    q.request(*s);
+    standby_up();
+    answer(sb, FakeResult::failure("canceling statement due to conflict with recovery"));
+    EXPECT_FALSE(s->failed());
+    EXPECT_EQ(log.count("replay query failed: on a standby (read again from the primary): "
+                        "canceling statement"),
+              1u);
+    a.connected(q);
+    EXPECT_EQ(a.last_params[3], "alice");
+    answer(a, batch({1}, 1, 1));
+    EXPECT_EQ(s->mode(), Stream::Mode::Live);
+}
+
+TEST_F(StandbyTest, StreamsBoundForThePrimaryDoNotWaitBehindTheStandbyQueue) {
+    auto s1 = stream("alice", 0, 3), s2 = stream("bob", 0, 3);
+    q.request(*s1);
+    standby_up();
+    answer(sb, batch({1}, 1, 1)); // alice: to the primary next
+    q.request(*s2);               // bob: on the standby
+    q.request(*s1);
+    a.connected(q);
+    EXPECT_EQ(a.last_params[3], "alice");
+    EXPECT_EQ(sb.last_params[3], "bob");
 }

@@ -59,6 +59,12 @@ const char *const counters[] = {"streams",
                                 "listener_takeovers",
                                 "writers_waiting",
                                 "replay_failures",
+                                "replay_primary_queries",
+                                "replay_primary_rows",
+                                "replay_standby_queries",
+                                "replay_standby_rows",
+                                "replay_standby_up",
+                                "replay_standby_lag_ms",
                                 "positioner_holder",
                                 "positioner_lag_bytes",
                                 "positioner_lag_ms",
@@ -96,6 +102,20 @@ TEST(Status, JsonSumsWorkersAndListsEach) {
     EXPECT_NE(json.find("{\"pid\":10,\"listener\":\"listening\""), std::string::npos);
     EXPECT_NE(json.find("{\"pid\":11,\"listener\":\"connecting\""), std::string::npos);
     EXPECT_EQ(json.back(), '\n');
+}
+
+TEST(Status, StandbyRowsAddUpAndTheLagIsTheLargestWorkers) {
+    std::vector<WorkerStats> workers = two_workers();
+    workers[0].replay_standby_rows = 900;
+    workers[1].replay_standby_rows = 100;
+    workers[0].replay_standby_lag_ms = 40;
+    workers[1].replay_standby_lag_ms = 700;
+    std::string json = render_status_json(workers, 2000);
+    EXPECT_NE(json.find("\"replay_standby_rows\":1000,"), std::string::npos) << json;
+    EXPECT_NE(json.find("\"replay_standby_lag_ms\":700,"), std::string::npos) << json;
+    std::string text = render_status_prometheus(workers, 2000);
+    EXPECT_NE(text.find("event_piper_replay_standby_lag_milliseconds{pid=\"11\"} 700\n"),
+              std::string::npos);
 }
 
 TEST(Status, JsonParsesWithEveryFieldTotalAndPerWorker) {
