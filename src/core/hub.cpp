@@ -13,10 +13,32 @@ Hub::Hub(Timer &replay_retry, Clock &clock, Log &log, size_t replay_memory)
     : clock_(clock), log_(log), replay_(replay_retry, *this, log, replay_memory, &clock) {}
 
 void Hub::open(Stream &s) {
-    if (interest_ != nullptr) {
-        for (const std::string &id : s.consumers()) {
-            interest_->add(id); // before the stream's first query
+    // All or nothing: the registry and the interest bits may fail to grow (std::bad_alloc), and
+    // then no trace of the stream stays (its owner, which did not open it, never closes it).
+    const std::vector<std::string> &ids = s.consumers();
+    size_t interested = 0;
+    size_t registered = 0;
+    try {
+        if (interest_ != nullptr) {
+            for (; interested < ids.size(); ++interested) {
+                interest_->add(ids[interested]); // before the stream's first query
+            }
         }
+        for (; registered < ids.size(); ++registered) {
+            registry_.add(ids[registered], &s);
+        }
+    } catch (...) {
+        while (registered > 0) {
+            --registered;
+            registry_.remove(ids[registered], &s);
+        }
+        while (interested > 0) {
+            --interested;
+            interest_->remove(ids[interested]);
+        }
+        throw;
+    }
+    if (interest_ != nullptr) {
         // A worker that follows the listener's holder hears only of its own consumers: what it
         // knows may be older than what the holder has already seen (and will not forward here).
         note_position(interest_->newest_published());
@@ -35,9 +57,6 @@ void Hub::open(Stream &s) {
                 interest_->publish_waiting_since(waiting_since_ms_);
             }
         }
-    }
-    for (const std::string &id : s.consumers()) {
-        registry_.add(id, &s);
     }
 }
 

@@ -71,6 +71,16 @@ void Listener::on_link_ready(DbLink &link) {
     link_.send(listen_sql_.c_str(), 0, nullptr);
 }
 
+namespace {
+// The columns of read_newest()'s query, and of the schema version's.
+namespace newest_column {
+enum : int { position, start_for_waiting, channel, has_version_function };
+}
+namespace version_column {
+enum : int { version };
+}
+} // namespace
+
 void Listener::read_newest() {
     // LISTEN is active now: a snapshot taken from here on misses nothing that is notified.
     // The same query reads the channel the trigger notifies (event_piper.channel).
@@ -106,6 +116,11 @@ const std::string round_trip_sql =
     "   ORDER BY position DESC LIMIT 100) AS newest"
     " WHERE octet_length(subscriber) < " +
     std::to_string(grammar::subscriber_below) + " ORDER BY position DESC LIMIT 1)";
+namespace {
+namespace round_trip_column {
+enum : int { newest_notified };
+}
+} // namespace
 
 // The first query of a round on the second connection: event writers held back in COMMIT. Each
 // transaction that reserved positions holds the commit-order lock named after its last position
@@ -132,6 +147,11 @@ const char *const held_writers_sql =
     "   WHERE h.pid IS NULL AND x.pid IS NULL AND x.virtualtransaction = h.vxid LIMIT 1),"
     " a.usename, a.application_name"
     " FROM (SELECT 1) one LEFT JOIN h ON true LEFT JOIN pg_stat_activity a ON a.pid = h.pid";
+namespace {
+namespace writers_column {
+enum : int { waiting, longest_wait_ms, head_pid, head_gid, head_user, head_application, count };
+}
+} // namespace
 
 // The table check, on the second connection: ids of events above $1 (the first round, or after
 // the ids started again with TRUNCATE ... RESTART IDENTITY: from 100,000 below the newest; never
@@ -160,6 +180,11 @@ const char *const table_check_sql =
     "  (SELECT string_agg(k.id::text, ',' ORDER BY k.id) FROM unnest($2::bigint[]) AS k(id)"
     "    WHERE EXISTS (SELECT 1 FROM events e WHERE e.id = k.id)"
     "      AND (SELECT true FROM event_positions p WHERE p.event_id = k.id LIMIT 1) IS NULL)";
+namespace {
+namespace table_column {
+enum : int { scanned_to, found, found_ids, still_ids, count };
+}
+} // namespace
 static_assert(Listener::oldest_id_scanned == 100000 && Listener::unpositioned_followed == 1000,
               "table_check_sql spells these out");
 
@@ -169,16 +194,21 @@ void Listener::on_link_result(DbLink &link, const QueryResult &result) {
         return;
     }
     if (result.ok() && phase_ == Phase::Checking) {
-        if (result.rows() == 1 && result.columns() >= 1) {
-            note_committed(result.is_null(0, 0) ? 0 : result.number(0, 0));
+        constexpr int c = round_trip_column::newest_notified;
+        if (result.rows() == 1 && result.columns() > c) {
+            note_committed(result.is_null(0, c) ? 0 : result.number(0, c));
         }
         return;
     }
     if (result.ok()) {
-        if (phase_ == Phase::ReadingNewest && result.rows() == 1 && result.columns() >= 3) {
-            newest_ = result.number(0, 0);
-            start_for_waiting_ = result.is_null(0, 1) ? newest_ : result.number(0, 1);
-            std::string_view channel = result.value(0, 2);
+        namespace col = newest_column;
+        if (phase_ == Phase::ReadingNewest && result.rows() == 1 &&
+            result.columns() > col::channel) {
+            newest_ = result.number(0, col::position);
+            start_for_waiting_ = result.is_null(0, col::start_for_waiting)
+                                     ? newest_
+                                     : result.number(0, col::start_for_waiting);
+            std::string_view channel = result.value(0, col::channel);
             bool mismatch = channel != settings_.channel;
             if (mismatch && !channel_mismatch_) {
                 log_.write(LogLevel::Warn,
@@ -190,12 +220,14 @@ void Listener::on_link_result(DbLink &link, const QueryResult &result) {
                                "event_piper_listener_timeout late; make them the same");
             }
             channel_mismatch_ = mismatch;
-            has_version_function_ = result.columns() >= 4 && result.value(0, 3) == "t";
+            has_version_function_ = result.columns() > col::has_version_function &&
+                                    result.value(0, col::has_version_function) == "t";
             schema_version_ = schema_version_unversioned;
         }
-        if (phase_ == Phase::ReadingVersion && result.rows() == 1 && result.columns() >= 1 &&
-            !result.is_null(0, 0)) {
-            schema_version_ = result.number(0, 0);
+        constexpr int v = version_column::version;
+        if (phase_ == Phase::ReadingVersion && result.rows() == 1 && result.columns() > v &&
+            !result.is_null(0, v)) {
+            schema_version_ = result.number(0, v);
         }
         return;
     }
@@ -456,13 +488,17 @@ void Listener::on_table_result(const QueryResult &result) {
         table_failed(why.empty() ? "unexpected result" : why);
         return;
     }
-    if (result.rows() == 1 && result.columns() >= 4) {
+    namespace col = table_column;
+    if (result.rows() == 1 && result.columns() >= col::count) {
         answer_.ok = true;
-        answer_.scanned_to = result.is_null(0, 0) ? 0 : result.number(0, 0);
-        answer_.found = result.number(0, 1);
-        parse_ids(result.is_null(0, 2) ? std::string_view() : result.value(0, 2),
+        answer_.scanned_to =
+            result.is_null(0, col::scanned_to) ? 0 : result.number(0, col::scanned_to);
+        answer_.found = result.number(0, col::found);
+        parse_ids(result.is_null(0, col::found_ids) ? std::string_view()
+                                                    : result.value(0, col::found_ids),
                   answer_.found_ids);
-        parse_ids(result.is_null(0, 3) ? std::string_view() : result.value(0, 3),
+        parse_ids(result.is_null(0, col::still_ids) ? std::string_view()
+                                                    : result.value(0, col::still_ids),
                   answer_.still_ids);
     }
 }
@@ -512,10 +548,11 @@ void Listener::table_failed(std::string_view why) {
 }
 
 void Listener::note_held_writers(const QueryResult &result) {
-    if (result.rows() != 1 || result.columns() < 6) {
+    namespace col = writers_column;
+    if (result.rows() != 1 || result.columns() < col::count) {
         return;
     }
-    int64_t waiting = result.number(0, 0);
+    int64_t waiting = result.number(0, col::waiting);
     writers_waiting_ = waiting;
     if (waiting == 0) {
         if (!writers_blocker_.empty()) {
@@ -525,16 +562,20 @@ void Listener::note_held_writers(const QueryResult &result) {
         return;
     }
     std::string blocker, release;
-    if (!result.is_null(0, 2)) {
-        std::string pid(result.value(0, 2));
+    if (!result.is_null(0, col::head_pid)) {
+        std::string pid(result.value(0, col::head_pid));
         blocker = "backend pid " + pid;
-        if (!result.is_null(0, 4)) {
-            blocker += " (user \"" + std::string(result.value(0, 4)) + "\", application \"" +
-                       std::string(result.is_null(0, 5) ? "" : result.value(0, 5)) + "\")";
+        if (!result.is_null(0, col::head_user)) {
+            blocker += " (user \"" + std::string(result.value(0, col::head_user)) +
+                       "\", application \"" +
+                       std::string(result.is_null(0, col::head_application)
+                                       ? ""
+                                       : result.value(0, col::head_application)) +
+                       "\")";
         }
         release = "the end of that transaction (pg_terminate_backend(" + pid + ") if it is stuck)";
-    } else if (!result.is_null(0, 3)) {
-        std::string gid(result.value(0, 3));
+    } else if (!result.is_null(0, col::head_gid)) {
+        std::string gid(result.value(0, col::head_gid));
         blocker = "prepared transaction '" + gid + "'";
         release = "COMMIT PREPARED or ROLLBACK PREPARED '" + gid + "'";
     } else {
@@ -545,7 +586,9 @@ void Listener::note_held_writers(const QueryResult &result) {
         return;
     }
     writers_blocker_ = blocker;
-    uint64_t ms = result.is_null(0, 1) ? 0 : static_cast<uint64_t>(result.number(0, 1));
+    uint64_t ms = result.is_null(0, col::longest_wait_ms)
+                      ? 0
+                      : static_cast<uint64_t>(result.number(0, col::longest_wait_ms));
     log_.write(LogLevel::Warn,
                "event_piper: " + to_text(static_cast<uint64_t>(waiting)) +
                    " event writers have waited in COMMIT for up to " + to_text(ms / 1000) + "." +

@@ -139,6 +139,11 @@ std::string int_array(const std::vector<int64_t> &items) {
 const char *Positioner::progress_sql() {
     return "SELECT source, lsn::text, last_position FROM event_piper_wal_progress WHERE id = 1";
 }
+namespace {
+namespace progress_column {
+enum : int { source, lsn, last_position };
+}
+} // namespace
 
 const char *Positioner::drop_idle_slot_sql() {
     return "SELECT event_piper_wal_drop_idle_slot()";
@@ -167,6 +172,11 @@ const char *Positioner::targets_sql() {
     return "SELECT e.id, e.subscriber, e.patches, (SELECT min(p.position) FROM event_positions p "
            "WHERE p.event_id = e.id) FROM events e WHERE e.id = ANY ($1::bigint[])";
 }
+namespace {
+namespace targets_column {
+enum : int { id, subscriber, patches, position };
+}
+} // namespace
 
 Positioner::Positioner(DbLink &apply, ReplicationLink &replication, Timer &retry, Timer &status,
                        Clock &clock, Log &log, Settings settings)
@@ -326,30 +336,33 @@ void Positioner::on_link_result(DbLink &, const QueryResult &result) {
                  "): apply postgresql/wal.sql, then SELECT event_piper_set_source('wal')");
             return;
         }
-        if (result.rows() == 0 || result.value(0, 0) != "wal") {
+        namespace col = progress_column;
+        if (result.rows() == 0 || result.value(0, col::source) != "wal") {
             // Trigger mode: nothing to do until someone switches the database, but a slot left
             // by the switch back (it was being read then) must not keep WAL.
             trigger_mode_ = true;
             return;
         }
         trigger_mode_ = false;
-        stored_null_ = result.is_null(0, 1);
+        stored_null_ = result.is_null(0, col::lsn);
         stored_lsn_ = 0;
-        if (!stored_null_ && !pgoutput::parse_lsn(result.value(0, 1), stored_lsn_)) {
-            lose("event_piper_wal_progress holds a bad lsn: " + std::string(result.value(0, 1)));
+        if (!stored_null_ && !pgoutput::parse_lsn(result.value(0, col::lsn), stored_lsn_)) {
+            lose("event_piper_wal_progress holds a bad lsn: " +
+                 std::string(result.value(0, col::lsn)));
             return;
         }
-        stored_position_ = last_position_ = result.number(0, 2);
+        stored_position_ = last_position_ = result.number(0, col::last_position);
         awaiting_switch_ = stored_null_;
         confirmed_lsn_ = stored_lsn_;
         return;
     }
     if (applying_ == Apply::Lookup && result.ok()) {
+        namespace col = targets_column;
         for (int row = 0; row < result.rows(); ++row) {
-            TargetRow &t = looked_up_[result.number(row, 0)];
-            t.subscriber.assign(result.value(row, 1));
-            t.patches = result.is_null(row, 2) ? 0 : result.number(row, 2);
-            t.position = result.is_null(row, 3) ? 0 : result.number(row, 3);
+            TargetRow &t = looked_up_[result.number(row, col::id)];
+            t.subscriber.assign(result.value(row, col::subscriber));
+            t.patches = result.is_null(row, col::patches) ? 0 : result.number(row, col::patches);
+            t.position = result.is_null(row, col::position) ? 0 : result.number(row, col::position);
         }
         return;
     }

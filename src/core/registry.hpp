@@ -17,15 +17,18 @@ namespace event_piper {
 
 template <typename S> class Registry {
 public:
+    // All or nothing: if an allocation fails (std::bad_alloc), the registry is as it was.
     void add(std::string_view consumer, S *stream) {
         auto it = groups_.find(consumer);
         if (it == groups_.end()) {
             auto group = std::make_unique<Group>();
             group->name.assign(consumer.data(), consumer.size());
+            group->members.push_back(stream);   // before the group is in the map
             std::string_view key = group->name; // stable: the group lives on the heap
-            it = groups_.emplace(key, std::move(group)).first;
+            groups_.emplace(key, std::move(group));
+        } else {
+            it->second->members.push_back(stream);
         }
-        it->second->members.push_back(stream);
         if (primary(consumer, stream)) {
             ++streams_;
         }

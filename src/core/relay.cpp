@@ -17,9 +17,10 @@ size_t consumer_bit(std::string_view consumer) {
 
 void InterestMap::add(std::string_view consumer) {
     size_t bit = consumer_bit(consumer);
-    if (counts_[bit]++ == 0) {
+    if (counts_[bit] == 0) {
         bits_.set(bit, true);
     }
+    ++counts_[bit]; // after: a set() that throws leaves the count as it was
 }
 
 void InterestMap::remove(std::string_view consumer) {
@@ -43,6 +44,47 @@ void raise_newest(RelayBoard &board, int64_t newest) {
     int64_t seen = board.newest.load();
     while (newest > seen && !board.newest.compare_exchange_weak(seen, newest)) {
     }
+}
+
+// --- the datagram (layout in relay.hpp) ---
+
+void start_relay_datagram(std::string &datagram, uint64_t epoch) {
+    datagram.assign(RelayHeader::size, '\0');
+    std::memcpy(&datagram[RelayHeader::epoch_at], &epoch, sizeof epoch);
+}
+
+void set_relay_seq(std::string &datagram, uint64_t seq) {
+    std::memcpy(&datagram[RelayHeader::seq_at], &seq, sizeof seq);
+}
+
+void append_relay_record(std::string &datagram, std::string_view payload) {
+    auto length = static_cast<uint32_t>(payload.size());
+    static_assert(sizeof length == relay_length_bytes, "the record length's size");
+    datagram.append(reinterpret_cast<const char *>(&length), sizeof length);
+    datagram.append(payload);
+}
+
+bool read_relay_header(std::string_view datagram, RelayHeader &header) {
+    if (datagram.size() < RelayHeader::size) {
+        return false;
+    }
+    std::memcpy(&header.epoch, datagram.data() + RelayHeader::epoch_at, sizeof header.epoch);
+    std::memcpy(&header.seq, datagram.data() + RelayHeader::seq_at, sizeof header.seq);
+    return true;
+}
+
+bool next_relay_record(std::string_view &records, std::string_view &payload) {
+    if (records.size() < relay_length_bytes) {
+        return false;
+    }
+    uint32_t length = 0;
+    std::memcpy(&length, records.data(), sizeof length);
+    if (length > records.size() - relay_length_bytes) {
+        return false;
+    }
+    payload = records.substr(relay_length_bytes, length);
+    records.remove_prefix(relay_length_bytes + length);
+    return true;
 }
 
 // --- the holder ---
@@ -76,8 +118,8 @@ void RelaySender::abandon() {
 
 void RelaySender::ping() {
     // A bare header: "look at shared memory now" (else the receivers' next check does).
-    std::string header(relay_header, '\0');
-    std::memcpy(&header[0], &epoch_, sizeof epoch_);
+    std::string header;
+    start_relay_datagram(header, epoch_);
     for (size_t peer = 0; peer < peers_.size(); ++peer) {
         if (peers_.wants(peer, RelayPeers::any_stream)) {
             peers_.send(peer, header);
@@ -126,17 +168,14 @@ void RelaySender::append(size_t peer, std::string_view payload) {
         batches_.resize(peers_.size());
     }
     Batch &b = batches_[peer];
-    if (b.count > 0 && b.bytes.size() + 4 + payload.size() > relay_batch_bytes) {
+    if (b.count > 0 && b.bytes.size() + relay_length_bytes + payload.size() > relay_batch_bytes) {
         flush_peer(peer);
     }
     if (b.count == 0) {
-        b.bytes.assign(relay_header, '\0');
-        std::memcpy(&b.bytes[0], &epoch_, sizeof epoch_);
+        start_relay_datagram(b.bytes, epoch_);
         dirty_.push_back(peer);
     }
-    auto length = static_cast<uint32_t>(payload.size());
-    b.bytes.append(reinterpret_cast<const char *>(&length), sizeof length);
-    b.bytes.append(payload);
+    append_relay_record(b.bytes, payload);
     ++b.count;
 }
 
@@ -153,7 +192,7 @@ void RelaySender::flush_peer(size_t peer) {
         return;
     }
     uint64_t seq = peers_.next_seq(peer);
-    std::memcpy(&b.bytes[8], &seq, sizeof seq);
+    set_relay_seq(b.bytes, seq);
     switch (peers_.send(peer, b.bytes)) {
     case RelayPeers::Sent::Ok:
         forwarded_ += b.count;
@@ -202,17 +241,16 @@ void RelayReceiver::on_datagram(std::string_view datagram, const RelayView &view
         sync(view); // the holder's session began or ended
         return;
     }
-    if (datagram.size() < relay_header) {
+    RelayHeader header;
+    if (!read_relay_header(datagram, header)) {
         if (!warned_malformed_) {
             log_.write(LogLevel::Warn, "event_piper: ignoring a malformed relay datagram");
             warned_malformed_ = true;
         }
         return;
     }
-    uint64_t epoch = 0;
-    uint64_t seq = 0;
-    std::memcpy(&epoch, datagram.data(), sizeof epoch);
-    std::memcpy(&seq, datagram.data() + 8, sizeof seq);
+    uint64_t epoch = header.epoch;
+    uint64_t seq = header.seq;
     if (seq <= last_seq_) {
         return; // covered by a re-read of the table already
     }
@@ -228,15 +266,10 @@ void RelayReceiver::on_datagram(std::string_view datagram, const RelayView &view
     }
     // Also after a resync: catching-up streams note how far notifications have gone.
     std::string_view rest = datagram.substr(relay_header);
-    while (rest.size() >= 4) {
-        uint32_t length = 0;
-        std::memcpy(&length, rest.data(), sizeof length);
-        if (length > rest.size() - 4) {
-            break;
-        }
+    std::string_view payload;
+    while (next_relay_record(rest, payload)) {
         ++received_;
-        local_.on_notification(rest.substr(4, length));
-        rest.remove_prefix(4 + length);
+        local_.on_notification(payload);
     }
     if (!rest.empty()) { // cut short: what it carried may be lost
         if (!warned_malformed_) {

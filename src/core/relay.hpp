@@ -108,11 +108,34 @@ struct EpochSource {
     uint64_t take() { return ++last; }
 };
 
-// A datagram: epoch and sequence number (16 bytes, host order: same machine), then
-// notifications, each as a 4-byte length and its payload. The holder sends a worker one datagram
-// per read of its listening socket (or per relay_batch_bytes), not one per notification.
-constexpr size_t relay_header = 16;
+// A datagram, in host byte order (both ends are on one machine):
+//   bytes 0-7    epoch: the holder's listening session (0: none)
+//   bytes 8-15   seq: this receiver's sequence number (RelayPeers::next_seq; 0 in a bare header)
+//   then records, each a 4-byte length and that many bytes: one notification's payload.
+// A bare header (no record) asks the receiver to look at shared memory now. The holder sends a
+// worker one datagram per read of its listening socket (or per relay_batch_bytes), not one per
+// notification.
+struct RelayHeader {
+    static constexpr size_t epoch_at = 0;
+    static constexpr size_t seq_at = 8;
+    static constexpr size_t size = 16;
+    uint64_t epoch = 0;
+    uint64_t seq = 0;
+};
+constexpr size_t relay_header = RelayHeader::size;
+constexpr size_t relay_length_bytes = 4; // each record's length
 constexpr size_t relay_batch_bytes = 32768;
+
+// `datagram` becomes a bare header of `epoch` (seq 0).
+void start_relay_datagram(std::string &datagram, uint64_t epoch);
+// Numbers a datagram begun by start_relay_datagram().
+void set_relay_seq(std::string &datagram, uint64_t seq);
+void append_relay_record(std::string &datagram, std::string_view payload);
+// False if `datagram` is shorter than a header.
+bool read_relay_header(std::string_view datagram, RelayHeader &header);
+// Takes the first whole record off `records` (the bytes after the header); false, and `records`
+// unchanged, if none is whole.
+bool next_relay_record(std::string_view &records, std::string_view &payload);
 
 // Sits between the holder's Listener and its hub.
 class RelaySender : public ListenerEvents {

@@ -6,11 +6,60 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <vector>
 
 namespace event_piper {
+
+void SharedWorkerStats::store(const WorkerStats &stats) {
+    uint64_t w[words];
+    std::memcpy(w, &stats, sizeof w);
+    uint64_t newest = std::max(copy[0].seq.load(std::memory_order_relaxed),
+                               copy[1].seq.load(std::memory_order_relaxed));
+    uint64_t m = (newest + 1) / 2 + 1; // after the last store begun (by any owner of the slot)
+    Copy &c = copy[m % 2];
+    c.seq.store(2 * m - 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release); // the odd count before any word
+    for (size_t i = 0; i < words; ++i) {
+        c.word[i].store(w[i], std::memory_order_relaxed);
+    }
+    c.seq.store(2 * m, std::memory_order_release); // every word before the even count
+}
+
+bool SharedWorkerStats::load(WorkerStats &out) const {
+    uint64_t w[words];
+    for (int attempt = 0; attempt < 100; ++attempt) {
+        bool taken = false;
+        uint64_t taken_seq = 0, highest = 0;
+        for (const Copy &c : copy) {
+            uint64_t before = c.seq.load(std::memory_order_acquire);
+            highest = std::max(highest, before);
+            if (before % 2 != 0 || (taken && before <= taken_seq)) {
+                continue; // being written, or older than the one taken
+            }
+            for (size_t k = 0; k < words; ++k) {
+                w[k] = c.word[k].load(std::memory_order_relaxed);
+            }
+            std::atomic_thread_fence(std::memory_order_acquire); // the words before the recheck
+            uint64_t after = c.seq.load(std::memory_order_relaxed);
+            highest = std::max(highest, after);
+            if (after == before) {
+                std::memcpy(&out, w, sizeof w);
+                taken = true;
+                taken_seq = before;
+            }
+        }
+        // The newest whole store, unless one completed since (a count above it): then a reader
+        // could go back from what it read before, so it tries again.
+        if (taken && taken_seq + 1 >= highest) {
+            return true;
+        }
+    }
+    out = WorkerStats{};
+    return false;
+}
 
 namespace {
 

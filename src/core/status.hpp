@@ -3,8 +3,10 @@
 // with cJSON).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace event_piper {
@@ -61,6 +63,34 @@ struct WorkerStats {
     // none yet; 1: the previous release's schema, which has no event_piper_schema_version()).
     uint64_t schema_version = 0;
 };
+
+// A worker's WorkerStats in shared memory: written by that worker only, read by any, never torn
+// (neither a half-written number nor figures of two different stores). Two copies, each under a
+// sequence count (a seqlock): store number m goes to copy m % 2, whose count is 2m - 1 (odd)
+// while it is written and 2m after, so the writer never touches the newest whole copy, and a
+// reader takes the newest copy whose count was even and did not move while it read it. A writer
+// stopped half-way (SIGSTOP, a debugger, kill -9) leaves the other copy whole. Zeroed memory is
+// a valid state: zero figures. Lock-free atomics only, so that it works across processes.
+struct SharedWorkerStats {
+    static constexpr size_t words = sizeof(WorkerStats) / sizeof(uint64_t);
+    struct Copy {
+        std::atomic<uint64_t> seq; // odd: being written
+        std::atomic<uint64_t> word[words];
+    };
+
+    // By the slot's owner only.
+    void store(const WorkerStats &stats);
+    // False (and `out` zero figures) only if the writer rewrote the copies on every try while
+    // this read them: a writer that stores without pause can outrun a reader, ours store once a
+    // second.
+    bool load(WorkerStats &out) const;
+
+    Copy copy[2];
+};
+static_assert(std::is_trivially_copyable_v<WorkerStats> &&
+                  sizeof(WorkerStats) % sizeof(uint64_t) == 0,
+              "WorkerStats travels as 64-bit words");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared memory needs lock-free words");
 
 // `now_ms`: wall clock in milliseconds, for the age of the last notification.
 std::string render_status_json(const std::vector<WorkerStats> &workers, uint64_t now_ms);

@@ -286,8 +286,10 @@ static HealthInput health_input(const Worker &worker, const MainConf &mcf) {
         break;
     }
     if (il.holder_slot != nullptr) {
-        in.channel_mismatch = il.holder_slot->stats.channel_mismatch != 0;
-        in.unpositioned_rows = il.holder_slot->stats.unpositioned_rows;
+        WorkerStats holder;
+        il.holder_slot->stats.load(holder);
+        in.channel_mismatch = holder.channel_mismatch != 0;
+        in.unpositioned_rows = holder.unpositioned_rows;
     }
     return in;
 }

@@ -119,7 +119,7 @@ void PgLink::poll_connect() {
             return;
         }
         state_ = State::Ready;
-        owner_.on_link_ready(*this);
+        owner_->on_link_ready(*this);
         return;
     default:
         return;
@@ -228,7 +228,7 @@ void PgLink::fail(const char *why) {
         }
     }
     close();
-    owner_.on_link_lost(*this, std::string_view(msg, len));
+    owner_->on_link_lost(*this, std::string_view(msg, len));
 }
 
 bool PgLink::flush() {
@@ -284,11 +284,11 @@ void PgLink::on_readable() {
         PGresult *res = PQgetResult(conn_);
         if (res == nullptr) {
             state_ = State::Ready;
-            owner_.on_link_idle(*this);
+            owner_->on_link_idle(*this);
             break;
         }
         std::unique_ptr<PGresult, void (*)(PGresult *)> owned(res, PQclear);
-        owner_.on_link_result(*this, PgResult(res));
+        owner_->on_link_result(*this, PgResult(res));
         if (conn_ == nullptr) {
             return; // the owner closed the link
         }
@@ -301,10 +301,10 @@ void PgLink::on_readable() {
         }
         std::unique_ptr<PGnotify, void (*)(void *)> owned(n, PQfreemem);
         notified = true;
-        owner_.on_link_notify(*this, n->extra != nullptr ? n->extra : "");
+        owner_->on_link_notify(*this, n->extra != nullptr ? n->extra : "");
     }
     if (notified && conn_ != nullptr) {
-        owner_.on_link_notifies_done(*this);
+        owner_->on_link_notifies_done(*this);
     }
     if (conn_ != nullptr && PQstatus(conn_) == CONNECTION_BAD) {
         fail(PQerrorMessage(conn_));

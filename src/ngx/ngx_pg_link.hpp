@@ -21,14 +21,20 @@ namespace event_piper {
 
 class PgLink final : public DbLink {
 public:
-    PgLink(DbLinkOwner &owner, ngx_log_t *log, std::string conninfo, const char *application)
-        : owner_(owner), log_(log), conninfo_(std::move(conninfo)), application_(application) {
+    // An owner built after its link (it takes the link too) is attached before connect().
+    PgLink(ngx_log_t *log, std::string conninfo, const char *application)
+        : log_(log), conninfo_(std::move(conninfo)), application_(application) {
         ngx_memzero(&connect_timer_, sizeof(connect_timer_));
         connect_timer_.handler = connect_timeout_handler;
         connect_timer_.data = this;
         connect_timer_.log = log;
         connect_timer_.cancelable = 1;
     }
+    PgLink(DbLinkOwner &owner, ngx_log_t *log, std::string conninfo, const char *application)
+        : PgLink(log, std::move(conninfo), application) {
+        attach(owner);
+    }
+    void attach(DbLinkOwner &owner) { owner_ = &owner; }
     ~PgLink() { close(); }
     PgLink(const PgLink &) = delete;
     PgLink &operator=(const PgLink &) = delete;
@@ -53,7 +59,7 @@ private:
     bool flush();
     void fail(const char *why);
 
-    DbLinkOwner &owner_;
+    DbLinkOwner *owner_ = nullptr; // told of everything the link does
     ngx_log_t *log_;
     std::string conninfo_;
     const char *application_;

@@ -35,9 +35,9 @@ private:
 
 } // namespace
 
-PgReplicationLink::PgReplicationLink(ReplicationOwner &owner, ngx_log_t *log, std::string conninfo,
+PgReplicationLink::PgReplicationLink(ngx_log_t *log, std::string conninfo,
                                      uint64_t wal_sender_timeout_ms)
-    : owner_(owner), log_(log), conninfo_(std::move(conninfo)),
+    : log_(log), conninfo_(std::move(conninfo)),
       options_("-c wal_sender_timeout=" + std::to_string(wal_sender_timeout_ms)) {
     ngx_memzero(&connect_timer_, sizeof(connect_timer_));
     connect_timer_.handler = connect_timeout_handler;
@@ -130,7 +130,7 @@ void PgReplicationLink::poll_connect() {
             return;
         }
         state_ = State::Ready;
-        owner_.on_replication_ready();
+        owner_->on_replication_ready();
         return;
     default:
         return;
@@ -249,7 +249,7 @@ void PgReplicationLink::fail(const char *why) {
         }
     }
     close();
-    owner_.on_replication_lost(std::string_view(msg, len));
+    owner_->on_replication_lost(std::string_view(msg, len));
 }
 
 bool PgReplicationLink::flush() {
@@ -329,17 +329,17 @@ void PgReplicationLink::on_readable() {
         PGresult *res = PQgetResult(conn_);
         if (res == nullptr) {
             state_ = State::Ready;
-            owner_.on_replication_idle();
+            owner_->on_replication_idle();
             return;
         }
         std::unique_ptr<PGresult, void (*)(PGresult *)> owned(res, PQclear);
         if (PQresultStatus(res) == PGRES_COPY_BOTH) {
             state_ = State::Streaming;
             owned.reset();
-            owner_.on_replication_streaming();
+            owner_->on_replication_streaming();
             break;
         }
-        owner_.on_replication_result(ReplicationResult(res));
+        owner_->on_replication_result(ReplicationResult(res));
         if (conn_ == nullptr) {
             return;
         }
@@ -355,11 +355,11 @@ void PgReplicationLink::read_stream() {
         int n = PQgetCopyData(conn_, &buf, 1);
         if (n > 0) {
             std::unique_ptr<char, void (*)(void *)> owned(buf, PQfreemem);
-            owner_.on_replication_data(std::string_view(buf, static_cast<size_t>(n)));
+            owner_->on_replication_data(std::string_view(buf, static_cast<size_t>(n)));
             continue;
         }
         if (n == 0) {
-            owner_.on_replication_drained();
+            owner_->on_replication_drained();
             return;
         }
         if (n == -1) {
@@ -376,7 +376,7 @@ void PgReplicationLink::read_stream() {
         return;
     }
     if (conn_ != nullptr && state_ == State::Streaming) {
-        owner_.on_replication_drained();
+        owner_->on_replication_drained();
     }
 }
 

@@ -24,8 +24,9 @@ class PgReplicationLink final : public ReplicationLink {
 public:
     // `wal_sender_timeout_ms`: the server ends the stream of a positioner silent for this long
     // (a frozen worker), which frees the slot for another one.
-    PgReplicationLink(ReplicationOwner &owner, ngx_log_t *log, std::string conninfo,
-                      uint64_t wal_sender_timeout_ms);
+    // The owner (built after the link: it takes the link too) is attached before connect().
+    PgReplicationLink(ngx_log_t *log, std::string conninfo, uint64_t wal_sender_timeout_ms);
+    void attach(ReplicationOwner &owner) { owner_ = &owner; }
     ~PgReplicationLink() { close(); }
     PgReplicationLink(const PgReplicationLink &) = delete;
     PgReplicationLink &operator=(const PgReplicationLink &) = delete;
@@ -54,7 +55,7 @@ private:
     bool flush();
     void fail(const char *why);
 
-    ReplicationOwner &owner_;
+    ReplicationOwner *owner_ = nullptr;
     ngx_log_t *log_;
     std::string conninfo_;
     std::string options_;

@@ -58,7 +58,7 @@ StatusSlot *claim_status_slot(ngx_shm_zone_t *zone, ngx_log_t *log) {
     for (StatusSlot &slot : z->slots) {
         ngx_atomic_uint_t owner = slot.owner;
         if (!process_alive(owner) && ngx_atomic_cmp_set(&slot.owner, owner, me)) {
-            slot.stats = WorkerStats{};
+            slot.stats.store(WorkerStats{});
             RelaySlot &r = slot.relay;
             r.bound = 0;
             r.seq = 0;
@@ -78,7 +78,7 @@ StatusSlot *claim_status_slot(ngx_shm_zone_t *zone, ngx_log_t *log) {
 
 void release_status_slot(StatusSlot *slot) {
     if (slot != nullptr) {
-        slot->stats = WorkerStats{};
+        slot->stats.store(WorkerStats{});
         slot->relay.bound = 0;
         slot->owner = 0; // free for the next worker
     }
@@ -96,7 +96,8 @@ std::vector<WorkerStats> read_status_zone(ngx_shm_zone_t *zone) {
     for (const StatusSlot &slot : z->slots) {
         ngx_atomic_uint_t owner = slot.owner;
         if (process_alive(owner)) {
-            workers.push_back(slot.stats);
+            workers.emplace_back();
+            slot.stats.load(workers.back()); // zero figures in the unlikely case it fails
             workers.back().pid = static_cast<int64_t>(owner);
             if (holder != 0) {
                 workers.back().listener_holder = (holder >> 8) == owner ? 1 : 0;

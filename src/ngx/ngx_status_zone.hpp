@@ -28,8 +28,8 @@ struct RelaySlot {
 };
 
 struct StatusSlot {
-    ngx_atomic_t owner; // the pid that holds the slot (0: free)
-    WorkerStats stats;
+    ngx_atomic_t owner;      // the pid that holds the slot (0: free)
+    SharedWorkerStats stats; // its figures, published once a second
     RelaySlot relay;
 };
 

@@ -46,7 +46,9 @@ Worker *current_worker() {
 }
 
 void create_worker(ngx_cycle_t *cycle, const MainConf &conf) {
-    the_worker = new Worker(cycle, conf);
+    auto worker = std::make_unique<Worker>(cycle, conf);
+    worker->wire(conf);
+    the_worker = worker.release();
     the_worker->start();
 }
 
@@ -55,49 +57,54 @@ void destroy_worker() {
     the_worker = nullptr;
 }
 
-// Members are built in declaration order; a link keeps a reference to its owner (the replay
-// queue or the listener) and calls it only once connect() has been called, after construction.
 Worker::Worker(ngx_cycle_t *cycle, const MainConf &conf)
     : log_(cycle->log), role_stale_ms_(event_piper::role_stale_ms(conf.listener_timeout)),
-      logger_(cycle->log),
-      replay_retry_(cycle->log, "replay dispatch", [this] { hub_.replay().on_retry_timer(); }),
-      hub_(replay_retry_, clock_, logger_, conf.replay_memory),
-      slot_(claim_status_slot(conf.status_zone, cycle->log)),
-      relay_(conf.listener_shared
-                 ? NgxRelay::create(cycle->log, conf.status_zone, slot_, conf.relay_buffer, hub_,
-                                    epochs_, logger_, *this, role_stale_ms_)
-                 : nullptr),
-      listener_retry_(cycle->log, "listener restart", [this] { listener_.on_retry_timer(); }),
-      listener_check_(cycle->log, "listener check", [this] { listener_.on_check_timer(); }),
-      listener_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_listener"),
-      check_link_(listener_, cycle->log, text(conf.conninfo), "event_piper_check"),
-      listener_(listener_link_, check_link_, listener_retry_, listener_check_, listener_events(),
-                logger_, listener_settings(conf)),
-      source_wal_(conf.source_wal != 0),
-      positioner_retry_(cycle->log, "positioner restart", [this] { positioner_.on_retry_timer(); }),
+      source_wal_(conf.source_wal != 0), logger_(cycle->log),
+      replay_retry_(cycle->log, "replay dispatch", [this] { hub_->replay().on_retry_timer(); }),
+      listener_retry_(cycle->log, "listener restart", [this] { listener_->on_retry_timer(); }),
+      listener_check_(cycle->log, "listener check", [this] { listener_->on_check_timer(); }),
+      positioner_retry_(cycle->log, "positioner restart",
+                        [this] { positioner_->on_retry_timer(); }),
       positioner_status_(cycle->log, "positioner status",
-                         [this] { positioner_.on_status_timer(); }),
-      positioner_link_(positioner_, cycle->log, text(conf.conninfo), "event_piper_positioner"),
-      replication_link_(positioner_, cycle->log, text(conf.conninfo), wal_sender_timeout_ms),
-      positioner_(positioner_link_, replication_link_, positioner_retry_, positioner_status_,
-                  clock_, logger_, positioner_settings(conf)),
-      publish_timer_(cycle->log, "status publish", [this] { publish(); }) {
+                         [this] { positioner_->on_status_timer(); }),
+      publish_timer_(cycle->log, "status publish", [this] { publish(); }),
+      listener_link_(cycle->log, text(conf.conninfo), "event_piper_listener"),
+      check_link_(cycle->log, text(conf.conninfo), "event_piper_check"),
+      positioner_link_(cycle->log, text(conf.conninfo), "event_piper_positioner"),
+      replication_link_(cycle->log, text(conf.conninfo), wal_sender_timeout_ms) {}
+
+void Worker::wire(const MainConf &conf) {
+    hub_.emplace(replay_retry_, clock_, logger_, conf.replay_memory);
+    hub_->stats().pid = ngx_pid;
     for (ngx_uint_t i = 0; i < conf.replay_connections; ++i) {
-        replay_links_.push_back(std::make_unique<PgLink>(
-            hub_.replay(), cycle->log, text(conf.conninfo), "event_piper_replay"));
-        hub_.replay().add_link(*replay_links_.back());
+        replay_links_.push_back(std::make_unique<PgLink>(hub_->replay(), log_, text(conf.conninfo),
+                                                         "event_piper_replay"));
+        hub_->replay().add_link(*replay_links_.back());
     }
     // As many standby links, which read history while a standby answers.
     for (ngx_uint_t i = 0; conf.replay_conninfo.len != 0 && i < conf.replay_connections; ++i) {
         replay_links_.push_back(std::make_unique<PgLink>(
-            hub_.replay(), cycle->log, text(conf.replay_conninfo), "event_piper_replay"));
-        hub_.replay().add_standby_link(*replay_links_.back());
+            hub_->replay(), log_, text(conf.replay_conninfo), "event_piper_replay"));
+        hub_->replay().add_standby_link(*replay_links_.back());
     }
-    if (conf.listener_shared && relay_ == nullptr) {
-        ngx_log_error(NGX_LOG_WARN, log_, 0,
-                      "event_piper: no relay for the shared listener, this worker listens itself");
+    slot_ = claim_status_slot(conf.status_zone, log_);
+    if (conf.listener_shared) {
+        relay_ = NgxRelay::create(log_, conf.status_zone, slot_, conf.relay_buffer, *hub_, epochs_,
+                                  logger_, *this, role_stale_ms_);
+        if (relay_ == nullptr) {
+            ngx_log_error(NGX_LOG_WARN, log_, 0,
+                          "event_piper: no relay for the shared listener, this worker listens "
+                          "itself");
+        }
     }
-    hub_.stats().pid = ngx_pid;
+    listener_.emplace(listener_link_, check_link_, listener_retry_, listener_check_,
+                      listener_events(), logger_, listener_settings(conf));
+    listener_link_.attach(*listener_);
+    check_link_.attach(*listener_);
+    positioner_.emplace(positioner_link_, replication_link_, positioner_retry_, positioner_status_,
+                        clock_, logger_, positioner_settings(conf));
+    positioner_link_.attach(*positioner_);
+    replication_link_.attach(*positioner_);
 }
 
 // Shared listener: the holder's notifications go through the relay to the other workers.
@@ -105,7 +112,7 @@ ListenerEvents &Worker::listener_events() {
     if (relay_ != nullptr) {
         return relay_->sender();
     }
-    return hub_;
+    return *hub_;
 }
 
 Worker::~Worker() {
@@ -114,13 +121,25 @@ Worker::~Worker() {
         relay_->release(); // first: another worker takes the role at once
     }
     release_status_slot(slot_);
-    positioner_.stop();
-    listener_.close();
-    hub_.replay().close_all();
+    if (positioner_) {
+        positioner_->stop();
+    }
+    if (listener_) {
+        listener_->close();
+    }
+    if (hub_) {
+        hub_->replay().close_all();
+    }
     if (quit_sentinel_ != nullptr) {
         ngx_close_connection(quit_sentinel_);
         quit_sentinel_ = nullptr;
     }
+    // What wire() built, newest first, while the links and timers it uses still exist.
+    positioner_.reset();
+    listener_.reset();
+    relay_.reset();
+    hub_.reset();
+    replay_links_.clear();
 }
 
 void Worker::start() {
@@ -149,49 +168,49 @@ void Worker::start() {
 }
 
 void Worker::take_listener_role() {
-    listener_.start();
+    listener_->start();
     if (source_wal_) {
-        positioner_.start();
+        positioner_->start();
     }
 }
 
 // Counts that are cheaper to take once a second than to keep exact on every transition.
 void Worker::publish() {
-    WorkerStats &stats = hub_.stats();
-    stats.streams = hub_.streams();
-    stats.consumers = hub_.consumers();
-    stats.streams_catching_up = hub_.streams_catching_up();
+    WorkerStats &stats = hub_->stats();
+    stats.streams = hub_->streams();
+    stats.consumers = hub_->consumers();
+    stats.streams_catching_up = hub_->streams_catching_up();
     stats.listener_state = listening() ? 1 : 0;
-    stats.listener_reconnects = listener_.reconnects();
-    stats.channel_mismatch = listener_.channel_mismatch() ? 1 : 0;
-    stats.position_hints = listener_.unnotified_hints();
-    stats.unpositioned_rows = static_cast<uint64_t>(listener_.unpositioned_rows());
-    stats.writers_waiting = static_cast<uint64_t>(listener_.writers_waiting());
-    stats.schema_version = static_cast<uint64_t>(listener_.schema_version());
-    stats.replay_failures = hub_.replay().failures();
-    stats.replay_queries = hub_.replay().queries();
-    stats.replay_queued = hub_.replay().queued();
-    stats.replay_primary_queries = hub_.replay().primary_served().queries;
-    stats.replay_primary_rows = hub_.replay().primary_served().rows;
-    stats.replay_standby_queries = hub_.replay().standby_served().queries;
-    stats.replay_standby_rows = hub_.replay().standby_served().rows;
-    stats.replay_standby_up = hub_.replay().standby_up() ? 1 : 0;
-    stats.replay_standby_lag_ms = hub_.replay().standby_lag_ms();
+    stats.listener_reconnects = listener_->reconnects();
+    stats.channel_mismatch = listener_->channel_mismatch() ? 1 : 0;
+    stats.position_hints = listener_->unnotified_hints();
+    stats.unpositioned_rows = static_cast<uint64_t>(listener_->unpositioned_rows());
+    stats.writers_waiting = static_cast<uint64_t>(listener_->writers_waiting());
+    stats.schema_version = static_cast<uint64_t>(listener_->schema_version());
+    stats.replay_failures = hub_->replay().failures();
+    stats.replay_queries = hub_->replay().queries();
+    stats.replay_queued = hub_->replay().queued();
+    stats.replay_primary_queries = hub_->replay().primary_served().queries;
+    stats.replay_primary_rows = hub_->replay().primary_served().rows;
+    stats.replay_standby_queries = hub_->replay().standby_served().queries;
+    stats.replay_standby_rows = hub_->replay().standby_served().rows;
+    stats.replay_standby_up = hub_->replay().standby_up() ? 1 : 0;
+    stats.replay_standby_lag_ms = hub_->replay().standby_lag_ms();
     if (relay_ != nullptr) {
         relay_->fill_stats(stats);
     }
     stats.source_wal = source_wal_ ? 1 : 0;
-    stats.positioner_holder = positioner_.phase() == Positioner::Phase::Streaming ? 1 : 0;
+    stats.positioner_holder = positioner_->phase() == Positioner::Phase::Streaming ? 1 : 0;
     stats.positioner_lag_bytes =
-        stats.positioner_holder == 1 && positioner_.server_wal_end() > positioner_.confirmed_lsn()
-            ? positioner_.server_wal_end() - positioner_.confirmed_lsn()
+        stats.positioner_holder == 1 && positioner_->server_wal_end() > positioner_->confirmed_lsn()
+            ? positioner_->server_wal_end() - positioner_->confirmed_lsn()
             : 0;
-    uint64_t oldest = positioner_.oldest_pending_ms(), now = clock_.now_ms();
+    uint64_t oldest = positioner_->oldest_pending_ms(), now = clock_.now_ms();
     stats.positioner_lag_ms = oldest != 0 && now > oldest ? now - oldest : 0;
-    stats.positioned_transactions = positioner_.transactions();
-    stats.positioned_rows = positioner_.rows();
+    stats.positioned_transactions = positioner_->transactions();
+    stats.positioned_rows = positioner_->rows();
     if (slot_ != nullptr) {
-        slot_->stats = stats;
+        slot_->stats.store(stats);
     }
     if (!shutting_down_) {
         publish_timer_.arm(1000);
@@ -219,16 +238,16 @@ void Worker::shutdown() {
     }
     shutting_down_ = true;
     ngx_log_error(NGX_LOG_NOTICE, log_, 0, "event_piper: shutting down, ending %uz streams",
-                  hub_.streams());
+                  hub_->streams());
     if (relay_ != nullptr) {
         relay_->release(); // another worker takes the listener within one check (500 ms)
     }
-    hub_.end_all();
+    hub_->end_all();
     publish_timer_.cancel();
     publish();
-    positioner_.stop();
-    listener_.close();
-    hub_.replay().close_all();
+    positioner_->stop();
+    listener_->close();
+    hub_->replay().close_all();
     if (quit_sentinel_ != nullptr) {
         ngx_close_connection(quit_sentinel_);
         quit_sentinel_ = nullptr;

@@ -1,13 +1,18 @@
-// The hub: where a new stream starts, fan-out of notifications (framed once, drop accounting,
-// references and bare positions), and what listener readiness and loss mean for every stream.
+// The hub: where a new stream starts (all or nothing), fan-out of notifications (framed once, drop
+// accounting, references and bare positions), and what listener readiness and loss mean for every
+// stream.
 #include "hub.hpp"
 
+#include "alloc_failure.hpp"
 #include "fakes.hpp"
+#include "relay.hpp"
 #include "sse_frame.hpp"
 
 #include <gtest/gtest.h>
 
 #include <memory>
+#include <new>
+#include <set>
 
 using namespace event_piper;
 using namespace event_piper::testing;
@@ -252,4 +257,103 @@ TEST_F(HubTest, APatchIsFramedWithItsTarget) {
     hub.on_notification("e 13 5 1 11\nalicet{\"b\": 1}");
     EXPECT_EQ(drain(*s),
               "id: 13\nevent: patch\ndata: {\"target\":11,\"type\":\"t\",\"patch\":{\"b\":1}}\n\n");
+}
+
+namespace {
+
+// A worker's interest bits and its published waiting time; set() may be told to throw.
+struct RecordingBits : InterestBits {
+    void set(size_t bit, bool on) override {
+        if (on && fail_at_set > 0 && --fail_at_set == 0) {
+            throw std::bad_alloc();
+        }
+        if (on) {
+            bits.insert(bit);
+        } else {
+            bits.erase(bit);
+        }
+    }
+    void publish_waiting_since(uint64_t ms) override { waiting_since = ms; }
+    std::set<size_t> bits;
+    uint64_t waiting_since = 0;
+    int fail_at_set = 0; // this call to set(bit, true) throws (0: none)
+};
+
+// A hub whose worker follows the shared listener, with a stream of "team" already open.
+struct FailingOpen {
+    FakeTimer retry;
+    FakeClock clock;
+    FakeLog log;
+    Hub hub{retry, clock, log};
+    RecordingBits bits;
+    InterestMap interest{bits};
+    FakeOwner other_owner, owner;
+    Stream other{"team", 0, {}, &other_owner};
+    Stream s{std::vector<std::string>{"alice", "team", "everyone"}, -1, {}, &owner};
+
+    FailingOpen() {
+        hub.set_interest(&interest);
+        hub.open(other);
+    }
+    // Nothing of `s` is left: no registry entry, no interest bit, no waiting mark; no event of
+    // its ids reaches it.
+    void expect_nothing_of_s() {
+        EXPECT_EQ(hub.streams(), 1u);
+        EXPECT_EQ(hub.consumers(), 1u);
+        EXPECT_EQ(bits.bits, std::set<size_t>{consumer_bit("team")});
+        EXPECT_EQ(hub.waiting_since_ms(), 0u);
+        EXPECT_EQ(bits.waiting_since, 0u);
+        hub.on_listener_ready(1, 10, 10);
+        hub.on_notification("e 11 5 1\nalicet{}");
+        hub.on_notification("e 12 4 1\nteamt{}");
+        hub.on_notification("e 13 8 1\neveryonet{}");
+        EXPECT_EQ(owner.wakes, 0);
+        EXPECT_EQ(hub.stats().notifications_dropped, 2u);
+        EXPECT_GT(other_owner.wakes, 0);
+        hub.on_listener_lost();
+    }
+};
+
+} // namespace
+
+// Every allocation open() makes fails in turn (the second id's among them): each failure leaves
+// nothing registered, and the same stream opens and closes normally afterwards.
+TEST(HubOpenTest, AnAllocationThatFailsLeavesNothingRegistered) {
+    int failures = 0;
+    for (int nth = 1; nth < 1000; ++nth) {
+        FailingOpen t;
+        bool threw = false;
+        {
+            FailingAllocation fail(nth);
+            try {
+                t.hub.open(t.s);
+            } catch (const std::bad_alloc &) {
+                threw = true;
+            }
+            ASSERT_EQ(threw, fail.failed());
+        }
+        if (!threw) {
+            EXPECT_EQ(t.hub.streams(), 2u);
+            t.hub.close(t.s);
+            break;
+        }
+        ++failures;
+        SCOPED_TRACE("allocation " + std::to_string(nth));
+        t.expect_nothing_of_s();
+        t.hub.open(t.s);
+        EXPECT_EQ(t.hub.streams(), 2u);
+        EXPECT_EQ(t.hub.consumers(), 3u);
+        t.hub.close(t.s);
+        EXPECT_EQ(t.hub.streams(), 1u);
+        EXPECT_EQ(t.bits.bits, std::set<size_t>{consumer_bit("team")});
+    }
+    EXPECT_GE(failures, 2); // a new group for "alice", then "everyone" at least
+}
+
+// The interest bit of the second id cannot be set: the first id's is cleared again.
+TEST(HubOpenTest, AnInterestBitThatCannotBeSetLeavesNothingRegistered) {
+    FailingOpen t;
+    t.bits.fail_at_set = 2; // "alice" sets a bit, "team" has one, "everyone" fails
+    EXPECT_THROW(t.hub.open(t.s), std::bad_alloc);
+    t.expect_nothing_of_s();
 }

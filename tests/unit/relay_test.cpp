@@ -162,6 +162,57 @@ struct Worker {
 
 } // namespace
 
+// The layout relay.hpp describes, byte by byte: the epoch at 0, the sequence number at 8, then
+// records of a 4-byte length and the payload.
+TEST(RelayDatagramTest, HeaderAndRecordsSitWhereTheLayoutSays) {
+    std::string d;
+    start_relay_datagram(d, 0x0102030405060708ull);
+    EXPECT_EQ(d, datagram(0x0102030405060708ull, 0, {}));
+    append_relay_record(d, "p 11");
+    append_relay_record(d, "");
+    set_relay_seq(d, 42);
+    ASSERT_EQ(d.size(), 16u + 4 + 4 + 4);
+    uint64_t epoch = 0, seq = 0;
+    uint32_t first = 0, second = 1;
+    std::memcpy(&epoch, d.data(), 8);
+    std::memcpy(&seq, d.data() + 8, 8);
+    std::memcpy(&first, d.data() + 16, 4);
+    std::memcpy(&second, d.data() + 24, 4);
+    EXPECT_EQ(epoch, 0x0102030405060708ull);
+    EXPECT_EQ(seq, 42u);
+    EXPECT_EQ(first, 4u);
+    EXPECT_EQ(d.substr(20, 4), "p 11");
+    EXPECT_EQ(second, 0u);
+    EXPECT_EQ(d, datagram(0x0102030405060708ull, 42, {"p 11", ""}));
+
+    RelayHeader header;
+    ASSERT_TRUE(read_relay_header(d, header));
+    EXPECT_EQ(header.epoch, 0x0102030405060708ull);
+    EXPECT_EQ(header.seq, 42u);
+    std::string_view rest = std::string_view(d).substr(relay_header);
+    std::string_view payload;
+    ASSERT_TRUE(next_relay_record(rest, payload));
+    EXPECT_EQ(payload, "p 11");
+    ASSERT_TRUE(next_relay_record(rest, payload));
+    EXPECT_EQ(payload, "");
+    EXPECT_TRUE(rest.empty());
+    EXPECT_FALSE(next_relay_record(rest, payload));
+}
+
+TEST(RelayDatagramTest, AShortHeaderOrACutRecordIsNotRead) {
+    RelayHeader header;
+    EXPECT_FALSE(read_relay_header(std::string(15, '\0'), header));
+    std::string d = datagram(1, 1, {"e 1"});
+    std::string_view cut = std::string_view(d).substr(relay_header, d.size() - relay_header - 1);
+    std::string_view payload = "untouched";
+    EXPECT_FALSE(next_relay_record(cut, payload));
+    EXPECT_EQ(cut.size(), 4u + 2);
+    EXPECT_EQ(payload, "untouched");
+    std::string_view three = std::string_view(d).substr(relay_header, 3);
+    EXPECT_FALSE(next_relay_record(three, payload));
+    EXPECT_EQ(three.size(), 3u);
+}
+
 TEST(InterestMapTest, ABitStaysSetWhileAnyStreamHashesToIt) {
     FakeBits bits;
     InterestMap map(bits);
