@@ -1,6 +1,8 @@
 // The positioner (see positioner.hpp and docs/wal-source.md).
 #include "positioner.hpp"
 
+#include "text.hpp"
+
 #include <algorithm>
 #include <charconv>
 
@@ -10,34 +12,32 @@ using pgoutput::Lsn;
 
 namespace {
 
-std::string num(int64_t v) {
-    return std::to_string(v);
-}
-
 // A patch's target after the lengths (" <position>"); nothing for a plain event.
 std::string target_field(const WalRow &r) {
-    return r.target != 0 ? " " + num(r.target) : std::string();
+    return r.target != 0 ? " " + to_text(r.target) : std::string();
 }
 
 // event_piper_message in schema.sql.
 std::string one_message(int64_t pos, const WalRow &r) {
-    const std::string p = num(pos);
+    const std::string p = to_text(pos);
     const std::string tgt = target_field(r);
     const size_t sub = r.subscriber.size(), typ = r.type.size(), body = r.payload.size();
-    if (sub + typ + body + p.size() + num(sub).size() + num(typ).size() + tgt.size() + 5 < 7999) {
-        return "e " + p + " " + num(sub) + " " + num(typ) + tgt + "\n" + r.subscriber + r.type +
-               r.payload;
+    if (sub + typ + body + p.size() + to_text(sub).size() + to_text(typ).size() + tgt.size() + 5 <
+        7999) {
+        return "e " + p + " " + to_text(sub) + " " + to_text(typ) + tgt + "\n" + r.subscriber +
+               r.type + r.payload;
     }
     if (sub < 7900) {
-        return "r " + p + " " + num(sub) + "\n" + r.subscriber;
+        return "r " + p + " " + to_text(sub) + "\n" + r.subscriber;
     }
     return "p " + p;
 }
 
 // event_piper_batch_record in schema.sql.
 std::string batch_record(const WalRow &r) {
-    return num(r.position) + " " + num(r.subscriber.size()) + " " + num(r.type.size()) + " " +
-           num(r.payload.size()) + target_field(r) + "\n" + r.subscriber + r.type + r.payload;
+    return to_text(r.position) + " " + to_text(r.subscriber.size()) + " " + to_text(r.type.size()) +
+           " " + to_text(r.payload.size()) + target_field(r) + "\n" + r.subscriber + r.type +
+           r.payload;
 }
 
 void quote_into(std::string &out, const std::string &item) {
@@ -100,7 +100,7 @@ static std::string target_array(const std::vector<int64_t> &items) {
         if (i > 0) {
             out.push_back(',');
         }
-        out += items[i] != 0 ? num(items[i]) : std::string("NULL");
+        out += items[i] != 0 ? to_text(items[i]) : std::string("NULL");
     }
     out.push_back('}');
     return out;
@@ -112,7 +112,7 @@ std::string int_array(const std::vector<int64_t> &items) {
         if (i > 0) {
             out.push_back(',');
         }
-        out += num(items[i]);
+        out += to_text(items[i]);
     }
     out.push_back('}');
     return out;
@@ -730,7 +730,7 @@ void Positioner::on_commit(const pgoutput::Message &m) {
         }
     } else if (txn_last_position_ > 0) {
         // Too large to hold: a bare position sends the streams to the table.
-        notifications_.push_back("p " + num(txn_last_position_));
+        notifications_.push_back("p " + to_text(txn_last_position_));
     }
     if (oldest_pending_ms_ == 0) {
         oldest_pending_ms_ =
@@ -871,9 +871,10 @@ void Positioner::check_target(WalRow &row, bool exists, const std::string &subsc
         return;
     }
     row.target = 0;
-    log_.write(LogLevel::Warn, "event_piper positioner: event " + num(row.id) + " patches event " +
-                                   num(row.patches) + ", which " + why +
-                                   ": delivered as a plain event at position " + num(row.position));
+    log_.write(LogLevel::Warn, "event_piper positioner: event " + to_text(row.id) +
+                                   " patches event " + to_text(row.patches) + ", which " + why +
+                                   ": delivered as a plain event at position " +
+                                   to_text(row.position));
 }
 
 void Positioner::send_lookup(bool final) {
@@ -960,7 +961,7 @@ void Positioner::send_apply(bool final) {
     std::string p_xids = int_array(xids_);
     std::string expect = stored_null_ ? std::string() : pgoutput::lsn_text(stored_lsn_);
     std::string next = final ? pgoutput::lsn_text(done_lsn_) : std::string();
-    std::string last = num(last_position_);
+    std::string last = to_text(last_position_);
     std::string p_positions = int_array(positions), p_ids = int_array(ids),
                 p_subscribers = text_array(subscribers), p_times = int_array(times),
                 p_notifications = text_array(notifications_), p_move_ids = int_array(move_ids),

@@ -8,6 +8,8 @@ extern "C" {
 #include <ngx_http.h>
 }
 
+#include "core/defaults.hpp"
+
 extern "C" ngx_module_t ngx_event_piper_module;
 
 namespace event_piper {
@@ -41,8 +43,8 @@ struct LocConf {
     size_t stream_buffer;
 
     // The reconnect hint sent when nginx ends a stream (reload, stop) or answers a request in
-    // its shutdown: event_piper_retry, or 1000 ms when it is unset.
-    ngx_msec_t end_retry() const { return retry != 0 ? retry : 1000; }
+    // its shutdown: event_piper_retry, or default_end_retry_ms when it is unset.
+    ngx_msec_t end_retry() const { return retry != 0 ? retry : default_end_retry_ms; }
 };
 
 // The module context's configuration callbacks (defaults: README "Configuration").
