@@ -74,6 +74,9 @@ char *set_postgres(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
 // `event_piper_channel <name>;`: a plain SQL identifier, as LISTEN needs.
 char *set_channel(ngx_conf_t *cf, ngx_command_t *, void *conf) noexcept {
     auto *mcf = static_cast<MainConf *>(conf);
+    if (mcf->channel.data != nullptr) {
+        return const_cast<char *>("is duplicate");
+    }
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
     ngx_str_t name = args[1];
     bool ok = name.len > 0 && name.len <= event_piper::max_channel_length &&
@@ -149,31 +152,52 @@ char *set_groups(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     return compile_id_value(cf, cmd, &lcf->groups, &lcf->groups_header, &lcf->groups_decode);
 }
 
-char *set_event_piper(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
+// The content handler of a location: one of `event_piper;`, `event_piper_health;`,
+// `event_piper_status;`, once. A second one is refused in nginx's words for `root` after `alias`.
+char *set_content_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf,
+                          ngx_http_handler_pt handler) {
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->handler_directive != nullptr) {
+        if (lcf->handler_directive == &cmd->name) {
+            return const_cast<char *>("is duplicate");
+        }
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" directive is duplicate, \"%V\" directive was specified earlier",
+                           &cmd->name, lcf->handler_directive);
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
+    lcf->handler_directive = &cmd->name;
     auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
         ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-    clcf->handler = stream_handler;
-    auto *mcf =
-        static_cast<MainConf *>(ngx_http_conf_get_module_main_conf(cf, ngx_event_piper_module));
-    mcf->used = 1;
+    clcf->handler = handler;
     return NGX_CONF_OK;
 }
 
-char *set_health(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
-    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
-        ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-    clcf->handler = health_handler;
+// The locations that need the database.
+void mark_used(ngx_conf_t *cf) {
     auto *mcf =
         static_cast<MainConf *>(ngx_http_conf_get_module_main_conf(cf, ngx_event_piper_module));
     mcf->used = 1;
-    return NGX_CONF_OK;
 }
 
-char *set_status(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
-    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
-        ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-    clcf->handler = status_handler;
-    return NGX_CONF_OK;
+char *set_event_piper(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    char *rv = set_content_handler(cf, cmd, conf, stream_handler);
+    if (rv == NGX_CONF_OK) {
+        mark_used(cf);
+    }
+    return rv;
+}
+
+char *set_health(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    char *rv = set_content_handler(cf, cmd, conf, health_handler);
+    if (rv == NGX_CONF_OK) {
+        mark_used(cf);
+    }
+    return rv;
+}
+
+char *set_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    return set_content_handler(cf, cmd, conf, status_handler);
 }
 
 // `event_piper_heartbeat <time> | off;`

@@ -41,6 +41,9 @@ struct LocConf {
     ngx_msec_t retry;                 // 0: unset
     ngx_uint_t replay_batch;
     size_t stream_buffer;
+    // The directive that made this location a content handler of the module (nullptr: none);
+    // this location's own, not inherited.
+    const ngx_str_t *handler_directive;
 
     // The reconnect hint sent when nginx ends a stream (reload, stop) or answers a request in
     // its shutdown: event_piper_retry, or default_end_retry_ms when it is unset.

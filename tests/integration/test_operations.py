@@ -106,6 +106,82 @@ def test_a_bad_replay_connections_is_refused(pg):
             http={"event_piper_replay_connections": "0"})
 
 
+@pytest.mark.parametrize("directive, value, expected", [
+    ("event_piper_stream_buffer", "1k", r'a size of at least 4k \("256k", "1m"\)'),
+    ("event_piper_retry", "0", r'a positive time \("2s", "500ms"\)'),
+    ("event_piper_heartbeat", "0", r'a positive time \("10s"\) or "off"'),
+    ("event_piper_replay_batch", "100001", r'a whole number from 1 to 100000'),
+])
+def test_a_location_value_out_of_range_says_what_is_expected(pg, directive, value, expected):
+    refused(pg, r'invalid value "%s" in "%s": %s in ' % (value, directive, expected),
+            location={directive: value})
+
+
+@pytest.mark.parametrize("directive, value, expected", [
+    ("event_piper_replay_memory", "1k", r'a size of at least 1m \("64m", "1g"\)'),
+    ("event_piper_relay_buffer", "1k", r'a size of at least 64k \("4m", "16m"\)'),
+    ("event_piper_listener_timeout", "2s", r'a time of at least 3s \("60s", "2m"\)'),
+    ("event_piper_replay_connections", "65", r'a whole number from 1 to 64'),
+])
+def test_an_http_value_out_of_range_says_what_is_expected(pg, directive, value, expected):
+    refused(pg, r'invalid value "%s" in "%s": %s in ' % (value, directive, expected),
+            http={directive: value})
+
+
+def test_a_long_channel_name_is_refused(pg):
+    refused(pg, r'invalid channel name "%s" in "event_piper_channel": use letters, digits and '
+            r"'_', at most 63 characters, not starting with a digit" % ("c" * 64),
+            http={"event_piper_channel": "c" * 64})
+
+
+# A directive given twice is refused, as nginx's own are ("... directive is duplicate"), rather
+# than the last one silently winning.
+@pytest.mark.parametrize("directive, value", [
+    ("event_piper_channel", "new_events"),
+    ("event_piper_replay_connections", "2"),
+    ("event_piper_replay_memory", "64m"),
+    ("event_piper_listener", "shared"),
+    ("event_piper_source", "trigger"),
+    ("event_piper_relay_buffer", "4m"),
+    ("event_piper_listener_timeout", "60s"),
+])
+def test_an_http_directive_given_twice_is_refused(pg, directive, value):
+    refused(pg, r'"%s" directive is duplicate in .*nginx\.conf:\d+' % directive,
+            http={directive: [value, value]})
+
+
+def test_the_connection_string_given_twice_is_refused(pg):
+    refused(pg, r'"event_piper_postgres" directive is duplicate in .*nginx\.conf:\d+',
+            http={"event_piper_postgres": '"%s"' % pg.conninfo})
+
+
+@pytest.mark.parametrize("directive, value", [
+    ("event_piper_consumer", "$arg_consumer"),
+    ("event_piper_consumer_groups", "$arg_groups"),
+    ("event_piper_last_event_id", "$arg_last"),
+    ("event_piper_folded", "$arg_folded"),
+    ("event_piper_heartbeat", "10s"),
+    ("event_piper_retry", "1s"),
+    ("event_piper_replay_batch", "500"),
+    ("event_piper_stream_buffer", "256k"),
+])
+def test_a_location_directive_given_twice_is_refused(pg, directive, value):
+    refused(pg, r'"%s" directive is duplicate in .*nginx\.conf:\d+' % directive,
+            location={directive: [value, value]})
+
+
+def test_the_stream_handler_given_twice_in_a_location_is_refused(pg):
+    refused(pg, r'"event_piper" directive is duplicate in .*nginx\.conf:\d+',
+            location={"event_piper": None})
+
+
+@pytest.mark.parametrize("directive", ["event_piper_status", "event_piper_health"])
+def test_two_handlers_in_one_location_are_refused(pg, directive):
+    # The location /events has `event_piper;` first: which answer it gives would be a guess.
+    refused(pg, r'"%s" directive is duplicate, "event_piper" directive was specified earlier '
+            r'in .*nginx\.conf:\d+' % directive, location={directive: None})
+
+
 @pytest.mark.smoke
 def test_the_example_configuration_passes():
     tmp = make_tmp("example")
