@@ -106,26 +106,20 @@ def test_a_bad_replay_connections_is_refused(pg):
             http={"event_piper_replay_connections": "0"})
 
 
-@pytest.mark.parametrize("directive, value, expected", [
-    ("event_piper_stream_buffer", "1k", r'a size of at least 4k \("256k", "1m"\)'),
-    ("event_piper_retry", "0", r'a positive time \("2s", "500ms"\)'),
-    ("event_piper_heartbeat", "0", r'a positive time \("10s"\) or "off"'),
-    ("event_piper_replay_batch", "100001", r'a whole number from 1 to 100000'),
+# The messages for values out of range, built from src/core/defaults.hpp, read as before.
+@pytest.mark.parametrize("level, directive, value, expected", [
+    ("location", "event_piper_stream_buffer", "1k", r'a size of at least 4k \("256k", "1m"\)'),
+    ("location", "event_piper_retry", "0", r'a positive time \("2s", "500ms"\)'),
+    ("location", "event_piper_heartbeat", "0", r'a positive time \("10s"\) or "off"'),
+    ("location", "event_piper_replay_batch", "100001", r'a whole number from 1 to 100000'),
+    ("http", "event_piper_replay_memory", "1k", r'a size of at least 1m \("64m", "1g"\)'),
+    ("http", "event_piper_relay_buffer", "1k", r'a size of at least 64k \("4m", "16m"\)'),
+    ("http", "event_piper_listener_timeout", "2s", r'a time of at least 3s \("60s", "2m"\)'),
+    ("http", "event_piper_replay_connections", "65", r'a whole number from 1 to 64'),
 ])
-def test_a_location_value_out_of_range_says_what_is_expected(pg, directive, value, expected):
+def test_a_value_out_of_range_says_what_is_expected(pg, level, directive, value, expected):
     refused(pg, r'invalid value "%s" in "%s": %s in ' % (value, directive, expected),
-            location={directive: value})
-
-
-@pytest.mark.parametrize("directive, value, expected", [
-    ("event_piper_replay_memory", "1k", r'a size of at least 1m \("64m", "1g"\)'),
-    ("event_piper_relay_buffer", "1k", r'a size of at least 64k \("4m", "16m"\)'),
-    ("event_piper_listener_timeout", "2s", r'a time of at least 3s \("60s", "2m"\)'),
-    ("event_piper_replay_connections", "65", r'a whole number from 1 to 64'),
-])
-def test_an_http_value_out_of_range_says_what_is_expected(pg, directive, value, expected):
-    refused(pg, r'invalid value "%s" in "%s": %s in ' % (value, directive, expected),
-            http={directive: value})
+            **{level: {directive: value}})
 
 
 def test_a_long_channel_name_is_refused(pg):
@@ -136,38 +130,31 @@ def test_a_long_channel_name_is_refused(pg):
 
 # A directive given twice is refused, as nginx's own are ("... directive is duplicate"), rather
 # than the last one silently winning.
-@pytest.mark.parametrize("directive, value", [
-    ("event_piper_channel", "new_events"),
-    ("event_piper_replay_connections", "2"),
-    ("event_piper_replay_memory", "64m"),
-    ("event_piper_listener", "shared"),
-    ("event_piper_source", "trigger"),
-    ("event_piper_relay_buffer", "4m"),
-    ("event_piper_listener_timeout", "60s"),
+@pytest.mark.parametrize("level, directive, value", [
+    ("http", "event_piper_channel", "new_events"),
+    ("http", "event_piper_replay_connections", "2"),
+    ("http", "event_piper_replay_memory", "64m"),
+    ("http", "event_piper_listener", "shared"),
+    ("http", "event_piper_source", "trigger"),
+    ("http", "event_piper_relay_buffer", "4m"),
+    ("http", "event_piper_listener_timeout", "60s"),
+    ("location", "event_piper_consumer", "$arg_consumer"),
+    ("location", "event_piper_consumer_groups", "$arg_groups"),
+    ("location", "event_piper_last_event_id", "$arg_last"),
+    ("location", "event_piper_folded", "$arg_folded"),
+    ("location", "event_piper_heartbeat", "10s"),
+    ("location", "event_piper_retry", "1s"),
+    ("location", "event_piper_replay_batch", "500"),
+    ("location", "event_piper_stream_buffer", "256k"),
 ])
-def test_an_http_directive_given_twice_is_refused(pg, directive, value):
+def test_a_directive_given_twice_is_refused(pg, level, directive, value):
     refused(pg, r'"%s" directive is duplicate in .*nginx\.conf:\d+' % directive,
-            http={directive: [value, value]})
+            **{level: {directive: [value, value]}})
 
 
 def test_the_connection_string_given_twice_is_refused(pg):
     refused(pg, r'"event_piper_postgres" directive is duplicate in .*nginx\.conf:\d+',
             http={"event_piper_postgres": '"%s"' % pg.conninfo})
-
-
-@pytest.mark.parametrize("directive, value", [
-    ("event_piper_consumer", "$arg_consumer"),
-    ("event_piper_consumer_groups", "$arg_groups"),
-    ("event_piper_last_event_id", "$arg_last"),
-    ("event_piper_folded", "$arg_folded"),
-    ("event_piper_heartbeat", "10s"),
-    ("event_piper_retry", "1s"),
-    ("event_piper_replay_batch", "500"),
-    ("event_piper_stream_buffer", "256k"),
-])
-def test_a_location_directive_given_twice_is_refused(pg, directive, value):
-    refused(pg, r'"%s" directive is duplicate in .*nginx\.conf:\d+' % directive,
-            location={directive: [value, value]})
 
 
 def test_the_stream_handler_given_twice_in_a_location_is_refused(pg):
