@@ -166,9 +166,15 @@ char *set_content_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf,
                            &cmd->name, lcf->handler_directive);
         return static_cast<char *>(NGX_CONF_ERROR);
     }
-    lcf->handler_directive = &cmd->name;
     auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
         ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
+    if (clcf->handler != nullptr) {
+        // Another module's (proxy_pass, fastcgi_pass, ...); one set after this one is found
+        // by merge_loc_conf.
+        return event_piper::another_content_handler(cf, &cmd->name, clcf);
+    }
+    lcf->handler_directive = &cmd->name;
+    lcf->handler = handler;
     clcf->handler = handler;
     return NGX_CONF_OK;
 }

@@ -77,9 +77,26 @@ ngx_http_complex_value_t *compile_default(ngx_conf_t *cf, const char *text) {
 
 } // namespace
 
+char *another_content_handler(ngx_conf_t *cf, const ngx_str_t *directive,
+                              const ngx_http_core_loc_conf_t *clcf) {
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"%V\" directive conflicts with another content handler (proxy_pass, "
+                       "fastcgi_pass, ...) in location \"%V\"",
+                       directive, &clcf->name);
+    return static_cast<char *>(NGX_CONF_ERROR);
+}
+
 char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept {
     auto *prev = static_cast<LocConf *>(parent);
     auto *conf = static_cast<LocConf *>(child);
+    if (conf->handler_directive != nullptr) {
+        // While merging, the core configuration at hand is this location's.
+        auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
+            ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
+        if (clcf->handler != conf->handler) {
+            return another_content_handler(cf, conf->handler_directive, clcf);
+        }
+    }
     if (conf->consumer == NGX_CONF_UNSET_PTR) {
         conf->consumer = prev->consumer;
         conf->consumer_header = prev->consumer_header;

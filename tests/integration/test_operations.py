@@ -169,6 +169,24 @@ def test_two_handlers_in_one_location_are_refused(pg, directive):
             r'in .*nginx\.conf:\d+' % directive, location={directive: None})
 
 
+def test_another_modules_handler_after_event_piper_is_refused(pg):
+    refused(pg, r'"event_piper" directive conflicts with another content handler '
+            r'\(proxy_pass, fastcgi_pass, \.\.\.\) in location "/events"',
+            location={"proxy_pass": "http://127.0.0.1:9"})
+
+
+def test_another_modules_handler_before_event_piper_health_is_refused(pg):
+    conf = NGINX_CONF.replace("location = /manage/health { event_piper_health; }",
+                              "location = /manage/health { proxy_pass http://127.0.0.1:9; "
+                              "event_piper_health; }")
+    ngx = Nginx(make_tmp("conf"), conf, pg=pg)
+    rc, out = ngx.test_config()
+    assert rc != 0, out
+    assert re.search(r'\[emerg\].*"event_piper_health" directive conflicts with another content '
+                     r'handler \(proxy_pass, fastcgi_pass, \.\.\.\) in location "/manage/health" '
+                     r'in .*nginx\.conf:\d+', out), out
+
+
 @pytest.mark.smoke
 def test_the_example_configuration_passes():
     tmp = make_tmp("example")
