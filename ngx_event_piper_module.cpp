@@ -8,7 +8,9 @@ extern "C" {
 #include <ngx_http.h>
 }
 
+#include "core/defaults.hpp"
 #include "core/request_check.hpp"
+#include "core/text.hpp"
 #include "ngx/ngx_handlers.hpp"
 #include "ngx/ngx_status_zone.hpp"
 #include "ngx/ngx_worker.hpp"
@@ -73,9 +75,13 @@ char *set_postgres(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
 // `event_piper_channel <name>;`: a plain SQL identifier, as LISTEN needs.
 char *set_channel(ngx_conf_t *cf, ngx_command_t *, void *conf) noexcept {
     auto *mcf = static_cast<MainConf *>(conf);
+    if (mcf->channel.data != nullptr) {
+        return const_cast<char *>("is duplicate");
+    }
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
     ngx_str_t name = args[1];
-    bool ok = name.len > 0 && name.len <= 63 && !(name.data[0] >= '0' && name.data[0] <= '9');
+    bool ok = name.len > 0 && name.len <= event_piper::max_channel_length &&
+              !(name.data[0] >= '0' && name.data[0] <= '9');
     for (size_t i = 0; ok && i < name.len; ++i) {
         u_char ch = name.data[i];
         ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
@@ -84,8 +90,8 @@ char *set_channel(ngx_conf_t *cf, ngx_command_t *, void *conf) noexcept {
     if (!ok) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid channel name \"%V\" in \"event_piper_channel\": use letters, "
-                           "digits and '_', at most 63 characters, not starting with a digit",
-                           &name);
+                           "digits and '_', at most %uz characters, not starting with a digit",
+                           &name, event_piper::max_channel_length);
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     mcf->channel = name;
@@ -147,31 +153,58 @@ char *set_groups(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     return compile_id_value(cf, cmd, &lcf->groups, &lcf->groups_header, &lcf->groups_decode);
 }
 
-char *set_event_piper(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
+// The content handler of a location: one of `event_piper;`, `event_piper_health;`,
+// `event_piper_status;`, once. A second one is refused in nginx's words for `root` after `alias`.
+char *set_content_handler(ngx_conf_t *cf, ngx_command_t *cmd, void *conf,
+                          ngx_http_handler_pt handler) {
+    auto *lcf = static_cast<LocConf *>(conf);
+    if (lcf->handler_directive != nullptr) {
+        if (lcf->handler_directive == &cmd->name) {
+            return const_cast<char *>("is duplicate");
+        }
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" directive is duplicate, \"%V\" directive was specified earlier",
+                           &cmd->name, lcf->handler_directive);
+        return static_cast<char *>(NGX_CONF_ERROR);
+    }
     auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
         ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-    clcf->handler = stream_handler;
-    auto *mcf =
-        static_cast<MainConf *>(ngx_http_conf_get_module_main_conf(cf, ngx_event_piper_module));
-    mcf->used = 1;
+    if (clcf->handler != nullptr) {
+        // Another module's (proxy_pass, fastcgi_pass, ...); one set after this one is found
+        // by merge_loc_conf.
+        return event_piper::another_content_handler(cf, &cmd->name, clcf);
+    }
+    lcf->handler_directive = &cmd->name;
+    lcf->handler = handler;
+    clcf->handler = handler;
     return NGX_CONF_OK;
 }
 
-char *set_health(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
-    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
-        ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-    clcf->handler = health_handler;
+// The locations that need the database.
+void mark_used(ngx_conf_t *cf) {
     auto *mcf =
         static_cast<MainConf *>(ngx_http_conf_get_module_main_conf(cf, ngx_event_piper_module));
     mcf->used = 1;
-    return NGX_CONF_OK;
 }
 
-char *set_status(ngx_conf_t *cf, ngx_command_t *, void *) noexcept {
-    auto *clcf = static_cast<ngx_http_core_loc_conf_t *>(
-        ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module));
-    clcf->handler = status_handler;
-    return NGX_CONF_OK;
+char *set_event_piper(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    char *rv = set_content_handler(cf, cmd, conf, stream_handler);
+    if (rv == NGX_CONF_OK) {
+        mark_used(cf);
+    }
+    return rv;
+}
+
+char *set_health(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    char *rv = set_content_handler(cf, cmd, conf, health_handler);
+    if (rv == NGX_CONF_OK) {
+        mark_used(cf);
+    }
+    return rv;
+}
+
+char *set_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
+    return set_content_handler(cf, cmd, conf, status_handler);
 }
 
 // `event_piper_heartbeat <time> | off;`
@@ -187,9 +220,15 @@ char *set_heartbeat(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     }
     ngx_int_t ms = ngx_parse_time(&args[1], 0);
     if (ms == NGX_ERROR || ms <= 0) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid value \"%V\" in \"%V\": a positive time (\"10s\") or \"off\"",
-                           &args[1], &cmd->name);
+        try {
+            std::string example = event_piper::time_text(event_piper::default_heartbeat_ms);
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid value \"%V\" in \"%V\": a positive time (\"%s\") or "
+                               "\"off\"",
+                               &args[1], &cmd->name, example.c_str());
+        } catch (...) {
+            return const_cast<char *>("failed: out of memory");
+        }
         return static_cast<char *>(NGX_CONF_ERROR);
     }
     lcf->heartbeat = static_cast<ngx_msec_t>(ms);
@@ -202,8 +241,10 @@ struct NumberRange {
     ngx_int_t min;
     ngx_int_t max;
 };
-NumberRange batch_range = {1, 100000};
-NumberRange connections_range = {1, 64};
+NumberRange batch_range = {static_cast<ngx_int_t>(event_piper::min_replay_batch),
+                           static_cast<ngx_int_t>(event_piper::max_replay_batch)};
+NumberRange connections_range = {static_cast<ngx_int_t>(event_piper::min_replay_connections),
+                                 static_cast<ngx_int_t>(event_piper::max_replay_connections)};
 
 char *invalid_value(ngx_conf_t *cf, ngx_command_t *cmd, const char *expected) {
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
@@ -230,16 +271,40 @@ char *set_number(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     return NGX_CONF_OK;
 }
 
-// Sizes and times: at least `min`, with an example of a good value in the message.
+// Sizes and times: at least `min`, with two examples of good values in the message (the first
+// is the default where there is one).
 struct Minimum {
-    ngx_int_t min;
-    const char *expected;
+    bool time; // a time in milliseconds, else a size in bytes
+    uint64_t min;
+    uint64_t example;
+    const char *other_example;
 };
-Minimum stream_buffer_min = {4096, "a size of at least 4k (\"256k\", \"1m\")"};
-Minimum replay_memory_min = {1024 * 1024, "a size of at least 1m (\"64m\", \"1g\")"};
-Minimum listener_timeout_min = {3000, "a time of at least 3s (\"60s\", \"2m\")"};
-Minimum retry_min = {1, "a positive time (\"2s\", \"500ms\")"};
-Minimum relay_buffer_min = {64 * 1024, "a size of at least 64k (\"4m\", \"16m\")"};
+Minimum stream_buffer_min = {false, event_piper::min_stream_buffer,
+                             event_piper::default_stream_buffer, "1m"};
+Minimum replay_memory_min = {false, event_piper::min_replay_memory,
+                             event_piper::default_replay_memory, "1g"};
+Minimum listener_timeout_min = {true, event_piper::min_listener_timeout_ms,
+                                event_piper::default_listener_timeout_ms, "2m"};
+Minimum retry_min = {true, 1, 2000, "500ms"};
+Minimum relay_buffer_min = {false, event_piper::min_relay_buffer, event_piper::default_relay_buffer,
+                            "16m"};
+
+// "a size of at least 4k (\"256k\", \"1m\")", "a positive time (\"2s\", \"500ms\")"
+char *invalid_amount(ngx_conf_t *cf, ngx_command_t *cmd, const Minimum &minimum) {
+    try {
+        auto amount = minimum.time ? event_piper::time_text : event_piper::size_text;
+        std::string expected = minimum.time ? "a time" : "a size";
+        if (minimum.min <= 1) {
+            expected.insert(2, "positive ");
+        } else {
+            expected += " of at least " + amount(minimum.min);
+        }
+        expected += " (\"" + amount(minimum.example) + "\", \"" + minimum.other_example + "\")";
+        return invalid_value(cf, cmd, expected.c_str());
+    } catch (...) {
+        return const_cast<char *>("failed: out of memory");
+    }
+}
 
 // `event_piper_listener shared | per_worker;` (nginx's enum slot would not name the directive).
 char *set_listener_mode(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
@@ -285,8 +350,8 @@ char *set_size(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     auto *minimum = static_cast<Minimum *>(cmd->post);
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
     ssize_t size = ngx_parse_size(&args[1]);
-    if (size == NGX_ERROR || size < minimum->min) {
-        return invalid_value(cf, cmd, minimum->expected);
+    if (size == NGX_ERROR || static_cast<uint64_t>(size) < minimum->min) {
+        return invalid_amount(cf, cmd, *minimum);
     }
     *field = static_cast<size_t>(size);
     return NGX_CONF_OK;
@@ -300,8 +365,8 @@ char *set_time(ngx_conf_t *cf, ngx_command_t *cmd, void *conf) noexcept {
     auto *minimum = static_cast<Minimum *>(cmd->post);
     auto *args = static_cast<ngx_str_t *>(cf->args->elts);
     ngx_int_t ms = ngx_parse_time(&args[1], 0);
-    if (ms == NGX_ERROR || ms < minimum->min) {
-        return invalid_value(cf, cmd, minimum->expected);
+    if (ms == NGX_ERROR || static_cast<uint64_t>(ms) < minimum->min) {
+        return invalid_amount(cf, cmd, *minimum);
     }
     *field = static_cast<ngx_msec_t>(ms);
     return NGX_CONF_OK;

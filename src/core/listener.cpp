@@ -1,7 +1,9 @@
 // The listener's state machine (see listener.hpp).
 #include "listener.hpp"
 
+#include "defaults.hpp"
 #include "grammar.hpp"
+#include "text.hpp"
 
 #include <algorithm>
 #include <charconv>
@@ -9,11 +11,6 @@
 namespace event_piper {
 
 namespace {
-
-std::string to_text(uint64_t v) {
-    char buf[24];
-    return std::string(buf, std::to_chars(buf, buf + sizeof buf, v).ptr);
-}
 
 // "12,15,40" (NULL or empty: none).
 void parse_ids(std::string_view text, std::vector<int64_t> &out) {
@@ -96,14 +93,18 @@ void Listener::read_newest() {
     // if so, the version is read next, before going live (a call to a function that may not
     // exist would fail the whole query).
     has_version_function_ = false;
-    link_.send("SELECT (SELECT coalesce(max(position), 0) FROM event_positions),"
-               " CASE WHEN $1::bigint = 0 THEN NULL ELSE coalesce((SELECT position"
-               "  FROM event_positions"
-               "  WHERE committed_at <= to_timestamp($1::float8 / 1000)"
-               "  ORDER BY position DESC LIMIT 1), 0) END,"
-               " coalesce(nullif(current_setting('event_piper.channel', true), ''), 'new_events'),"
-               " to_regprocedure('event_piper_schema_version()') IS NOT NULL",
-               1, params);
+    // The third column falls back to the channel the trigger falls back to (schema.sql).
+    static const std::string newest_sql =
+        std::string("SELECT (SELECT coalesce(max(position), 0) FROM event_positions),"
+                    " CASE WHEN $1::bigint = 0 THEN NULL ELSE coalesce((SELECT position"
+                    "  FROM event_positions"
+                    "  WHERE committed_at <= to_timestamp($1::float8 / 1000)"
+                    "  ORDER BY position DESC LIMIT 1), 0) END,"
+                    " coalesce(nullif(current_setting('event_piper.channel', true), ''), '") +
+        default_channel +
+        "'),"
+        " to_regprocedure('event_piper_schema_version()') IS NOT NULL";
+    link_.send(newest_sql.c_str(), 1, params);
 }
 
 // The check's round trip on the LISTEN connection, which must stay trivial (notifications wait
@@ -231,10 +232,7 @@ void Listener::on_link_result(DbLink &link, const QueryResult &result) {
         }
         return;
     }
-    std::string why = result.error();
-    while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
-        why.pop_back();
-    }
+    std::string why(without_line_end(result.error()));
     link_.close();
     lose(why.empty() ? "unexpected result" : why);
 }
@@ -471,20 +469,14 @@ void Listener::on_table_result(const QueryResult &result) {
         // Without this query (a server that does not know pg_locks.waitstart, before PostgreSQL
         // 14) the rounds go on with the table check alone.
         writers_check_ = false;
-        std::string why = result.error();
-        while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
-            why.pop_back();
-        }
+        std::string why(without_line_end(result.error()));
         log_.write(LogLevel::Warn,
                    "event_piper: cannot look for event writers held back in COMMIT (" + why +
                        "); not looking any more");
         return;
     }
     if (!result.ok()) {
-        std::string why = result.error();
-        while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
-            why.pop_back();
-        }
+        std::string why(without_line_end(result.error()));
         table_failed(why.empty() ? "unexpected result" : why);
         return;
     }

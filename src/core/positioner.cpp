@@ -2,6 +2,7 @@
 #include "positioner.hpp"
 
 #include "grammar.hpp"
+#include "text.hpp"
 
 #include <algorithm>
 #include <charconv>
@@ -14,16 +15,12 @@ namespace {
 
 namespace g = grammar;
 
-std::string num(int64_t v) {
-    return std::to_string(v);
-}
-
 // The notifications below follow docs/notification-grammar.md, byte for byte as the trigger
 // builds them.
 
 // A patch's target after the lengths (" <position>"); nothing for a plain event.
 std::string target_field(const WalRow &r) {
-    return r.target != 0 ? g::field_separator + num(r.target) : std::string();
+    return r.target != 0 ? g::field_separator + to_text(r.target) : std::string();
 }
 
 // A form's letter and separator: "e ", "r ", "p ".
@@ -33,17 +30,17 @@ std::string form(char letter) {
 
 // event_piper_message in schema.sql.
 std::string one_message(int64_t pos, const WalRow &r) {
-    const std::string p = num(pos);
+    const std::string p = to_text(pos);
     const std::string tgt = target_field(r);
     const size_t sub = r.subscriber.size(), typ = r.type.size(), body = r.payload.size();
     // The header's fixed bytes: the letter and 3 separators, and the header's end.
-    if (sub + typ + body + p.size() + num(sub).size() + num(typ).size() + tgt.size() + 5 <
+    if (sub + typ + body + p.size() + to_text(sub).size() + to_text(typ).size() + tgt.size() + 5 <
         g::event_below) {
-        return form(g::form_event) + p + g::field_separator + num(sub) + g::field_separator +
-               num(typ) + tgt + g::header_end + r.subscriber + r.type + r.payload;
+        return form(g::form_event) + p + g::field_separator + to_text(sub) + g::field_separator +
+               to_text(typ) + tgt + g::header_end + r.subscriber + r.type + r.payload;
     }
     if (sub < g::subscriber_below) {
-        return form(g::form_reference) + p + g::field_separator + num(sub) + g::header_end +
+        return form(g::form_reference) + p + g::field_separator + to_text(sub) + g::header_end +
                r.subscriber;
     }
     return form(g::form_position) + p;
@@ -51,9 +48,10 @@ std::string one_message(int64_t pos, const WalRow &r) {
 
 // event_piper_batch_record in schema.sql.
 std::string batch_record(const WalRow &r) {
-    return num(r.position) + g::field_separator + num(r.subscriber.size()) + g::field_separator +
-           num(r.type.size()) + g::field_separator + num(r.payload.size()) + target_field(r) +
-           g::header_end + r.subscriber + r.type + r.payload;
+    return to_text(r.position) + g::field_separator + to_text(r.subscriber.size()) +
+           g::field_separator + to_text(r.type.size()) + g::field_separator +
+           to_text(r.payload.size()) + target_field(r) + g::header_end + r.subscriber + r.type +
+           r.payload;
 }
 
 void quote_into(std::string &out, const std::string &item) {
@@ -118,7 +116,7 @@ static std::string target_array(const std::vector<int64_t> &items) {
         if (i > 0) {
             out.push_back(',');
         }
-        out += items[i] != 0 ? num(items[i]) : std::string("NULL");
+        out += items[i] != 0 ? to_text(items[i]) : std::string("NULL");
     }
     out.push_back('}');
     return out;
@@ -130,7 +128,7 @@ std::string int_array(const std::vector<int64_t> &items) {
         if (i > 0) {
             out.push_back(',');
         }
-        out += num(items[i]);
+        out += to_text(items[i]);
     }
     out.push_back('}');
     return out;
@@ -802,7 +800,7 @@ void Positioner::on_commit(const pgoutput::Message &m) {
         }
     } else if (txn_last_position_ > 0) {
         // Too large to hold: a bare position sends the streams to the table.
-        notifications_.push_back(form(g::form_position) + num(txn_last_position_));
+        notifications_.push_back(form(g::form_position) + to_text(txn_last_position_));
     }
     if (oldest_pending_ms_ == 0) {
         oldest_pending_ms_ =
@@ -943,9 +941,10 @@ void Positioner::check_target(WalRow &row, bool exists, const std::string &subsc
         return;
     }
     row.target = 0;
-    log_.write(LogLevel::Warn, "event_piper positioner: event " + num(row.id) + " patches event " +
-                                   num(row.patches) + ", which " + why +
-                                   ": delivered as a plain event at position " + num(row.position));
+    log_.write(LogLevel::Warn, "event_piper positioner: event " + to_text(row.id) +
+                                   " patches event " + to_text(row.patches) + ", which " + why +
+                                   ": delivered as a plain event at position " +
+                                   to_text(row.position));
 }
 
 void Positioner::send_lookup(bool final) {
@@ -1032,7 +1031,7 @@ void Positioner::send_apply(bool final) {
     std::string p_xids = int_array(xids_);
     std::string expect = stored_null_ ? std::string() : pgoutput::lsn_text(stored_lsn_);
     std::string next = final ? pgoutput::lsn_text(done_lsn_) : std::string();
-    std::string last = num(last_position_);
+    std::string last = to_text(last_position_);
     std::string p_positions = int_array(positions), p_ids = int_array(ids),
                 p_subscribers = text_array(subscribers), p_times = int_array(times),
                 p_notifications = text_array(notifications_), p_move_ids = int_array(move_ids),

@@ -7,6 +7,7 @@
 // within one positioner transaction, so memory stays bounded by the batch limits.
 #pragma once
 
+#include "defaults.hpp"
 #include "pgoutput.hpp"
 #include "ports.hpp"
 
@@ -91,7 +92,7 @@ public:
     struct Settings {
         std::string slot = "event_piper";
         std::string publication = "event_piper_events";
-        std::string channel = "new_events";
+        std::string channel = default_channel;
         std::string holder;            // "host pid", stored with the progress
         size_t rows_max = 5000;        // rows (and later changes) pending before a part
         size_t bytes_max = 4 << 20;    // bytes of pending rows and notifications

@@ -2,6 +2,7 @@
 #include "replay_queue.hpp"
 
 #include "sse_frame.hpp"
+#include "text.hpp"
 
 #include <algorithm>
 #include <charconv>
@@ -118,15 +119,6 @@ const char *ReplayQueue::standby_probe_sql() {
 const char *ReplayQueue::folding_probe_sql() {
     return "SELECT to_regprocedure('event_piper_state(bigint)') IS NOT NULL";
 }
-
-namespace {
-
-struct Number {
-    char text[24];
-    explicit Number(int64_t v) { *std::to_chars(text, text + sizeof text - 1, v).ptr = '\0'; }
-};
-
-} // namespace
 
 ReplayQueue::ReplayQueue(Timer &retry, ReplayEvents &events, Log &log, size_t memory_budget,
                          const Clock *clock)
@@ -330,11 +322,11 @@ bool ReplayQueue::serve(std::deque<Stream *> &q, bool standby) {
             ++it;
         }
     }
-    Number last(s->last_position());
-    Number rows(static_cast<int64_t>(s->batch_rows()));
-    Number bytes(static_cast<int64_t>(s->batch_bytes()));
+    std::string last = to_text(s->last_position());
+    std::string rows = to_text(s->batch_rows());
+    std::string bytes = to_text(s->batch_bytes());
     const std::vector<std::string> &ids = s->consumers();
-    params_.assign({last.text, rows.text, bytes.text});
+    params_.assign({last.c_str(), rows.c_str(), bytes.c_str()});
     for (const std::string &id : ids) {
         params_.push_back(id.c_str());
     }
@@ -432,10 +424,7 @@ void ReplayQueue::on_link_result(DbLink &link, const QueryResult &result) {
         return;
     }
     if (!result.ok()) {
-        std::string why = result.error();
-        while (!why.empty() && (why.back() == '\n' || why.back() == '\r')) {
-            why.pop_back();
-        }
+        std::string why(without_line_end(result.error()));
         ++failures_;
         log_failure(slot.standby ? "on a standby (read again from the primary): " + why : why);
         slot.failed = true;

@@ -2,6 +2,8 @@
 // but it is also logged and compared, so control characters are refused outright.
 #include "request_check.hpp"
 
+#include "text.hpp"
+
 #include <charconv>
 
 namespace event_piper {
@@ -76,8 +78,11 @@ std::string_view consumer_error_text(ConsumerCheck check) {
     case ConsumerCheck::Missing:
         return "missing consumer id (by default the X-Consumer-Id header, see "
                "event_piper_consumer)\n";
-    case ConsumerCheck::TooLong:
-        return "consumer id is longer than 256 bytes\n";
+    case ConsumerCheck::TooLong: {
+        static const std::string text =
+            "consumer id is longer than " + to_text(max_consumer_length) + " bytes\n";
+        return text;
+    }
     case ConsumerCheck::ControlCharacter:
         return "consumer id contains control characters\n";
     case ConsumerCheck::NotUtf8:
@@ -212,7 +217,8 @@ std::vector<std::string> consumer_ids(std::string consumer, std::string_view lis
         }
         if (!seen) {
             if (ids.size() == max_stream_consumers) {
-                error = "more than 64 consumer ids in one stream\n";
+                error =
+                    "more than " + to_text(max_stream_consumers) + " consumer ids in one stream\n";
                 return {};
             }
             ids.push_back(std::move(id));
@@ -226,7 +232,7 @@ std::vector<std::string> consumer_ids(std::string consumer, std::string_view lis
 }
 
 std::optional<int64_t> parse_last_event_id(std::string_view text) {
-    if (text.empty() || text.size() > 19) {
+    if (text.empty() || text.size() > max_last_event_id_digits) {
         return std::nullopt;
     }
     for (char c : text) {

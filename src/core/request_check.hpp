@@ -1,6 +1,8 @@
 // Validation of what a client sends: the consumer id and the Last-Event-ID resume point.
 #pragma once
 
+#include "defaults.hpp"
+
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -8,12 +10,6 @@
 #include <vector>
 
 namespace event_piper {
-
-constexpr size_t max_consumer_length = 256;
-// Ids one stream may carry (its consumer plus the list). The replay query has one index range
-// scan per id, merged: 64 keeps that plan and the statement small, and covers a user, their
-// teams and a few broadcast ids.
-constexpr size_t max_stream_consumers = 64;
 
 enum class ConsumerCheck { Ok, Missing, TooLong, ControlCharacter, NotUtf8 };
 

@@ -3,23 +3,11 @@
 // and a double-based parser (cJSON) would rewrite 12345678901234567890 as 1.2345678901234567e+19.
 #include "sse_frame.hpp"
 
-#include <charconv>
+#include "text.hpp"
 
 namespace event_piper {
 
 namespace {
-
-void append_int(std::string &out, uint64_t v) {
-    char buf[24];
-    auto res = std::to_chars(buf, buf + sizeof buf, v);
-    out.append(buf, static_cast<size_t>(res.ptr - buf));
-}
-
-void append_int(std::string &out, int64_t v) {
-    char buf[24];
-    auto res = std::to_chars(buf, buf + sizeof buf, v);
-    out.append(buf, static_cast<size_t>(res.ptr - buf));
-}
 
 // Appends `data: ` lines for text that may contain CR, LF or CRLF line breaks.
 void append_data_lines(std::string &out, std::string_view text) {
@@ -93,7 +81,7 @@ void finish_data(std::string &out, size_t payload_start) {
 void append_event_frame(std::string &out, int64_t id, std::string_view type,
                         std::string_view json_payload) {
     out.append("id: ");
-    append_int(out, id);
+    append_decimal(out, id);
     out.append("\nevent: ");
     for (char c : type) {
         if (c != '\r' && c != '\n') {
@@ -129,11 +117,11 @@ void append_json_string(std::string &out, std::string_view text) {
 void append_target_frame(std::string &out, int64_t id, int64_t target, TargetMember member,
                          std::string_view type, std::string_view json_payload) {
     out.append("id: ");
-    append_int(out, id);
+    append_decimal(out, id);
     out.append("\nevent: patch\ndata: ");
     size_t payload_start = out.size();
     out.append("{\"target\":");
-    append_int(out, target);
+    append_decimal(out, target);
     out.append(",\"type\":");
     append_json_string(out, type);
     out.append(member == TargetMember::Patch ? ",\"patch\":" : ",\"state\":");
@@ -148,15 +136,15 @@ std::string_view heartbeat_frame() {
 
 void append_history_gone_frame(std::string &out, int64_t resumed_after, int64_t removed_upto) {
     out.append("event: history-gone\ndata: {\"last_event_id\":");
-    append_int(out, resumed_after);
+    append_decimal(out, resumed_after);
     out.append(",\"removed_upto\":");
-    append_int(out, removed_upto);
+    append_decimal(out, removed_upto);
     out.append("}\n\n");
 }
 
 void append_retry_frame(std::string &out, uint64_t milliseconds) {
     out.append("retry: ");
-    append_int(out, milliseconds);
+    append_decimal(out, milliseconds);
     out.append("\n\n");
 }
 

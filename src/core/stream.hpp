@@ -3,6 +3,8 @@
 // These rules are what make delivery gap-free and duplicate-free; see README "How it works".
 #pragma once
 
+#include "defaults.hpp"
+
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -27,8 +29,8 @@ public:
     enum class Mode { CatchingUp, Live };
 
     struct Limits {
-        size_t buffer_bytes = 256 * 1024; // live bytes queued before falling back to the table
-        size_t batch_rows = 500;          // rows per replay query
+        size_t buffer_bytes = default_stream_buffer; // live bytes queued before the table
+        size_t batch_rows = default_replay_batch;    // rows per replay query
     };
 
     // last_position < 0: the client gave no Last-Event-ID and the worker does not yet know the

@@ -8,6 +8,8 @@ extern "C" {
 #include <ngx_http.h>
 }
 
+#include "core/defaults.hpp"
+
 extern "C" ngx_module_t ngx_event_piper_module;
 
 namespace event_piper {
@@ -40,14 +42,22 @@ struct LocConf {
     ngx_msec_t retry;                 // 0: unset
     ngx_uint_t replay_batch;
     size_t stream_buffer;
+    // The directive that made this location a content handler of the module (nullptr: none);
+    // this location's own, not inherited.
+    const ngx_str_t *handler_directive;
+    ngx_http_handler_pt handler; // the one it set
 
     // The reconnect hint sent when nginx ends a stream (reload, stop) or answers a request in
-    // its shutdown: event_piper_retry, or 1000 ms when it is unset.
-    ngx_msec_t end_retry() const { return retry != 0 ? retry : 1000; }
+    // its shutdown: event_piper_retry, or default_end_retry_ms when it is unset.
+    ngx_msec_t end_retry() const { return retry != 0 ? retry : default_end_retry_ms; }
 };
 
 // The module context's configuration callbacks (defaults: README "Configuration").
 void *create_main_conf(ngx_conf_t *cf) noexcept;
+// Refuses `directive` in a location that another module's directive also makes a content
+// handler: which of the two answers would be a guess.
+char *another_content_handler(ngx_conf_t *cf, const ngx_str_t *directive,
+                              const ngx_http_core_loc_conf_t *clcf);
 char *init_main_conf(ngx_conf_t *cf, void *conf) noexcept;
 void *create_loc_conf(ngx_conf_t *cf) noexcept;
 char *merge_loc_conf(ngx_conf_t *cf, void *parent, void *child) noexcept;

@@ -2,6 +2,9 @@
 // PQsendQuery*, read with PQconsumeInput/PQgetResult/PQnotifies, never block.
 #include "ngx_pg_link.hpp"
 
+#include "core/defaults.hpp"
+#include "core/text.hpp"
+
 #include <memory>
 #include <sys/stat.h>
 
@@ -45,7 +48,12 @@ void PgLink::connect() {
     // always tells listener and replay connections apart.
     const char *keys[] = {"keepalives_idle", "keepalives_interval", "keepalives_count",
                           "dbname",          "application_name",    nullptr};
-    const char *values[] = {"30", "10", "3", conninfo_.c_str(), application_, nullptr};
+    const char *values[] = {default_keepalives_idle,
+                            default_keepalives_interval,
+                            default_keepalives_count,
+                            conninfo_.c_str(),
+                            application_,
+                            nullptr};
     conn_ = PQconnectStartParams(keys, values, 1);
     if (conn_ == nullptr) {
         fail("out of memory");
@@ -83,12 +91,9 @@ void PgLink::connect_timeout_handler(ngx_event_t *ev) noexcept {
 
 void PgLink::notice_processor(void *arg, const char *message) noexcept {
     auto *self = static_cast<PgLink *>(arg);
-    size_t len = ngx_strlen(message);
-    while (len > 0 && (message[len - 1] == '\n' || message[len - 1] == '\r')) {
-        --len;
-    }
+    std::string_view line = without_line_end(message);
     ngx_log_error(NGX_LOG_NOTICE, self->log_, 0, "event_piper: %s connection: %*s",
-                  self->application_, len, message);
+                  self->application_, line.size(), line.data());
 }
 
 void PgLink::poll_connect() {
@@ -212,23 +217,11 @@ void PgLink::close() {
 }
 
 void PgLink::fail(const char *why) {
-    // Copy the message: PQfinish frees the libpq error buffer.
-    char msg[512];
-    ngx_cpystrn(reinterpret_cast<u_char *>(msg),
-                reinterpret_cast<u_char *>(const_cast<char *>(why ? why : "unknown error")),
-                sizeof msg);
-    // One log line: libpq's messages span several lines ("...\n\tThis probably means...").
-    size_t len = ngx_strlen(msg);
-    while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r')) {
-        msg[--len] = '\0';
-    }
-    for (size_t i = 0; i < len; ++i) {
-        if (msg[i] == '\n' || msg[i] == '\r' || msg[i] == '\t') {
-            msg[i] = ' ';
-        }
-    }
+    // Copy the message (PQfinish frees the libpq error buffer), at most failure_text_max bytes.
+    std::string msg =
+        one_line(std::string_view(why ? why : "unknown error").substr(0, failure_text_max));
     close();
-    owner_->on_link_lost(*this, std::string_view(msg, len));
+    owner_->on_link_lost(*this, msg);
 }
 
 bool PgLink::flush() {

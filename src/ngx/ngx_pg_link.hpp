@@ -45,7 +45,6 @@ public:
     void close() override;
 
 private:
-    static constexpr ngx_msec_t connect_timeout_ms = 10000;
     static void read_handler(ngx_event_t *ev) noexcept;
     static void connect_timeout_handler(ngx_event_t *ev) noexcept;
     static void write_handler(ngx_event_t *ev) noexcept;

@@ -1,6 +1,9 @@
 // libpq's replication protocol in nginx's event loop (see ngx_pg_replication.hpp).
 #include "ngx_pg_replication.hpp"
 
+#include "core/defaults.hpp"
+#include "core/text.hpp"
+
 #include <memory>
 #include <sys/stat.h>
 
@@ -52,9 +55,9 @@ void PgReplicationLink::connect() {
     // pg_stat_activity, with the server-side timeout that frees the slot of a frozen worker.
     const char *keys[] = {"keepalives_idle", "keepalives_interval", "keepalives_count", "dbname",
                           "replication",     "application_name",    "options",          nullptr};
-    const char *values[] = {"30",
-                            "10",
-                            "3",
+    const char *values[] = {default_keepalives_idle,
+                            default_keepalives_interval,
+                            default_keepalives_count,
                             conninfo_.c_str(),
                             "database",
                             "event_piper_positioner",
@@ -94,12 +97,9 @@ void PgReplicationLink::connect_timeout_handler(ngx_event_t *ev) noexcept {
 
 void PgReplicationLink::notice_processor(void *arg, const char *message) noexcept {
     auto *self = static_cast<PgReplicationLink *>(arg);
-    size_t len = ngx_strlen(message);
-    while (len > 0 && (message[len - 1] == '\n' || message[len - 1] == '\r')) {
-        --len;
-    }
-    ngx_log_error(NGX_LOG_NOTICE, self->log_, 0, "event_piper: positioner replication: %*s", len,
-                  message);
+    std::string_view line = without_line_end(message);
+    ngx_log_error(NGX_LOG_NOTICE, self->log_, 0, "event_piper: positioner replication: %*s",
+                  line.size(), line.data());
 }
 
 void PgReplicationLink::poll_connect() {
@@ -235,21 +235,10 @@ void PgReplicationLink::close() {
 }
 
 void PgReplicationLink::fail(const char *why) {
-    char msg[512];
-    ngx_cpystrn(reinterpret_cast<u_char *>(msg),
-                reinterpret_cast<u_char *>(const_cast<char *>(why ? why : "unknown error")),
-                sizeof msg);
-    size_t len = ngx_strlen(msg);
-    while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r')) {
-        msg[--len] = '\0';
-    }
-    for (size_t i = 0; i < len; ++i) {
-        if (msg[i] == '\n' || msg[i] == '\r' || msg[i] == '\t') {
-            msg[i] = ' ';
-        }
-    }
+    std::string msg =
+        one_line(std::string_view(why ? why : "unknown error").substr(0, failure_text_max));
     close();
-    owner_->on_replication_lost(std::string_view(msg, len));
+    owner_->on_replication_lost(msg);
 }
 
 bool PgReplicationLink::flush() {

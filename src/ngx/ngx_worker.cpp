@@ -18,9 +18,9 @@ std::string text(const ngx_str_t &s) {
 Listener::Settings listener_settings(const MainConf &conf) {
     Listener::Settings settings;
     settings.channel = text(conf.channel);
-    // Two silent periods and one unanswered check fit in the configured time.
-    settings.check_ms = conf.listener_timeout / 3;
-    settings.timeout_ms = conf.listener_timeout - 2 * settings.check_ms;
+    ListenerCheck check = listener_check(conf.listener_timeout);
+    settings.check_ms = check.period_ms;
+    settings.timeout_ms = check.answer_ms;
     settings.positioned_after_commit = conf.source_wal == 1;
     return settings;
 }

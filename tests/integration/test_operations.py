@@ -106,6 +106,87 @@ def test_a_bad_replay_connections_is_refused(pg):
             http={"event_piper_replay_connections": "0"})
 
 
+# The messages for values out of range, built from src/core/defaults.hpp, read as before.
+@pytest.mark.parametrize("level, directive, value, expected", [
+    ("location", "event_piper_stream_buffer", "1k", r'a size of at least 4k \("256k", "1m"\)'),
+    ("location", "event_piper_retry", "0", r'a positive time \("2s", "500ms"\)'),
+    ("location", "event_piper_heartbeat", "0", r'a positive time \("10s"\) or "off"'),
+    ("location", "event_piper_replay_batch", "100001", r'a whole number from 1 to 100000'),
+    ("http", "event_piper_replay_memory", "1k", r'a size of at least 1m \("64m", "1g"\)'),
+    ("http", "event_piper_relay_buffer", "1k", r'a size of at least 64k \("4m", "16m"\)'),
+    ("http", "event_piper_listener_timeout", "2s", r'a time of at least 3s \("60s", "2m"\)'),
+    ("http", "event_piper_replay_connections", "65", r'a whole number from 1 to 64'),
+])
+def test_a_value_out_of_range_says_what_is_expected(pg, level, directive, value, expected):
+    refused(pg, r'invalid value "%s" in "%s": %s in ' % (value, directive, expected),
+            **{level: {directive: value}})
+
+
+def test_a_long_channel_name_is_refused(pg):
+    refused(pg, r'invalid channel name "%s" in "event_piper_channel": use letters, digits and '
+            r"'_', at most 63 characters, not starting with a digit" % ("c" * 64),
+            http={"event_piper_channel": "c" * 64})
+
+
+# A directive given twice is refused, as nginx's own are ("... directive is duplicate"), rather
+# than the last one silently winning.
+@pytest.mark.parametrize("level, directive, value", [
+    ("http", "event_piper_channel", "new_events"),
+    ("http", "event_piper_replay_connections", "2"),
+    ("http", "event_piper_replay_memory", "64m"),
+    ("http", "event_piper_listener", "shared"),
+    ("http", "event_piper_source", "trigger"),
+    ("http", "event_piper_relay_buffer", "4m"),
+    ("http", "event_piper_listener_timeout", "60s"),
+    ("location", "event_piper_consumer", "$arg_consumer"),
+    ("location", "event_piper_consumer_groups", "$arg_groups"),
+    ("location", "event_piper_last_event_id", "$arg_last"),
+    ("location", "event_piper_folded", "$arg_folded"),
+    ("location", "event_piper_heartbeat", "10s"),
+    ("location", "event_piper_retry", "1s"),
+    ("location", "event_piper_replay_batch", "500"),
+    ("location", "event_piper_stream_buffer", "256k"),
+])
+def test_a_directive_given_twice_is_refused(pg, level, directive, value):
+    refused(pg, r'"%s" directive is duplicate in .*nginx\.conf:\d+' % directive,
+            **{level: {directive: [value, value]}})
+
+
+def test_the_connection_string_given_twice_is_refused(pg):
+    refused(pg, r'"event_piper_postgres" directive is duplicate in .*nginx\.conf:\d+',
+            http={"event_piper_postgres": '"%s"' % pg.conninfo})
+
+
+def test_the_stream_handler_given_twice_in_a_location_is_refused(pg):
+    refused(pg, r'"event_piper" directive is duplicate in .*nginx\.conf:\d+',
+            location={"event_piper": None})
+
+
+@pytest.mark.parametrize("directive", ["event_piper_status", "event_piper_health"])
+def test_two_handlers_in_one_location_are_refused(pg, directive):
+    # The location /events has `event_piper;` first: which answer it gives would be a guess.
+    refused(pg, r'"%s" directive is duplicate, "event_piper" directive was specified earlier '
+            r'in .*nginx\.conf:\d+' % directive, location={directive: None})
+
+
+def test_another_modules_handler_after_event_piper_is_refused(pg):
+    refused(pg, r'"event_piper" directive conflicts with another content handler '
+            r'\(proxy_pass, fastcgi_pass, \.\.\.\) in location "/events"',
+            location={"proxy_pass": "http://127.0.0.1:9"})
+
+
+def test_another_modules_handler_before_event_piper_health_is_refused(pg):
+    conf = NGINX_CONF.replace("location = /manage/health { event_piper_health; }",
+                              "location = /manage/health { proxy_pass http://127.0.0.1:9; "
+                              "event_piper_health; }")
+    ngx = Nginx(make_tmp("conf"), conf, pg=pg)
+    rc, out = ngx.test_config()
+    assert rc != 0, out
+    assert re.search(r'\[emerg\].*"event_piper_health" directive conflicts with another content '
+                     r'handler \(proxy_pass, fastcgi_pass, \.\.\.\) in location "/manage/health" '
+                     r'in .*nginx\.conf:\d+', out), out
+
+
 @pytest.mark.smoke
 def test_the_example_configuration_passes():
     tmp = make_tmp("example")
