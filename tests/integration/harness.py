@@ -630,6 +630,12 @@ class Nginx:
         if wait_listening and self.with_module and self.pg is not None:
             try:
                 self.pg.wait_listening(self.listeners_expected, timeout=T(10))
+                # The server shows the LISTEN connection idle between the module's start-up
+                # queries: the module is live once it says so (then health is UP, and the
+                # board holds the newest position).
+                wait_until(lambda: self.read_error_log().count(
+                    "event_piper: listening for notifications") >= self.listeners_expected,
+                    T(10), what="the module's listening line in the error log")
             except AssertionError as e:
                 log("warning: %s; going on" % e)
         return self
