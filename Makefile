@@ -216,14 +216,14 @@ bench-quick: deps-bench
 bench-stall: deps-bench
 	$(BENCH_CHECK)
 	@scripts/build.sh
-	BENCH_TESTS=j BENCH_OUT=build/bench-stall BENCH_COMMAND="make bench-stall" bench/run.sh
+	BENCH_TESTS=j BENCH_WRITERS=0 BENCH_PATCHING=0 BENCH_STANDBY=0 BENCH_OUT=build/bench-stall BENCH_COMMAND="make bench-stall" bench/run.sh
 
 # Only section (y), a year of events: resume, live and writer figures on a small table
 # and on BENCH_YEAR_ROWS events (default 20,000,000); results in build/bench-year/year.md.
 bench-year: deps-bench
 	$(BENCH_CHECK)
 	@scripts/build.sh
-	BENCH_TESTS=y BENCH_OUT=build/bench-year BENCH_COMMAND="make bench-year" bench/run.sh
+	BENCH_TESTS=y BENCH_WRITERS=0 BENCH_PATCHING=0 BENCH_STANDBY=0 BENCH_OUT=build/bench-year BENCH_COMMAND="make bench-year" bench/run.sh
 
 # Retention's cost (README "Retention"): removing RETENTION_EVENTS events (default 1,000,000)
 # while writers insert; results in build/bench-retention/retention.md. PostgreSQL only.
