@@ -64,6 +64,18 @@ def positions(pg):
     return pg.sql("SELECT position, event_id, subscriber FROM event_positions ORDER BY position")
 
 
+def assert_positioned_once_in_order(db, inserted):
+    """Every event written got exactly one position, and positions run 1..n with no gap; n."""
+    total = db.scalar("SELECT count(*) FROM events")
+    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
+               what="every event positioned")
+    rows = positions(db)
+    assert len(rows) == total == len(inserted)
+    assert len({r[1] for r in rows}) == total, "an event positioned twice"
+    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    return total
+
+
 def test_an_event_reaches_a_live_stream_through_the_positioner(db, nginx, clients):
     ngx = nginx.start(db)
     c = clients.stream(ngx, "toto")
@@ -160,13 +172,7 @@ def test_kill_9_of_the_positioner_worker_loses_and_duplicates_nothing(db, nginx,
     finally:
         stop.set()
         t.join(10)
-    total = db.scalar("SELECT count(*) FROM events")
-    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
-               what="every event positioned")
-    rows = positions(db)
-    assert len(rows) == total == len(inserted)
-    assert len({r[1] for r in rows}) == total, "an event positioned twice"
-    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    total = assert_positioned_once_in_order(db, inserted)
     c = clients.stream(ngx, "toto", last_event_id="0")
     c.wait_events(total, timeout=T(20))
     assert [int(e.id) for e in c.events] == list(range(1, total + 1))
@@ -372,13 +378,7 @@ def test_a_dropped_slot_is_created_again_and_the_rows_committed_meanwhile_come_a
     finally:
         stop.set()
         t.join(10)
-    total = db.scalar("SELECT count(*) FROM events")
-    wait_until(lambda: db.scalar("SELECT count(*) FROM event_positions") >= total, T(20),
-               what="every event positioned")
-    rows = positions(db)
-    assert len(rows) == total == len(inserted)
-    assert len({r[1] for r in rows}) == total, "an event positioned twice"
-    assert [r[0] for r in rows] == list(range(1, total + 1)), "positions skipped or repeated"
+    total = assert_positioned_once_in_order(db, inserted)
     log = ngx.read_error_log()
     assert "replication slot \"event_piper\" was dropped: created it again; " in log
     caught = int(log.split("created it again; ")[1].split()[0])
